@@ -1,0 +1,1 @@
+"""Declarative benchmark definitions (one YAML file per benchmark)."""

@@ -1,0 +1,1 @@
+"""Everything that touches images and networks: datasets, backbones, extraction, the HDF5 store."""

@@ -1,0 +1,1 @@
+"""Configuration, the job grid and the command line of the OOD benchmark harness."""

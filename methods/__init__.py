@@ -1,0 +1,1 @@
+"""OOD scoring methods: one small fit/score interface and a name registry."""

@@ -1,0 +1,1 @@
+"""Metrics, leaderboards, exports and plots."""
