@@ -1,1 +1,8 @@
-"""OOD scoring methods: one small fit/score interface and a name registry."""
+"""OOD scoring methods: one small fit/score interface and a name registry.
+
+Importing this package registers every method in ``METHODS``.
+"""
+from methods import logit_scores  # noqa: F401  (registers msp, maxlogit, energy)
+from methods.base import METHODS, Method, make_method
+
+__all__ = ["METHODS", "Method", "make_method"]

@@ -1,0 +1,306 @@
+"""Backbone registry: each architecture with its preprocessing and layer names next to it (timm habit).
+
+A backbone is any ``nn.Module`` whose classifier head is one named module taking the
+penultimate feature v (N, D) and returning logits f = W v + b (N, C). Extraction hooks that
+head: its input is the cached ``features``, its output the cached ``logits``, and its
+``weight``/``bias`` are the cached head (W, b). Inner layers are hooked by name for
+``activations/<layer>``.
+
+Weights come from a training recipe (``extract.training``) or a user checkpoint loaded with
+``load_checkpoint_module`` (``module:factory`` plus a path, strict key check).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw images become network inputs: channel count, square input size, mean/std normalisation.
+
+    Images arrive as uint8 [0,255] or float32 [0,1], (N,H,W) grayscale or (N,H,W,3) RGB. They are
+    scaled to [0,1], converted to ``channels`` (grayscale->RGB by repetition, RGB->grayscale by
+    ITU-R 601 luma), resized bilinearly (antialiased) to ``input_size`` when the size differs, and
+    normalised per channel: x' = (x - mean) / std.
+    """
+
+    input_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"preprocessing channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(
+                f"preprocessing mean/std need {self.channels} values each, got mean={self.mean} std={self.std}"
+            )
+
+    def describe(self) -> dict:
+        return {"input_size": self.input_size, "channels": self.channels,
+                "mean": list(self.mean), "std": list(self.std), "resize": "bilinear-antialias"}
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        """Turn a batch of raw images (numpy) into a normalised float32 tensor (N, C, H, W)."""
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        if x.shape[1] == 3 and self.channels == 1:
+            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            x = (x * luma).sum(dim=1, keepdim=True)
+        elif x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registered architecture: how to build it, how to feed it, which module is the head."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    preprocessing: Preprocessing
+    head: str
+    layers: tuple[str, ...] = ()
+    description: str = ""
+    kwargs: dict = field(default_factory=dict)
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(name: str, *, preprocessing: Preprocessing, head: str, layers=(), description=""):
+    """Decorator adding a model factory to ``BACKBONES`` under ``name``."""
+
+    def add(build):
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is registered twice")
+        BACKBONES[name] = BackboneSpec(name, build, preprocessing, head, tuple(layers), description)
+        return build
+
+    return add
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 convolution (no bias), batch norm, ReLU."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+class SmallCNN(nn.Module):
+    """A small VGG-style CNN: conv blocks, global average pooling, one linear head.
+
+    The penultimate feature is the pooled output of the last BN-ReLU block, so it is
+    non-negative, as the shaping methods (ReAct, ASH, RG) assume.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.block1 = nn.Sequential(conv_bn_relu(in_channels, width), conv_bn_relu(width, width), nn.MaxPool2d(2))
+        self.block2 = nn.Sequential(conv_bn_relu(width, 2 * width), conv_bn_relu(2 * width, 2 * width),
+                                    nn.MaxPool2d(2))
+        self.block3 = conv_bn_relu(2 * width, 4 * width)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block3(self.block2(self.block1(x)))))
+
+
+class DigitsNet(nn.Module):
+    """A tiny CNN for scikit-learn's 8x8 digits: two conv blocks, pooling, linear head."""
+
+    def __init__(self, num_classes: int = 6, width: int = 16):
+        super().__init__()
+        self.block1 = conv_bn_relu(1, width)
+        self.block2 = conv_bn_relu(width, 2 * width)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block2(self.block1(x))))
+
+
+# Fashion-MNIST train-set pixel mean and std.
+FASHION_MNIST_NORM = Preprocessing(input_size=28, channels=1, mean=(0.2860,), std=(0.3530,))
+
+
+@register_backbone("cnn28", preprocessing=FASHION_MNIST_NORM, head="fc",
+                   layers=("block1", "block2", "block3"),
+                   description="small CNN for 28x28 grayscale (5 conv layers, 64-d GAP feature)")
+def cnn28(num_classes: int = 10) -> nn.Module:
+    return SmallCNN(in_channels=1, num_classes=num_classes, width=16)
+
+
+@register_backbone("digits-net", preprocessing=Preprocessing(8, 1, (0.3,), (0.4,)), head="fc",
+                   layers=("block1", "block2"),
+                   description="tiny CNN for 8x8 digits (2 conv layers, 32-d GAP feature)")
+def digits_net(num_classes: int = 6) -> nn.Module:
+    return DigitsNet(num_classes=num_classes)
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone architecture {name!r}; registered: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's keys do not match the architecture it is loaded into."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file: a plain state dict, or a dict with a ``state_dict``/``model`` entry.
+
+    A ``module.`` prefix on every key (``nn.DataParallel`` checkpoints) is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (nor one under 'state_dict'/'model')")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``, raising one error that lists missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                    for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {source} does not fit {type(model).__name__}:"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", shapes)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): {', '.join(keys)}")
+        lines.append("  check the factory (module:factory and its kwargs) matches the checkpoint's architecture")
+        raise CheckpointMismatch("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def import_factory(ref: str) -> Callable[..., nn.Module]:
+    """Resolve ``'package.module:function'`` to the callable."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"factory must look like 'package.module:function', got {ref!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} for factory {ref!r}: {err}") from err
+    if not hasattr(module, attr):
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (factory {ref!r})")
+    return getattr(module, attr)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every state-dict tensor (name, dtype, shape, bytes) in key order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Backbone:
+    """A concrete backbone entry: a model with weights, its preprocessing, head and layer names.
+
+    ``key`` is the content hash of the weights, architecture and preprocessing: the cache's
+    identity for this entry (a change to any of them is a different entry).
+    """
+
+    name: str
+    model: nn.Module
+    preprocessing: Preprocessing
+    head: str
+    layers: tuple[str, ...]
+    architecture: dict
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.model.eval()
+        modules = dict(self.model.named_modules())
+        for layer in (self.head, *self.layers):
+            if layer not in modules:
+                raise ValueError(f"backbone {self.name!r} has no module named {layer!r}; "
+                                 f"modules: {', '.join(n for n in modules if n)}")
+        head = modules[self.head]
+        if not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise ValueError(f"head module {self.head!r} of backbone {self.name!r} has no weight tensor")
+        identity = {"architecture": self.architecture, "module": repr(self.model),
+                    "preprocessing": self.preprocessing.describe(), "head": self.head,
+                    "weights": weights_digest(self.model)}
+        self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def head_parameters(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W, b) of the head as float32 arrays, W reshaped to (C, D) (a 1x1 conv head becomes C x D)."""
+        head = dict(self.model.named_modules())[self.head]
+        weight = head.weight.detach().cpu().float()
+        weight = weight.reshape(weight.shape[0], -1)
+        bias = head.bias.detach().cpu().float() if head.bias is not None else torch.zeros(weight.shape[0])
+        return weight.numpy(), bias.numpy()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "key": self.key, "architecture": self.architecture,
+                "preprocessing": self.preprocessing.describe(), "head": self.head,
+                "layers": list(self.layers), **self.info}
+
+
+def registered_backbone(spec: BackboneSpec, state: dict[str, torch.Tensor], name: str,
+                        num_classes: int, info: dict | None = None) -> Backbone:
+    """A registry architecture with the given weights (e.g. trained by the harness)."""
+    model = spec.build(num_classes=num_classes)
+    load_state_dict_strict(model, state, source=name)
+    return Backbone(name, model, spec.preprocessing, spec.head, spec.layers,
+                    {"registry": spec.name, "num_classes": num_classes}, info or {})
+
+
+def checkpoint_backbone(name: str, factory: str, checkpoint: str | Path, preprocessing: Preprocessing,
+                        head: str, layers=(), kwargs: dict | None = None) -> Backbone:
+    """A user model: ``factory`` ('module:function') builds it, ``checkpoint`` supplies the weights."""
+    kwargs = dict(kwargs or {})
+    model = import_factory(factory)(**kwargs)
+    load_state_dict_strict(model, read_state_dict(checkpoint), source=str(checkpoint))
+    return Backbone(name, model, preprocessing, head, tuple(layers),
+                    {"factory": factory, "kwargs": kwargs}, {"checkpoint": str(checkpoint)})
+
+
+def preprocessing_from_config(config: dict) -> Preprocessing:
+    """Build ``Preprocessing`` from a benchmark file's mapping (input_size, channels, mean, std)."""
+    known = {"input_size", "channels", "mean", "std"}
+    unknown = set(config) - known
+    if unknown or not known <= set(config):
+        raise ValueError(f"preprocessing needs exactly {sorted(known)}; got {sorted(config)}")
+    return Preprocessing(int(config["input_size"]), int(config["channels"]),
+                         tuple(float(m) for m in config["mean"]), tuple(float(s) for s in config["std"]))
+
+
+def spec_summary(spec: BackboneSpec) -> dict:
+    """What the registry says about one architecture (for the CLI listing)."""
+    return {"name": spec.name, "head": spec.head, "layers": list(spec.layers),
+            "preprocessing": asdict(spec.preprocessing), "description": spec.description}

@@ -1,0 +1,494 @@
+"""Image datasets for the OOD benchmarks: a registry of small loaders that read the real on-disk formats.
+
+Every dataset is registered by name in ``DATASETS``; ``load_dataset(name, split)``
+returns an ``ImageSet`` (images, int64 labels, where they came from).
+
+Where the data comes from:
+
+- Files under a data root (the ``data_root`` argument, else ``$OODBENCH_DATA_ROOT``):
+  ``mnist``, ``fashion-mnist``, ``kmnist``, ``notmnist`` (idx files), ``animal-mnist``
+  (npz), ``textures`` (PNGs). ``fashion-mnist`` is also found where Debian's
+  ``dataset-fashion-mnist`` package installs it.
+- torchvision downloads (``download=True`` or ``fetch_dataset``) for ``mnist``,
+  ``fashion-mnist`` and ``kmnist``.
+- scikit-learn's bundled data: ``digits``, ``digits28``, ``photo-patches``.
+- Generated from a seed: ``gaussian``, ``bernoulli``, ``blobs``.
+
+Nothing is cached: each call reads or generates fresh arrays, which the caller owns.
+"""
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+from sklearn.datasets import load_digits, load_sample_images
+from sklearn.model_selection import train_test_split
+
+from extract.idx import read_idx
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DATA_ROOT_ENV = "OODBENCH_DATA_ROOT"
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+NOTMNIST_CLASSES = tuple("ABCDEFGHIJ")
+KMNIST_CLASSES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
+TEXTURE_NAMES = ("brick", "grass", "gravel")
+PHOTO_NAMES = ("china", "flower")
+ITU_R_601_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# Datasets torchvision can download, and the torchvision class (also the folder name of its layout).
+_TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+
+_HOW_TO_GET = {
+    "fashion-mnist": (
+        "`apt-get install dataset-fashion-mnist` (installs the files in /usr/share/datasets/fashion-mnist/), "
+        "or `oodbench fetch fashion-mnist` / download=True with a data root (torchvision download); "
+        "source: https://github.com/zalandoresearch/fashion-mnist"
+    ),
+    "mnist": (
+        "`oodbench fetch mnist` / download=True with a data root (torchvision download); "
+        "source: http://yann.lecun.com/exdb/mnist/"
+    ),
+    "kmnist": (
+        "`oodbench fetch kmnist` / download=True with a data root (torchvision download); "
+        "source: https://github.com/rois-codh/kmnist"
+    ),
+    "notmnist": (
+        "no automatic download; put the idx conversion of notMNIST from "
+        "https://github.com/davidflanagan/notMNIST-to-MNIST (MIT) in <data_root>/notmnist/"
+    ),
+    "animal-mnist": (
+        "no automatic download; take the test images of the `animal-mnist` PyPI package "
+        "(pip install animal-mnist) and save them with numpy.savez as animal_mnist_10k.npz "
+        "holding `images` (N,28,28) uint8 and `labels` (N,)"
+    ),
+    "textures": (
+        "no automatic download; save scikit-image's skimage.data.brick(), .grass() and .gravel() "
+        "(CC0) as 8-bit grayscale PNGs brick.png, grass.png, gravel.png in <data_root>/textures/"
+    ),
+}
+
+
+class DatasetUnavailable(RuntimeError):
+    """The files of a dataset were not found (or could not be downloaded)."""
+
+
+@dataclass
+class ImageSet:
+    """Images of one split of one dataset, with labels and a note of where they came from.
+
+    images: (N,H,W) grayscale or (N,H,W,3) RGB, uint8 in [0,255] or float32 in [0,1].
+    labels: int64 (N,), the set's own class labels (-1 where the set has none);
+    ``classes[label]`` names a label when ``classes`` is given.
+    """
+
+    name: str
+    split: str
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+    classes: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        images, labels = self.images, self.labels
+        if images.dtype not in (np.uint8, np.float32):
+            raise TypeError(f"{self.name}/{self.split}: images must be uint8 or float32, got {images.dtype}")
+        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
+            raise ValueError(f"{self.name}/{self.split}: images must be (N,H,W) or (N,H,W,3), got {images.shape}")
+        if labels.dtype != np.int64 or labels.shape != (len(images),):
+            raise ValueError(
+                f"{self.name}/{self.split}: labels must be int64 of shape ({len(images)},), "
+                f"got {labels.dtype} {labels.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of name, split, image dtype, shape and bytes, and label bytes."""
+        digest = hashlib.sha256()
+        for part in (self.name, self.split, self.images.dtype.str, repr(self.images.shape)):
+            digest.update(part.encode() + b"\0")
+        digest.update(np.ascontiguousarray(self.images).data)
+        digest.update(b"\0")
+        digest.update(np.ascontiguousarray(self.labels).data)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: its splits, parameters with defaults, and loader.
+
+    ``loader(split, data_root, download, **params) -> ImageSet``.
+    """
+
+    name: str
+    splits: tuple[str, ...]
+    description: str
+    defaults: dict
+    loader: Callable
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name, splits, description, **defaults):
+    """Decorator that registers ``loader`` under ``name`` with its splits and default parameters."""
+
+    def decorator(loader):
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        DATASETS[name] = DatasetEntry(name, tuple(splits), description, dict(defaults), loader)
+        return loader
+
+    return decorator
+
+
+def default_data_root() -> Path | None:
+    """The data root from ``$OODBENCH_DATA_ROOT``, or None when it is unset or empty."""
+    value = os.environ.get(DATA_ROOT_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def _get_entry(name) -> DatasetEntry:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def load_dataset(name, split="test", *, data_root=None, download=False, **params) -> ImageSet:
+    """Load one split of a registered dataset.
+
+    data_root: folder holding the dataset folders (default: ``default_data_root()``).
+    download: fetch with torchvision when the files are missing (mnist, fashion-mnist, kmnist).
+    params: the dataset's parameters (see ``DATASETS[name].defaults``).
+    """
+    entry = _get_entry(name)
+    if split not in entry.splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; valid splits: {', '.join(entry.splits)}")
+    unknown = sorted(set(params) - set(entry.defaults))
+    if unknown:
+        valid = ", ".join(sorted(entry.defaults)) or "none"
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for dataset {name!r}; valid parameters: {valid}")
+    root = Path(data_root) if data_root is not None else default_data_root()
+    return entry.loader(split, root, download, **{**entry.defaults, **params})
+
+
+def fetch_dataset(name, data_root) -> None:
+    """Download a dataset with torchvision into ``data_root`` (mnist, fashion-mnist, kmnist only)."""
+    _get_entry(name)
+    if name not in _TORCHVISION_CLASSES:
+        how = _HOW_TO_GET.get(name, "it needs no files: it is generated or bundled with scikit-learn")
+        raise ValueError(
+            f"dataset {name!r} cannot be fetched automatically (only {', '.join(sorted(_TORCHVISION_CLASSES))} can); "
+            f"{how}"
+        )
+    _torchvision_download(name, Path(data_root))
+
+
+def _torchvision_download(name, data_root):
+    """Download with torchvision's dataset class into ``<data_root>/<Class>/raw/``."""
+    if data_root is None:
+        raise ValueError(f"downloading {name!r} needs a data root (data_root=... or ${DATA_ROOT_ENV})")
+    import torchvision.datasets
+
+    dataset_class = getattr(torchvision.datasets, _TORCHVISION_CLASSES[name])
+    data_root.mkdir(parents=True, exist_ok=True)
+    try:
+        # download() fetches all four idx files whichever split is constructed.
+        dataset_class(root=str(data_root), train=False, download=True)
+    except (RuntimeError, OSError) as exc:
+        raise DatasetUnavailable(
+            f"downloading dataset {name!r} with torchvision into {data_root} failed: {exc}\n"
+            f"How to get it: {_HOW_TO_GET[name]}"
+        ) from exc
+
+
+def _unavailable(name, split, data_root, searched, expected) -> DatasetUnavailable:
+    """The error for missing files: the dataset, every path searched, the layout expected, how to get it."""
+    lines = [f"dataset {name!r} (split {split!r}) not found.", "Searched:"]
+    lines += [f"  {path}" for path in searched] or ["  nothing"]
+    if data_root is None:
+        lines.append(f"No data root given: pass data_root (--data-root) or set ${DATA_ROOT_ENV}.")
+    lines.append(f"Expected: {expected}")
+    lines.append(f"How to get it: {_HOW_TO_GET[name]}")
+    return DatasetUnavailable("\n".join(lines))
+
+
+# ---------------------------------------------------------------- idx files (MNIST family)
+
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+
+def _idx_dirs(name, data_root, extra_dirs):
+    """Folders searched, in order: <root>/<name>/, <root>/<TorchvisionClass>/raw/, then extra_dirs."""
+    dirs = []
+    if data_root is not None:
+        dirs.append(data_root / name)
+        if name in _TORCHVISION_CLASSES:
+            dirs.append(data_root / _TORCHVISION_CLASSES[name] / "raw")
+    return dirs + list(extra_dirs)
+
+
+def _locate_idx_pair(name, split, data_root, extra_dirs=()):
+    """Paths of the images and labels idx files (``.gz`` or plain) from the first folder holding both."""
+    stems = (f"{_IDX_PREFIX[split]}-images-idx3-ubyte", f"{_IDX_PREFIX[split]}-labels-idx1-ubyte")
+    dirs = _idx_dirs(name, data_root, extra_dirs)
+    for directory in dirs:
+        found = [
+            next((p for p in (directory / f"{stem}.gz", directory / stem) if p.is_file()), None) for stem in stems
+        ]
+        if all(found):
+            return found
+    raise _unavailable(
+        name, split, data_root, dirs,
+        f"{stems[0]}.gz and {stems[1]}.gz (or uncompressed) together in one of those folders",
+    )
+
+
+def _load_idx_set(name, split, data_root, download, classes, extra_dirs=()):
+    """Read an idx images/labels pair, downloading it with torchvision first when asked and missing."""
+    try:
+        images_path, labels_path = _locate_idx_pair(name, split, data_root, extra_dirs)
+    except DatasetUnavailable:
+        if not (download and name in _TORCHVISION_CLASSES):
+            raise
+        _torchvision_download(name, data_root)
+        images_path, labels_path = _locate_idx_pair(name, split, data_root, extra_dirs)
+    images = read_idx(images_path)
+    labels = read_idx(labels_path).astype(np.int64)
+    if images.ndim != 3 or labels.shape != (len(images),):
+        raise ValueError(
+            f"{images_path} holds {images.shape} and {labels_path} holds {labels.shape}; "
+            "expected (N,H,W) images and (N,) labels"
+        )
+    return ImageSet(name, split, images, labels, source=f"{images_path}, {labels_path}", classes=classes)
+
+
+@register_dataset("fashion-mnist", ("train", "test"), "Fashion-MNIST, 28x28 grayscale clothing, 10 classes")
+def load_fashion_mnist(split, data_root, download):
+    """Fashion-MNIST (Xiao et al. 2017): idx files, uint8 (N,28,28).
+
+    Searched in <data_root>/fashion-mnist/, <data_root>/FashionMNIST/raw/ (torchvision's
+    layout), then DEBIAN_FASHION_MNIST (Debian package ``dataset-fashion-mnist``).
+    """
+    return _load_idx_set("fashion-mnist", split, data_root, download, FASHION_MNIST_CLASSES, [DEBIAN_FASHION_MNIST])
+
+
+@register_dataset("mnist", ("train", "test"), "MNIST handwritten digits, 28x28 grayscale, 10 classes")
+def load_mnist(split, data_root, download):
+    """MNIST (LeCun et al.): idx files in <data_root>/mnist/ or <data_root>/MNIST/raw/, uint8 (N,28,28)."""
+    return _load_idx_set("mnist", split, data_root, download, DIGIT_CLASSES)
+
+
+@register_dataset("notmnist", ("test",), "notMNIST letters A-J in many fonts, 28x28 grayscale")
+def load_notmnist(split, data_root, download):
+    """notMNIST (Bulatov 2011) in MNIST's idx layout: t10k-* files in <data_root>/notmnist/, uint8 (N,28,28)."""
+    return _load_idx_set("notmnist", split, data_root, download, NOTMNIST_CLASSES)
+
+
+@register_dataset("kmnist", ("test",), "Kuzushiji-MNIST cursive Japanese characters, 28x28 grayscale")
+def load_kmnist(split, data_root, download):
+    """Kuzushiji-MNIST (Clanuwat et al. 2018): idx files in <data_root>/kmnist/ or <data_root>/KMNIST/raw/."""
+    return _load_idx_set("kmnist", split, data_root, download, KMNIST_CLASSES)
+
+
+# ---------------------------------------------------------------- other files under the data root
+
+@register_dataset("animal-mnist", ("test",), "Animal silhouettes, 28x28 grayscale white-on-black, 10 classes")
+def load_animal_mnist(split, data_root, download):
+    """Animal-MNIST (the ``animal-mnist`` PyPI package): <data_root>/animal-mnist/animal_mnist_10k.npz.
+
+    The npz holds ``images`` (N,28,28) uint8 and ``labels`` (N,).
+    """
+    path = None if data_root is None else data_root / "animal-mnist" / "animal_mnist_10k.npz"
+    if path is None or not path.is_file():
+        raise _unavailable(
+            "animal-mnist", split, data_root, [path] if path else [],
+            "animal_mnist_10k.npz with arrays `images` (N,28,28) uint8 and `labels` (N,)",
+        )
+    with np.load(path) as npz:
+        if not {"images", "labels"} <= set(npz.files):
+            raise ValueError(f"{path}: expected arrays 'images' and 'labels', found {npz.files}")
+        images, labels = npz["images"], npz["labels"].astype(np.int64)
+    if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != (len(images),):
+        raise ValueError(f"{path}: expected uint8 images (N,H,W) and labels (N,), got {images.dtype} {images.shape}")
+    return ImageSet("animal-mnist", split, images, labels, source=str(path))
+
+
+def _check_positive(**values):
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _crop_origins(u, height, width, side):
+    """Top-left corners of side x side crops from uniform draws u (M,2) in [0,1)."""
+    rows = (u[:, 0] * (height - side + 1)).astype(np.intp)
+    cols = (u[:, 1] * (width - side + 1)).astype(np.intp)
+    return rows, cols
+
+
+@register_dataset("textures", ("test",), "Seeded patches of brick, grass and gravel photographs",
+                  n=10000, size=28, seed=0)
+def load_textures(split, data_root, download, *, n, size, seed):
+    """Texture patches: <data_root>/textures/{brick,grass,gravel}.png (scikit-image data, any mode, read as L).
+
+    Patch i comes from texture i % 3 (the label), cropped size x size at a uniformly
+    random position drawn with numpy default_rng(seed). uint8 (n,size,size).
+    """
+    _check_positive(n=n, size=size)
+    folder = None if data_root is None else data_root / "textures"
+    paths = [] if folder is None else [folder / f"{texture}.png" for texture in TEXTURE_NAMES]
+    if folder is None or not all(p.is_file() for p in paths):
+        raise _unavailable(
+            "textures", split, data_root, [folder] if folder else [],
+            "brick.png, grass.png and gravel.png (grayscale photographs, at least size x size) in that folder",
+        )
+    textures = []
+    for path in paths:
+        with Image.open(path) as image:
+            textures.append(np.asarray(image.convert("L")))
+        if min(textures[-1].shape) < size:
+            raise ValueError(f"{path} is {textures[-1].shape}, smaller than the patch size {size}")
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % len(textures)
+    u = rng.random((n, 2))
+    images = np.empty((n, size, size), dtype=np.uint8)
+    for label, texture in enumerate(textures):
+        index = np.flatnonzero(labels == label)
+        rows, cols = _crop_origins(u[index], *texture.shape, size)
+        images[index] = sliding_window_view(texture, (size, size))[rows, cols]
+    source = f"{size}x{size} crops at default_rng({seed}) positions of " + ", ".join(map(str, paths))
+    return ImageSet("textures", split, images, labels, source=source, classes=TEXTURE_NAMES)
+
+
+# ---------------------------------------------------------------- scikit-learn's bundled data
+
+def _resize_bilinear(image, size):
+    """Resize a 2-D image to size x size (float32) with PIL's BILINEAR filter.
+
+    Upscaling equals torch's ``interpolate(mode="bilinear", align_corners=False)`` to float
+    rounding; downscaling is antialiased (the filter widens with the scale factor).
+    """
+    image = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+
+
+@register_dataset("digits28", ("test",), "scikit-learn's 1,797 8x8 digits upscaled to 28x28")
+def load_digits28(split, data_root, download):
+    """scikit-learn's bundled ``load_digits`` (all 1,797), values 0..16 scaled to [0,1], upscaled
+    8x8 -> 28x28 with PIL BILINEAR. float32 (1797,28,28); labels are the digits."""
+    bunch = load_digits()
+    images = np.stack([_resize_bilinear(image / 16.0, 28) for image in bunch.images])
+    images = np.clip(images, 0.0, 1.0)
+    return ImageSet(
+        "digits28", split, images, bunch.target.astype(np.int64),
+        source="sklearn.datasets.load_digits (8x8, /16), upscaled to 28x28 with PIL BILINEAR",
+        classes=DIGIT_CLASSES,
+    )
+
+
+@register_dataset("photo-patches", ("test",), "Seeded grayscale patches of scikit-learn's two sample photos",
+                  n=10000, size=28, seed=0)
+def load_photo_patches(split, data_root, download, *, n, size, seed):
+    """Patches of scikit-learn's bundled ``load_sample_images`` (china.jpg, flower.jpg).
+
+    Photos are converted to grayscale with ITU-R 601 luma (0.299R+0.587G+0.114B).
+    Patch i comes from photo i % 2 (the label): a square crop with side uniform in
+    [size, 4*size] (clipped to the photo) at a uniformly random position, drawn with
+    numpy default_rng(seed), resized to size x size with PIL BILINEAR. float32 in [0,1].
+    """
+    _check_positive(n=n, size=size)
+    photos = [(image.astype(np.float32) @ ITU_R_601_LUMA) / 255.0 for image in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % len(photos)
+    sides = rng.integers(size, 4 * size, size=n, endpoint=True)
+    u = rng.random((n, 2))
+    images = np.empty((n, size, size), dtype=np.float32)
+    for i, (label, side) in enumerate(zip(labels, sides)):
+        photo = photos[label]
+        side = min(side, *photo.shape)
+        (row,), (col,) = _crop_origins(u[i:i + 1], *photo.shape, side)
+        images[i] = _resize_bilinear(photo[row:row + side, col:col + side], size)
+    np.clip(images, 0.0, 1.0, out=images)
+    source = (f"sklearn.datasets.load_sample_images (china, flower) luma; crops of side U[{size},{4 * size}] "
+              f"at default_rng({seed}) positions, PIL BILINEAR to {size}x{size}")
+    return ImageSet("photo-patches", split, images, labels, source=source, classes=PHOTO_NAMES)
+
+
+@register_dataset("digits", ("train", "test", "ood"), "8x8 digits: classes 0-5 in-distribution, 6-9 held-out OOD",
+                  test_fraction=0.5, seed=0)
+def load_digits_benchmark(split, data_root, download, *, test_fraction, seed):
+    """scikit-learn's bundled ``load_digits`` as a seconds-fast benchmark. float32 (N,8,8), values / 16.
+
+    train/test: classes 0-5, split by a stratified ``train_test_split(test_size=test_fraction,
+    random_state=seed)``; ood: every sample of classes 6-9 (labels kept as their digit).
+    Samples keep their order in ``load_digits``.
+    """
+    bunch = load_digits()
+    labels = bunch.target.astype(np.int64)
+    if split == "ood":
+        index = np.flatnonzero(labels >= 6)
+        classes = DIGIT_CLASSES
+    else:
+        in_distribution = np.flatnonzero(labels < 6)
+        train, test = train_test_split(
+            in_distribution, test_size=test_fraction, stratify=labels[in_distribution], random_state=seed
+        )
+        index = np.sort(train if split == "train" else test)
+        classes = DIGIT_CLASSES[:6]
+    images = (bunch.images[index] / 16.0).astype(np.float32)
+    source = (f"sklearn.datasets.load_digits /16; classes 0-5 split stratified with test_fraction={test_fraction}, "
+              f"seed={seed}; ood = classes 6-9")
+    return ImageSet("digits", split, images, labels[index], source=source, classes=classes)
+
+
+# ---------------------------------------------------------------- synthetic (Outlier Exposure, Hendrycks et al. 2019)
+
+def _unlabelled(name, split, images, source):
+    return ImageSet(name, split, images, np.full(len(images), -1, dtype=np.int64), source=source)
+
+
+@register_dataset("gaussian", ("test",), "Gaussian noise N(0.5, 0.5) clipped to [0,1]", n=10000, size=28, seed=0)
+def load_gaussian(split, data_root, download, *, n, size, seed):
+    """Gaussian noise: clip(N(mean 0.5, std 0.5), 0, 1) from numpy default_rng(seed). float32 (n,size,size)."""
+    _check_positive(n=n, size=size)
+    rng = np.random.default_rng(seed)
+    images = np.clip(rng.normal(0.5, 0.5, size=(n, size, size)), 0.0, 1.0).astype(np.float32)
+    source = f"default_rng({seed}).normal(0.5, 0.5) clipped to [0,1], n={n}, size={size}"
+    return _unlabelled("gaussian", split, images, source)
+
+
+@register_dataset("bernoulli", ("test",), "Bernoulli(0.5) noise in {0,1}", n=10000, size=28, seed=0)
+def load_bernoulli(split, data_root, download, *, n, size, seed):
+    """Bernoulli noise: each pixel 1 with probability 0.5, from numpy default_rng(seed). float32 (n,size,size)."""
+    _check_positive(n=n, size=size)
+    rng = np.random.default_rng(seed)
+    images = rng.binomial(1, 0.5, size=(n, size, size)).astype(np.float32)
+    return _unlabelled("bernoulli", split, images, f"default_rng({seed}).binomial(1, 0.5), n={n}, size={size}")
+
+
+@register_dataset("blobs", ("test",), "Blurred Bernoulli(0.7) noise, zeroed below 0.75", n=10000, size=28, seed=0)
+def load_blobs(split, data_root, download, *, n, size, seed):
+    """Blobs as in the Outlier Exposure code: Bernoulli(0.7) noise from numpy default_rng(seed),
+    Gaussian-blurred per image (sigma 1.5 over the two spatial axes, edges extended as in
+    skimage's ``gaussian``), then values below 0.75 set to 0 (values above keep their blurred
+    intensity). float32 (n,size,size) in {0} U [0.75, 1].
+    """
+    _check_positive(n=n, size=size)
+    rng = np.random.default_rng(seed)
+    noise = rng.binomial(1, 0.7, size=(n, size, size)).astype(np.float32)
+    images = gaussian_filter(noise, sigma=(0.0, 1.5, 1.5), mode="nearest")
+    images[images < 0.75] = 0.0
+    source = f"default_rng({seed}) Bernoulli(0.7), blurred with sigma 1.5, zeroed below 0.75; n={n}, size={size}"
+    return _unlabelled("blobs", split, images, source)

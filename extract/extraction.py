@@ -1,0 +1,161 @@
+"""Run a backbone once over a dataset and cache logits, penultimate features and layer activations.
+
+The forward pass is the model's own; hooks capture the head's input (penultimate features) and
+output (logits) and the outputs of named inner layers. Work is done in fixed row chunks, each
+saved atomically under ``<entry>.partial/`` as it completes, so an interrupted extraction
+(SIGKILL included) resumes from the chunks already on disk. When every chunk is present they
+are assembled into the final HDF5 file (atomic rename) and the partial folder is removed. A
+per-entry lock makes a second process wait for the first instead of writing the same entry.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from extract.backbones import Backbone
+from extract.datasets import ImageSet
+from extract.store import CachedSplit, CacheCorrupt, FeatureStore, content_key, file_lock, write_h5_atomic
+
+ACTIVATION_DTYPES = ("float32", "float16")
+
+
+@contextlib.contextmanager
+def capture_outputs(model: torch.nn.Module, head: str, layers: tuple[str, ...]):
+    """Forward hooks filling a dict: 'features' (head input), 'logits' (head output), each layer's output."""
+    captured: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def head_hook(module, inputs, output):
+        captured["features"] = inputs[0].flatten(1)
+        captured["logits"] = output.flatten(1)
+
+    def layer_hook(name):
+        def hook(module, inputs, output):
+            captured[name] = output
+        return hook
+
+    handles = [modules[head].register_forward_hook(head_hook)]
+    handles += [modules[layer].register_forward_hook(layer_hook(layer)) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def entry_data_key(backbone: Backbone, images: ImageSet, layers: tuple[str, ...], activations_dtype: str) -> str:
+    """Content key of one entry: the dataset's identity, the preprocessing and what is cached."""
+    return content_key("entry", backbone.key, images.fingerprint(), backbone.preprocessing.describe(),
+                       list(layers), activations_dtype)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def forward_rows(backbone: Backbone, images: np.ndarray, layers: tuple[str, ...], batch_size: int,
+                 device: torch.device) -> dict[str, np.ndarray]:
+    """Run the backbone over ``images`` in batches; return float32 numpy arrays of the captured outputs."""
+    model = backbone.model.to(device).eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    with capture_outputs(model, backbone.head, layers) as captured:
+        for start in range(0, len(images), batch_size):
+            batch = backbone.preprocessing(images[start:start + batch_size]).to(device)
+            captured.clear()
+            model(batch)
+            for name, tensor in captured.items():
+                parts.setdefault(name, []).append(tensor.detach().float().cpu().numpy())
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}
+
+
+def _save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **{name.replace("/", "__"): array for name, array in arrays.items()})
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _load_chunk(path: Path) -> dict[str, np.ndarray] | None:
+    """A saved chunk, or None when it is unreadable (it is then recomputed)."""
+    try:
+        with np.load(path) as data:
+            return {name.replace("__", "/"): data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers: tuple[str, ...] = (),
+            batch_size: int = 256, chunk_batches: int = 16, device: str = "cpu",
+            activations_dtype: str = "float32", progress: bool = True) -> CachedSplit:
+    """Extract one (backbone, dataset, split) entry into the store, or return it if cached.
+
+    Chunks hold ``chunk_batches`` batches, so batch boundaries are the same in a resumed run as
+    in an uninterrupted one and the arrays come out identical.
+    """
+    if len(images) == 0:
+        raise ValueError(f"dataset {images.name}/{images.split} is empty; nothing to extract")
+    unknown = [layer for layer in layers if layer not in backbone.layers]
+    if unknown:
+        raise ValueError(f"backbone {backbone.name!r} names no layer {unknown}; its layers: {list(backbone.layers)}")
+    if activations_dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"activations_dtype must be one of {ACTIVATION_DTYPES}, got {activations_dtype!r}")
+    layers = tuple(layers)
+    data_key = entry_data_key(backbone, images, layers, activations_dtype)
+    path = store.entry_path(backbone.key, images.name, images.split, data_key)
+    store.ensure_head(backbone)
+    with contextlib.suppress(CacheCorrupt):  # a corrupt file is moved aside by open_entry and recomputed
+        cached = store.open_entry(path)
+        if cached is not None:
+            return cached
+    with file_lock(path):
+        cached = store.open_entry(path)  # another process may have finished it while we waited
+        if cached is not None:
+            return cached
+        partial = path.with_name(path.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        torch_device = resolve_device(device)
+        rows_per_chunk = batch_size * chunk_batches
+        starts = range(0, len(images), rows_per_chunk)
+        chunks = []
+        bar = tqdm(total=len(images), desc=f"extract {backbone.name} {images.name}/{images.split}",
+                   unit="img", disable=not progress, leave=False)
+        for index, start in enumerate(starts):
+            chunk_path = partial / f"chunk-{index:06d}-of-{len(starts):06d}-bs{batch_size}.npz"
+            chunk = _load_chunk(chunk_path) if chunk_path.exists() else None
+            if chunk is None:
+                chunk = forward_rows(backbone, images.images[start:start + rows_per_chunk], layers,
+                                     batch_size, torch_device)
+                _save_chunk(chunk_path, chunk)
+            chunks.append(chunk)
+            bar.update(min(rows_per_chunk, len(images) - start))
+        bar.close()
+        arrays = {"logits": np.concatenate([c["logits"] for c in chunks]).astype(np.float32),
+                  "features": np.concatenate([c["features"] for c in chunks]).astype(np.float32),
+                  "labels": np.asarray(images.labels, dtype=np.int64)}
+        for layer in layers:
+            arrays[f"activations/{layer}"] = np.concatenate([c[layer] for c in chunks]).astype(activations_dtype)
+        meta = {"kind": "features", "backbone": backbone.describe(), "dataset": images.name,
+                "split": images.split, "source": images.source, "fingerprint": images.fingerprint(),
+                "data_key": data_key, "layers": list(layers), "activations_dtype": activations_dtype,
+                "n": len(images), "num_classes": int(arrays["logits"].shape[1]),
+                "feature_dim": int(arrays["features"].shape[1]),
+                "what": f"{images.name}/{images.split}"}
+        write_h5_atomic(path, arrays, meta)
+        shutil.rmtree(partial, ignore_errors=True)
+    return CachedSplit(path)

@@ -1,0 +1,265 @@
+"""The HDF5 feature store: one file per (backbone entry, dataset, split), keyed by content.
+
+Layout under the cache root::
+
+    <root>/<backbone_key>/head.h5                        W (C,D), b (C,), attrs: backbone description
+    <root>/<backbone_key>/<dataset>.<split>.<data_key>.h5
+        logits (N,C) float32, features (N,D) float32, labels (N,) int64,
+        activations/<layer> (N,...) for configured layers
+        attrs: meta (JSON: backbone, dataset, split, fingerprint, layers, ...), format_version
+    <root>/<backbone_key>/scores/<method>.<score_key>.h5  per-sample scores and predictions
+    <root>/weights/                                      trained weights (extract.training)
+
+Every file is written to a temporary name and renamed into place, so a file under its final
+name is always complete. Every array carries its sha256 as an attribute and is stored with
+HDF5's fletcher32 chunk checksums; reads verify the sha256, so a truncated or bit-flipped file
+raises ``CacheCorrupt`` instead of being used. Plain h5py reads everything.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+HEAD_FILE = "head.h5"
+
+
+class CacheCorrupt(RuntimeError):
+    """A cache file exists but cannot be trusted (truncated, bit-flipped, wrong format)."""
+
+
+class CacheMissing(LookupError):
+    """A cache entry that a command needs has not been computed."""
+
+
+def array_digest(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}|{array.shape}|".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def content_key(*parts) -> str:
+    """16 hex digits of sha256 over the JSON of ``parts``: the store's content keys."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write ``arrays`` (names may contain '/') and ``meta`` to ``path`` atomically.
+
+    Arrays are chunked along the first axis with fletcher32 checksums (gzip for activations,
+    which are sparse after ReLU) and carry their sha256 in the ``sha256`` attribute.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with h5py.File(tmp, "w") as h5:
+            for name, array in arrays.items():
+                array = np.ascontiguousarray(array)
+                options = {}
+                if array.size:
+                    row_bytes = max(1, array[:1].nbytes)
+                    options = {"chunks": (max(1, min(len(array), (1 << 20) // row_bytes)), *array.shape[1:]),
+                               "fletcher32": True}
+                    if name.startswith("activations/"):
+                        options.update(compression="gzip", compression_opts=1, shuffle=True)
+                dataset = h5.create_dataset(name, data=array, **options)
+                dataset.attrs["sha256"] = array_digest(array)
+            h5.attrs["format_version"] = FORMAT_VERSION
+            h5.attrs["meta"] = json.dumps(meta, sort_keys=True)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    """Open ``path`` and return its metadata, raising ``CacheCorrupt`` for anything unreadable."""
+    try:
+        with h5py.File(path, "r") as h5:
+            version = h5.attrs.get("format_version")
+            meta = json.loads(h5.attrs["meta"])
+    except (OSError, KeyError, ValueError) as err:
+        raise CacheCorrupt(f"cache file {path} is unreadable ({err}); remove it with `oodbench cache rm`"
+                           " or re-run to recompute it") from err
+    if version != FORMAT_VERSION:
+        raise CacheCorrupt(f"cache file {path} has format version {version}, this harness writes "
+                           f"{FORMAT_VERSION}; re-run to recompute it")
+    return meta
+
+
+def read_verified(path: Path, name: str) -> np.ndarray:
+    """Read one array and check it against its stored sha256."""
+    try:
+        with h5py.File(path, "r") as h5:
+            dataset = h5[name]
+            array = dataset[()]
+            expected = dataset.attrs["sha256"]
+    except KeyError as err:
+        raise CacheMissing(f"{path} has no array {name!r}") from err
+    except (OSError, ValueError) as err:
+        raise CacheCorrupt(f"cache file {path}: array {name!r} is unreadable ({err})") from err
+    if array_digest(array) != expected:
+        raise CacheCorrupt(f"cache file {path}: array {name!r} does not match its checksum (bit rot or "
+                           "tampering); it will not be used")
+    return array
+
+
+def verify_file(path: Path) -> list[str]:
+    """Every problem found in one cache file (empty when it is sound): format, then each array."""
+    try:
+        read_meta(path)
+        with h5py.File(path, "r") as h5:
+            names = []
+            h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    except (CacheCorrupt, OSError) as err:
+        return [str(err)]
+    problems = []
+    for name in names:
+        try:
+            read_verified(path, name)
+        except (CacheCorrupt, CacheMissing) as err:
+            problems.append(str(err))
+    return problems
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on ``path``.lock, so two processes never write one entry."""
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class CachedSplit:
+    """Read-only view of one extracted (backbone, dataset, split) entry; arrays load lazily and verified.
+
+    This is what scoring methods receive: ``logits``, ``features``, ``labels``, ``head`` (W, b)
+    and ``activations(layer)``. Nothing here runs a network.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.name = f"{self.meta['dataset']}/{self.meta['split']}"
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def _read(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = read_verified(self.path, name)
+        return self._arrays[name]
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self._read("logits")
+
+    @property
+    def features(self) -> np.ndarray:
+        return self._read("features")
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._read("labels")
+
+    @property
+    def head(self) -> tuple[np.ndarray, np.ndarray]:
+        head_path = self.path.parent / HEAD_FILE
+        return read_verified(head_path, "W"), read_verified(head_path, "b")
+
+    def activations(self, layer: str) -> np.ndarray:
+        if layer not in self.meta["layers"]:
+            raise CacheMissing(f"{self.path} has no activations for layer {layer!r} (cached layers: "
+                               f"{self.meta['layers'] or 'none'}); add it to the benchmark's extraction layers")
+        return self._read(f"activations/{layer}")
+
+    @property
+    def data_key(self) -> str:
+        return self.meta["data_key"]
+
+    def __len__(self) -> int:
+        return int(self.meta["n"])
+
+
+class FeatureStore:
+    """The cache root: paths, heads, entries, scores and maintenance (ls / verify / rm)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    def entry_path(self, backbone_key: str, dataset: str, split: str, data_key: str) -> Path:
+        return self.root / backbone_key / f"{dataset}.{split}.{data_key}.h5"
+
+    def head_path(self, backbone_key: str) -> Path:
+        return self.root / backbone_key / HEAD_FILE
+
+    def scores_path(self, backbone_key: str, method: str, score_key: str) -> Path:
+        return self.root / backbone_key / "scores" / f"{method}.{score_key}.h5"
+
+    def ensure_head(self, backbone) -> Path:
+        """Write the backbone's head (W, b) and description once per backbone entry."""
+        path = self.head_path(backbone.key)
+        if path.exists() and not verify_file(path):
+            return path
+        weight, bias = backbone.head_parameters()
+        with file_lock(path):
+            return write_h5_atomic(path, {"W": weight, "b": bias},
+                                   {"kind": "head", "backbone": backbone.describe()})
+
+    def open_entry(self, path: Path) -> CachedSplit | None:
+        """The entry at ``path``, or None when it is absent; a corrupt file is moved aside, never used."""
+        if not path.exists():
+            return None
+        problems = verify_file(path)
+        if problems:
+            quarantine = path.with_name(path.name + ".corrupt")
+            os.replace(path, quarantine)
+            raise CacheCorrupt(f"{path} failed verification and was moved to {quarantine.name}: "
+                               + "; ".join(problems))
+        return CachedSplit(path)
+
+    def files(self) -> list[Path]:
+        """Every complete cache file (heads, entries, scores), sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.rglob("*.h5") if not p.name.startswith("."))
+
+    def listing(self) -> list[dict]:
+        """One row per cache file for ``cache ls``: kind, backbone, dataset/split, rows, size."""
+        rows = []
+        for path in self.files():
+            row = {"path": str(path.relative_to(self.root)), "bytes": path.stat().st_size}
+            try:
+                meta = read_meta(path)
+            except CacheCorrupt:
+                rows.append({**row, "kind": "CORRUPT"})
+                continue
+            rows.append({**row, "kind": meta.get("kind", "?"),
+                         "backbone": meta.get("backbone", {}).get("name", "")
+                         if isinstance(meta.get("backbone"), dict) else meta.get("backbone_name", ""),
+                         "what": meta.get("what", ""), "rows": meta.get("n", "")})
+        return rows
+
+    def remove(self, paths: list[Path]) -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".lock").unlink(missing_ok=True)
+            partial = path.with_name(path.name + ".partial")
+            if partial.is_dir():
+                shutil.rmtree(partial)

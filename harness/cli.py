@@ -1,0 +1,211 @@
+"""The ``oodbench`` command line (also ``python -m harness``).
+
+    oodbench run BENCHMARK            train/extract what is missing, score every method, write the leaderboard
+    oodbench extract BENCHMARK        train/extract only
+    oodbench score BENCHMARK --method NAME [--param k=v ...]   one scorer from the cache alone
+    oodbench leaderboard BENCHMARK    re-render the leaderboard from cached scores
+    oodbench cache ls | verify | rm   inspect, check or delete cache files
+    oodbench fetch DATASET            download a dataset with torchvision (needs internet)
+    oodbench list                     registered benchmarks, datasets, backbones and methods
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from extract.backbones import BACKBONES, CheckpointMismatch
+from extract.datasets import DATASETS, DatasetUnavailable, default_data_root, fetch_dataset
+from extract.store import CacheCorrupt, CacheMissing, FeatureStore, verify_file
+from harness.config import BenchmarkError, MethodRef, available_benchmarks, load_benchmark
+from harness.pipeline import BenchmarkRun, RunOptions
+from methods import METHODS, make_method
+
+CACHE_ENV = "OODBENCH_CACHE_DIR"
+USER_ERRORS = (BenchmarkError, CacheMissing, CacheCorrupt, CheckpointMismatch, DatasetUnavailable,
+               FileNotFoundError, ValueError)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, "~/.cache/oodbench/store")).expanduser()
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+
+
+def _param(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param takes key=value, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"feature cache root (default ${CACHE_ENV} or ~/.cache/oodbench/store)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
+
+    bench = argparse.ArgumentParser(add_help=False, parents=[common])
+    bench.add_argument("benchmark", help="packaged benchmark name or path to a benchmark YAML file")
+    bench.add_argument("--data-root", type=Path, default=None,
+                       help="folder holding datasets (default $OODBENCH_DATA_ROOT)")
+    bench.add_argument("--out", type=Path, default=Path("out"), help="output folder for leaderboards (default ./out)")
+    bench.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    bench.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default: the benchmark's)")
+    bench.add_argument("--download", action="store_true", help="download missing torchvision datasets first")
+
+    parser = argparse.ArgumentParser(prog="oodbench", description="OOD detection benchmark harness with an HDF5 "
+                                     "feature cache.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", parents=[bench], help="extract what is missing, score, write the leaderboard")
+    run.add_argument("--methods", default=None, help="comma-separated method names (default: the benchmark's)")
+    commands.add_parser("extract", parents=[bench], help="train and extract only")
+    score = commands.add_parser("score", parents=[bench], help="run one scorer from the cache (no network)")
+    score.add_argument("--method", required=True)
+    score.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE")
+    commands.add_parser("leaderboard", parents=[bench], help="re-render the leaderboard from cached scores")
+    cache = commands.add_parser("cache", parents=[common], help="inspect, verify or remove cache files")
+    cache.add_argument("action", choices=("ls", "verify", "rm"))
+    cache.add_argument("patterns", nargs="*", help="glob patterns on the relative path (rm needs at least one; "
+                       "'*' removes everything)")
+    fetch = commands.add_parser("fetch", help="download a dataset with torchvision")
+    fetch.add_argument("dataset")
+    fetch.add_argument("--data-root", type=Path, required=True)
+    commands.add_parser("list", help="list benchmarks, datasets, backbones and methods")
+    return parser
+
+
+def _options(args) -> RunOptions:
+    return RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out,
+                      data_root=args.data_root or default_data_root(), device=args.device, seeds=args.seeds,
+                      download=args.download, progress=not args.quiet)
+
+
+def _print_summary(run: BenchmarkRun, started: float) -> None:
+    summary = run.summary
+    print()
+    for line in summary.lines + summary.skipped:
+        print(line)
+    stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in summary.timings.items())
+    print(f"time: {time.perf_counter() - started:.1f}s ({stages})")
+    for path in summary.outputs:
+        print(f"wrote {path}")
+
+
+def cmd_run(args, compute: bool = True) -> int:
+    started = time.perf_counter()
+    benchmark = load_benchmark(args.benchmark)
+    run = BenchmarkRun(benchmark, _options(args))
+    methods = None
+    if getattr(args, "methods", None):
+        methods = tuple(MethodRef(name.strip()) for name in args.methods.split(","))
+        for ref in methods:
+            make_method(ref.name)
+    metrics = run.evaluate(methods, compute_backbones=compute, compute_entries=compute, compute_scores=compute)
+    boards = run.write_leaderboards(metrics)
+    for board in boards.values():
+        print()
+        print(board.to_text())
+    _print_summary(run, started)
+    return 0
+
+
+def cmd_extract(args) -> int:
+    started = time.perf_counter()
+    run = BenchmarkRun(load_benchmark(args.benchmark), _options(args))
+    for config in run.benchmark.backbones:
+        for seed in run.seeds:
+            backbone = run.backbone(config, seed)
+            for label, entry in run.entries(backbone).items():
+                print(f"{config.name} seed {seed} {label}: {entry.path}")
+            run.summary.lines.append(run._backbone_line(backbone, seed))
+    _print_summary(run, started)
+    return 0
+
+
+def cmd_score(args) -> int:
+    """Score one method from the cache: no training, no extraction, no forward pass."""
+    started = time.perf_counter()
+    run = BenchmarkRun(load_benchmark(args.benchmark), _options(args))
+    ref = MethodRef(args.method, dict(args.param))
+    make_method(ref.name, **ref.params)
+    metrics = run.evaluate((ref,), compute_backbones=False, compute_entries=False, compute_scores=True)
+    columns = ["seed", "backbone", "ood_set", "fpr95", "auroc", "aupr_in", "aupr_out", "id_acc"]
+    table = metrics[columns].copy()
+    table[columns[3:]] = (100 * table[columns[3:]]).round(2)
+    print(f"{metrics['method'].iloc[0]} on {run.benchmark.name} ({run.benchmark.convention}, values in %)")
+    print(table.to_string(index=False))
+    means = table.groupby(["backbone", "seed"])[columns[3:]].mean().round(2)
+    print("\naverage over OOD sets:\n" + means.to_string())
+    _print_summary(run, started)
+    return 0
+
+
+def cmd_cache(args) -> int:
+    store = FeatureStore(args.cache_dir or default_cache_dir())
+    files = [p for p in store.files()
+             if not args.patterns or any(fnmatch.fnmatch(str(p.relative_to(store.root)), pat) for pat in args.patterns)]
+    if args.action == "ls":
+        rows = store.listing()
+        shown = {str(p.relative_to(store.root)) for p in files}
+        print(f"cache {store.root}: {len(shown)} files")
+        for row in rows:
+            if row["path"] in shown:
+                print(f"{row['kind']:9} {row['bytes'] / 1e6:9.2f} MB  {row.get('what', '') or '':28} {row['path']}")
+        return 0
+    if args.action == "verify":
+        bad = 0
+        for path in files:
+            problems = verify_file(path)
+            bad += bool(problems)
+            for problem in problems:
+                print(f"CORRUPT {path}: {problem}")
+        print(f"verified {len(files)} files under {store.root}: {len(files) - bad} ok, {bad} corrupt")
+        return 1 if bad else 0
+    if not args.patterns:
+        raise ValueError("cache rm needs at least one pattern (use '*' to remove everything)")
+    store.remove(files)
+    print(f"removed {len(files)} files from {store.root}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    print("benchmarks: " + ", ".join(available_benchmarks()))
+    print("\ndatasets:")
+    for name, entry in sorted(DATASETS.items()):
+        print(f"  {name:14} splits {','.join(entry.splits):16} {entry.description}")
+    print("\nbackbones:")
+    for name, spec in sorted(BACKBONES.items()):
+        print(f"  {name:14} head {spec.head:4} layers {','.join(spec.layers):22} {spec.description}")
+    print("\nmethods:")
+    for name, cls in sorted(METHODS.items()):
+        params = ", ".join(f"{k}={v}" for k, v in cls.defaults().items()) or "-"
+        print(f"  {name:14} {params:20} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(message)s")
+    handlers = {"run": cmd_run, "extract": cmd_extract, "score": cmd_score,
+                "leaderboard": lambda a: cmd_run(a, compute=False), "cache": cmd_cache, "list": cmd_list,
+                "fetch": lambda a: fetch_dataset(a.dataset, a.data_root) or 0}
+    try:
+        return handlers[args.command](args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

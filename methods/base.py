@@ -1,0 +1,99 @@
+"""The scoring interface shared by every method, and the name registry.
+
+scikit-learn habits: the constructor only stores hyperparameters (as attributes of the same
+name); ``fit(split)`` learns state into attributes ending in ``_``; ``score(split)`` returns one
+float64 per sample, **higher = more in-distribution**, computed per sample so batch composition
+never matters. A split is anything with the arrays the method declares in ``reads``
+(``extract.store.CachedSplit`` for cached entries): ``logits``, ``features``, ``labels``,
+``head`` (W, b) or ``activations(layer)``.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``reads``, ``grid`` and implement ``score``."""
+
+    name: str = ""
+    reads: tuple[str, ...] = ("logits",)
+    grid: dict[str, list] = {}
+    version: int = 1  # bump when the math changes, so cached scores are recomputed
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Hyperparameters and their defaults, read from the constructor's signature."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in parameters
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    def get_params(self) -> dict:
+        return {name: getattr(self, name) for name in self.defaults()}
+
+    def fit(self, split) -> "Method":
+        """Learn state from the fit split (ID training data). Stateless methods return self."""
+        return self
+
+    def score(self, split) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, split) -> np.ndarray:
+        """Predicted class per sample from the logits this method uses (for ID accuracy)."""
+        return finite_logits(split).argmax(axis=1)
+
+    def label(self) -> str:
+        """Display name with the hyperparameters that differ from the defaults, e.g. 'energy(T=2)'."""
+        changed = {k: v for k, v in self.get_params().items() if v != self.defaults()[k]}
+        return self.name + ("(" + ",".join(f"{k}={v}" for k, v in changed.items()) + ")" if changed else "")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to ``METHODS`` under ``cls.name``."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def _coerce(value, default):
+    """Parse a CLI string to the type of the default (float/int/bool), leaving other values alone."""
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {value!r}")
+        return value.lower() in ("true", "1")
+    return type(default)(value)
+
+
+def make_method(name: str, **params) -> Method:
+    """Instantiate a registered method, with one clear error for unknown names or parameters."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    defaults = cls.defaults()
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        valid = ", ".join(f"{k} (default {v})" for k, v in defaults.items()) or "none"
+        raise ValueError(f"method {name!r} has no parameter {', '.join(unknown)}; its parameters: {valid}")
+    try:
+        parsed = {k: _coerce(v, defaults[k]) for k, v in params.items()}
+    except ValueError as err:
+        raise ValueError(f"method {name!r}: bad parameter value ({err})") from err
+    return cls(**parsed)
+
+
+def finite_logits(split) -> np.ndarray:
+    """The split's logits as float64, with one clear error if any are NaN or infinite."""
+    logits = np.asarray(split.logits, dtype=np.float64)
+    bad = ~np.isfinite(logits)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ValueError(f"{getattr(split, 'name', 'split')}: {len(rows)} of {len(logits)} samples have NaN or "
+                         f"infinite logits (first row {rows[0]}); the backbone diverged or its checkpoint is "
+                         "broken - check the weights and preprocessing, then re-extract")
+    return logits
