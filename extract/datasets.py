@@ -33,6 +33,7 @@ from extract.idx import read_idx
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATA_ROOT_ENV = "OODBENCH_DATA_ROOT"
+DOWNLOAD_DIR_ENV = "OODBENCH_DOWNLOAD_DIR"
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -159,6 +160,12 @@ def default_data_root() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def download_dir() -> Path:
+    """Where torchvision downloads go when no data root is given: ``$OODBENCH_DOWNLOAD_DIR`` or
+    ``~/.cache/oodbench/data``. The MNIST-family loaders always search it too."""
+    return Path(os.environ.get(DOWNLOAD_DIR_ENV) or "~/.cache/oodbench/data").expanduser()
+
+
 def _get_entry(name) -> DatasetEntry:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; registered datasets: {', '.join(sorted(DATASETS))}")
@@ -183,8 +190,9 @@ def load_dataset(name, split="test", *, data_root=None, download=False, **params
     return entry.loader(split, root, download, **{**entry.defaults, **params})
 
 
-def fetch_dataset(name, data_root) -> None:
-    """Download a dataset with torchvision into ``data_root`` (mnist, fashion-mnist, kmnist only)."""
+def fetch_dataset(name, data_root=None) -> None:
+    """Download a dataset with torchvision into ``data_root`` or ``download_dir()`` (mnist, fashion-mnist,
+    kmnist only)."""
     _get_entry(name)
     if name not in _TORCHVISION_CLASSES:
         how = _HOW_TO_GET.get(name, "it needs no files: it is generated or bundled with scikit-learn")
@@ -192,14 +200,14 @@ def fetch_dataset(name, data_root) -> None:
             f"dataset {name!r} cannot be fetched automatically (only {', '.join(sorted(_TORCHVISION_CLASSES))} can); "
             f"{how}"
         )
-    _torchvision_download(name, Path(data_root))
+    _torchvision_download(name, Path(data_root) if data_root is not None else None)
 
 
 def _torchvision_download(name, data_root):
-    """Download with torchvision's dataset class into ``<data_root>/<Class>/raw/``."""
-    if data_root is None:
-        raise ValueError(f"downloading {name!r} needs a data root (data_root=... or ${DATA_ROOT_ENV})")
+    """Download with torchvision's dataset class into ``<data_root or download_dir()>/<Class>/raw/``."""
     import torchvision.datasets
+
+    data_root = data_root if data_root is not None else download_dir()
 
     dataset_class = getattr(torchvision.datasets, _TORCHVISION_CLASSES[name])
     data_root.mkdir(parents=True, exist_ok=True)
@@ -230,13 +238,17 @@ _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
 
 def _idx_dirs(name, data_root, extra_dirs):
-    """Folders searched, in order: <root>/<name>/, <root>/<TorchvisionClass>/raw/, then extra_dirs."""
+    """Folders searched, in order: <root>/<name>/, <root>/<TorchvisionClass>/raw/, extra_dirs, then
+    <download_dir()>/<TorchvisionClass>/raw/ for the sets torchvision downloads."""
     dirs = []
     if data_root is not None:
         dirs.append(data_root / name)
         if name in _TORCHVISION_CLASSES:
             dirs.append(data_root / _TORCHVISION_CLASSES[name] / "raw")
-    return dirs + list(extra_dirs)
+    dirs += list(extra_dirs)
+    if name in _TORCHVISION_CLASSES:
+        dirs.append(download_dir() / _TORCHVISION_CLASSES[name] / "raw")
+    return dirs
 
 
 def _locate_idx_pair(name, split, data_root, extra_dirs=()):

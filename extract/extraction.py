@@ -134,7 +134,7 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
         starts = range(0, len(images), rows_per_chunk)
         chunks = []
         bar = tqdm(total=len(images), desc=f"extract {backbone.name} {images.name}/{images.split}",
-                   unit="img", disable=not progress, leave=False)
+                   unit="img", disable=None if progress else True, leave=False)
         for index, start in enumerate(starts):
             chunk_path = partial / f"chunk-{index:06d}-of-{len(starts):06d}-bs{batch_size}.npz"
             chunk = _load_chunk(chunk_path) if chunk_path.exists() else None

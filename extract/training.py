@@ -165,7 +165,7 @@ def train_backbone(spec: BackboneSpec, recipe: Recipe, train_set: ImageSet, *, n
         model.train()
         running, seen = 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"train {spec.name} seed {seed} epoch {epoch + 1}/{recipe.epochs}",
-                   disable=not progress, leave=False)
+                   disable=None if progress else True, leave=False)
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, epoch * steps_per_epoch + step, total_steps)

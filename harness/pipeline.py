@@ -106,8 +106,11 @@ class BenchmarkRun:
         return sets
 
     def _load(self, ref: DatasetRef) -> ImageSet:
-        return load_dataset(ref.dataset, ref.split, data_root=self.options.data_root,
-                            download=self.options.download, **ref.params)
+        try:
+            return load_dataset(ref.dataset, ref.split, data_root=self.options.data_root,
+                                download=self.options.download, **ref.params)
+        except ValueError as err:  # e.g. params {n: 0}: say which of the benchmark's sets is wrong
+            raise ValueError(f"dataset {ref.label!r} ({ref.dataset}/{ref.split}): {err}") from err
 
     def ood_labels(self) -> list[str]:
         ids = {self.benchmark.id_fit.label, self.benchmark.id_test.label}

@@ -50,12 +50,12 @@ class Leaderboard:
     backbone: str
 
     def to_csv(self, path: str | Path) -> Path:
-        """Write a machine-readable CSV and return its path.
+        """Write a machine-readable CSV of numbers only and return its path.
 
         Columns: ``method``, then ``<column>/<metric>`` and ``<column>/<metric>_std`` for every
         column of the leaderboard, ``id_acc``, ``id_acc_std`` and ``n_seeds``; values are
-        fractions at full precision. Leading ``#`` lines state benchmark, backbone and
-        convention; read back with ``pd.read_csv(path, comment="#", index_col="method")``.
+        fractions at full precision. The convention is stated by the LaTeX/Markdown captions and
+        by the ``convention`` column of the tidy ``metrics.csv`` beside it.
         """
         flat = {}
         for key in self.mean.columns:
@@ -63,16 +63,8 @@ class Leaderboard:
             flat[name] = self.mean[key]
             flat[f"{name}_std"] = self.std[key]
         flat["n_seeds"] = self.n_seeds
-        frame = pd.DataFrame(flat, index=self.mean.index)
-        header = (
-            f"# benchmark: {self.benchmark}\n"
-            f"# backbone: {self.backbone}\n"
-            f"# convention: {self.convention}: {CONVENTIONS[self.convention]}\n"
-        )
         path = _prepare(path)
-        with path.open("w", newline="") as handle:
-            handle.write(header)
-            frame.to_csv(handle, index_label="method")
+        pd.DataFrame(flat, index=self.mean.index).to_csv(path, index_label="method")
         return path
 
     def to_latex(self, path: str | Path, metrics: tuple[str, ...] = ("fpr95", "auroc")) -> Path:

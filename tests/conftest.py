@@ -12,3 +12,11 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"development data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(tmp_path_factory, monkeypatch):
+    """Keep tests away from the user's data root, download folder and cache."""
+    monkeypatch.delenv("OODBENCH_DATA_ROOT", raising=False)
+    monkeypatch.delenv("OODBENCH_CACHE_DIR", raising=False)
+    monkeypatch.setenv("OODBENCH_DOWNLOAD_DIR", str(tmp_path_factory.mktemp("downloads")))

@@ -187,8 +187,10 @@ def test_images_without_labels_is_unavailable(tmp_path):
 
 def test_no_data_root_message(monkeypatch):
     monkeypatch.delenv("OODBENCH_DATA_ROOT", raising=False)
-    with pytest.raises(DatasetUnavailable, match="(?s)Searched:\n  nothing.*OODBENCH_DATA_ROOT"):
+    with pytest.raises(DatasetUnavailable, match="(?s)Searched:\n  .*downloads.*KMNIST.*OODBENCH_DATA_ROOT"):
         load_dataset("kmnist")
+    with pytest.raises(DatasetUnavailable, match="(?s)Searched:\n  nothing.*OODBENCH_DATA_ROOT"):
+        load_dataset("notmnist")
 
 
 def test_data_root_from_environment(tmp_path, monkeypatch):
@@ -251,10 +253,14 @@ def test_fetch_dataset_downloads(tmp_path, fake_kmnist_server):
                                   fake_kmnist_server[0]["t10k"][1])
 
 
-def test_download_needs_data_root(monkeypatch):
+def test_download_without_data_root_goes_to_the_download_dir(tmp_path, monkeypatch, fake_kmnist_server):
     monkeypatch.delenv("OODBENCH_DATA_ROOT", raising=False)
-    with pytest.raises(ValueError, match="needs a data root"):
-        load_dataset("kmnist", download=True)
+    monkeypatch.setenv("OODBENCH_DOWNLOAD_DIR", str(tmp_path / "downloads"))
+    loaded = load_dataset("kmnist", download=True)
+    assert (tmp_path / "downloads" / "KMNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file()
+    # Found there afterwards without a data root and without downloading again.
+    np.testing.assert_array_equal(load_dataset("kmnist").images, loaded.images)
+    assert len(fake_kmnist_server[1]) == 4
 
 
 @pytest.mark.parametrize("name, hint", [("notmnist", "notMNIST-to-MNIST"), ("gaussian", "needs no files")])

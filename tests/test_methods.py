@@ -1,0 +1,101 @@
+"""MSP, MaxLogit and Energy: hand-worked values, numerics, batch independence and the registry."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from methods import METHODS, make_method
+from methods.logit_scores import energy, max_logit, msp
+
+LOGITS = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+
+
+def split(logits, name="toy/test"):
+    return SimpleNamespace(logits=np.asarray(logits), name=name)
+
+
+def test_msp_hand_worked():
+    # Row 0: e^3 / (e + e^2 + e^3) = 1 / (e^-2 + e^-1 + 1) = 1 / 1.503214724 = 0.6652409558
+    # Row 1: three equal logits -> 1/3.
+    np.testing.assert_allclose(make_method("msp").score(split(LOGITS)), [0.6652409558, 1 / 3], rtol=1e-10)
+
+
+def test_maxlogit_hand_worked():
+    np.testing.assert_array_equal(make_method("maxlogit").score(split(LOGITS)), [3.0, 0.0])
+
+
+def test_energy_hand_worked():
+    # T=1: log(e + e^2 + e^3) = 3 + log(1.503214724) = 3.407605964; log(3) = 1.098612289.
+    np.testing.assert_allclose(make_method("energy").score(split(LOGITS)), [3.407605964, np.log(3)], rtol=1e-9)
+    # T=2: 2 log(e^0.5 + e + e^1.5) = 3 + 2 log(1 + e^-0.5 + e^-1) = 3 + 2 * 0.680272...
+    expected = 3 + 2 * np.log(1 + np.exp(-0.5) + np.exp(-1.0))
+    np.testing.assert_allclose(make_method("energy", T=2.0).score(split(LOGITS)), [expected, 2 * np.log(3)],
+                               rtol=1e-12)
+
+
+def test_energy_matches_torch_logsumexp_and_is_stable():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 5, size=(100, 10))
+    for T in (0.5, 1.0, 1000.0):
+        reference = T * torch.logsumexp(torch.tensor(logits, dtype=torch.float64) / T, dim=1).numpy()
+        np.testing.assert_allclose(energy(logits, T), reference, rtol=1e-12)
+    # Huge logits: no overflow, the max dominates.
+    np.testing.assert_allclose(energy(np.array([[1000.0, 0.0]]), 1.0), [1000.0], rtol=1e-12)
+    np.testing.assert_allclose(msp(np.array([[1000.0, 0.0, -1000.0]])), [1.0])
+    assert np.isfinite(msp(np.array([[-1e4, -1e4 - 1]]))).all()
+
+
+@pytest.mark.parametrize("name", ["msp", "maxlogit", "energy"])
+def test_scores_do_not_depend_on_batch_composition(name):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, size=(50, 7))
+    method = make_method(name)
+    whole = method.score(split(logits))
+    order = rng.permutation(50)
+    np.testing.assert_array_equal(method.score(split(logits[order])), whole[order])
+    np.testing.assert_array_equal(np.concatenate([method.score(split(logits[:13])), method.score(split(logits[13:]))]),
+                                  whole)
+
+
+def test_higher_means_more_in_distribution():
+    confident, flat = [[10.0, 0.0, 0.0]], [[1.0, 1.0, 1.0]]
+    for name in ("msp", "maxlogit", "energy"):
+        method = make_method(name)
+        assert method.score(split(confident))[0] > method.score(split(flat))[0]
+
+
+def test_predict_is_argmax_of_the_logits():
+    np.testing.assert_array_equal(make_method("energy").predict(split([[0.1, 2.0], [3.0, -1.0]])), [1, 0])
+
+
+def test_registry_defaults_labels_and_coercion():
+    assert {"msp", "maxlogit", "energy"} <= set(METHODS)
+    assert METHODS["energy"].defaults() == {"T": 1.0}
+    assert METHODS["msp"].defaults() == {}
+    method = make_method("energy", T="2")
+    assert method.T == 2.0 and isinstance(method.T, float)
+    assert method.label() == "energy(T=2.0)" and make_method("energy").label() == "energy"
+    assert method.get_params() == {"T": 2.0}
+
+
+def test_unknown_method_and_parameter_errors():
+    with pytest.raises(ValueError, match="unknown method 'nope'.*registered methods:.*energy.*msp"):
+        make_method("nope")
+    with pytest.raises(ValueError, match="method 'energy' has no parameter Q; its parameters: T \\(default 1.0\\)"):
+        make_method("energy", Q=1)
+    with pytest.raises(ValueError, match="method 'msp' has no parameter T; its parameters: none"):
+        make_method("msp", T=1)
+    with pytest.raises(ValueError, match="bad parameter value"):
+        make_method("energy", T="hot")
+    with pytest.raises(ValueError, match="T must be > 0"):
+        make_method("energy", T=0.0).score(split(LOGITS))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_logits_get_one_clear_error(bad):
+    logits = LOGITS.copy()
+    logits[1, 2] = bad
+    for name in ("msp", "maxlogit", "energy"):
+        with pytest.raises(ValueError, match="toy/test: 1 of 2 samples have NaN or infinite logits \\(first row 1\\)"):
+            make_method(name).score(split(logits))
