@@ -26,8 +26,6 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from sklearn.datasets import load_digits, load_sample_images
-from sklearn.model_selection import train_test_split
 
 from extract.idx import read_idx
 
@@ -400,6 +398,8 @@ def _resize_bilinear(image, size):
 def load_digits28(split, data_root, download):
     """scikit-learn's bundled ``load_digits`` (all 1,797), values 0..16 scaled to [0,1], upscaled
     8x8 -> 28x28 with PIL BILINEAR. float32 (1797,28,28); labels are the digits."""
+    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import and few sets need it
+
     bunch = load_digits()
     images = np.stack([_resize_bilinear(image / 16.0, 28) for image in bunch.images])
     images = np.clip(images, 0.0, 1.0)
@@ -421,6 +421,8 @@ def load_photo_patches(split, data_root, download, *, n, size, seed):
     numpy default_rng(seed), resized to size x size with PIL BILINEAR. float32 in [0,1].
     """
     _check_positive(n=n, size=size)
+    from sklearn.datasets import load_sample_images
+
     photos = [(image.astype(np.float32) @ ITU_R_601_LUMA) / 255.0 for image in load_sample_images().images]
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % len(photos)
@@ -447,6 +449,9 @@ def load_digits_benchmark(split, data_root, download, *, test_fraction, seed):
     random_state=seed)``; ood: every sample of classes 6-9 (labels kept as their digit).
     Samples keep their order in ``load_digits``.
     """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     labels = bunch.target.astype(np.int64)
     if split == "ood":

@@ -10,6 +10,7 @@ per-entry lock makes a second process wait for the first instead of writing the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import uuid
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 from extract.backbones import Backbone
 from extract.datasets import ImageSet
 from extract.store import CachedSplit, CacheCorrupt, FeatureStore, content_key, file_lock, write_h5_atomic
+
+log = logging.getLogger(__name__)
 
 ACTIVATION_DTYPES = ("float32", "float16")
 
@@ -119,10 +122,12 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
     data_key = entry_data_key(backbone, images, layers, activations_dtype)
     path = store.entry_path(backbone.key, images.name, images.split, data_key)
     store.ensure_head(backbone)
-    with contextlib.suppress(CacheCorrupt):  # a corrupt file is moved aside by open_entry and recomputed
+    try:
         cached = store.open_entry(path)
         if cached is not None:
             return cached
+    except CacheCorrupt as err:  # open_entry moved the file aside; recompute it
+        log.warning("recomputing a corrupt cache entry: %s", err)
     with file_lock(path):
         cached = store.open_entry(path)  # another process may have finished it while we waited
         if cached is not None:

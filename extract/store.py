@@ -235,16 +235,22 @@ class FeatureStore:
         return CachedSplit(path)
 
     def files(self) -> list[Path]:
-        """Every complete cache file (heads, entries, scores), sorted."""
+        """Every complete cache file (heads, entries, scores), trained weights and quarantined
+        ``*.corrupt`` files, sorted."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.rglob("*.h5") if not p.name.startswith("."))
+        patterns = ("*.h5", "*.h5.corrupt", "weights/*.pt")
+        return sorted(p for pattern in patterns for p in self.root.rglob(pattern) if not p.name.startswith("."))
 
     def listing(self) -> list[dict]:
         """One row per cache file for ``cache ls``: kind, backbone, dataset/split, rows, size."""
         rows = []
         for path in self.files():
             row = {"path": str(path.relative_to(self.root)), "bytes": path.stat().st_size}
+            if path.suffix != ".h5":
+                kind = "weights" if path.suffix == ".pt" else "CORRUPT"
+                rows.append({**row, "kind": kind, "what": "moved aside, never read" if kind == "CORRUPT" else ""})
+                continue
             try:
                 meta = read_meta(path)
             except CacheCorrupt:

@@ -138,7 +138,7 @@ def cmd_score(args) -> int:
     run = BenchmarkRun(load_benchmark(args.benchmark), _options(args))
     ref = MethodRef(args.method, dict(args.param))
     make_method(ref.name, **ref.params)
-    metrics = run.evaluate((ref,), compute_backbones=False, compute_entries=False, compute_scores=True)
+    metrics = run.evaluate((ref,), compute_backbones=False, compute_entries=False, compute_scores=True, plot=False)
     columns = ["seed", "backbone", "ood_set", "fpr95", "auroc", "aupr_in", "aupr_out", "id_acc"]
     table = metrics[columns].copy()
     table[columns[3:]] = (100 * table[columns[3:]]).round(2)
@@ -164,12 +164,17 @@ def cmd_cache(args) -> int:
         return 0
     if args.action == "verify":
         bad = 0
-        for path in files:
+        checked = [p for p in files if p.suffix == ".h5"]
+        for path in checked:
             problems = verify_file(path)
             bad += bool(problems)
             for problem in problems:
                 print(f"CORRUPT {path}: {problem}")
-        print(f"verified {len(files)} files under {store.root}: {len(files) - bad} ok, {bad} corrupt")
+        for path in files:
+            if path.suffix == ".corrupt":
+                print(f"quarantined {path} (moved aside when found corrupt, never read; "
+                      f"remove with `oodbench cache rm '*.corrupt'`)")
+        print(f"verified {len(checked)} files under {store.root}: {len(checked) - bad} ok, {bad} corrupt")
         return 1 if bad else 0
     if not args.patterns:
         raise ValueError("cache rm needs at least one pattern (use '*' to remove everything)")

@@ -26,7 +26,6 @@ from harness.config import BackboneConfig, Benchmark, DatasetRef, MethodRef
 from methods import Method, make_method
 from results.leaderboard import Leaderboard, build_leaderboard
 from results.metrics import accuracy, ood_metrics
-from results.plots import plot_score_histograms
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +218,9 @@ class BenchmarkRun:
 
     # ------------------------------------------------------------------ whole benchmark
     def evaluate(self, methods: tuple[MethodRef, ...] | None = None, compute_backbones: bool = True,
-                 compute_entries: bool = True, compute_scores: bool = True) -> pd.DataFrame:
-        """Tidy metrics for every (seed, backbone, method, OOD set), plus histograms of the first seed."""
+                 compute_entries: bool = True, compute_scores: bool = True, plot: bool = True) -> pd.DataFrame:
+        """Tidy metrics for every (seed, backbone, method, OOD set); with ``plot``, score histograms of
+        the first seed per backbone."""
         methods = methods or self.benchmark.methods
         rows = []
         for config in self.benchmark.backbones:
@@ -234,7 +234,9 @@ class BenchmarkRun:
                     if seed == self.seeds[0]:
                         histograms[rows[-1]["method"]] = {"ID": scored[self.benchmark.id_test.label].scores,
                                                           **{k: scored[k].scores for k in self.ood_labels()}}
-                if histograms:
+                if plot and histograms:
+                    from results.plots import plot_score_histograms  # matplotlib is slow to import; only runs plot
+
                     path = self.out_dir(config.name) / "score_histograms.png"
                     self.summary.outputs.append(plot_score_histograms(
                         histograms, path, title=f"{self.benchmark.name} / {config.name} (seed {seed})"))

@@ -48,7 +48,8 @@ class Method:
     def label(self) -> str:
         """Display name with the hyperparameters that differ from the defaults, e.g. 'energy(T=2)'."""
         changed = {k: v for k, v in self.get_params().items() if v != self.defaults()[k]}
-        return self.name + ("(" + ",".join(f"{k}={v}" for k, v in changed.items()) + ")" if changed else "")
+        shown = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in changed.items())
+        return self.name + (f"({shown})" if changed else "")
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -1,7 +1,14 @@
-"""Shared test fixtures: the development data folder and small helpers."""
+"""Shared test fixtures: the development data folder, env isolation, a warm digits run, helpers."""
+import io
+import shutil
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+from harness.cli import main
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -20,3 +27,54 @@ def isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("OODBENCH_DATA_ROOT", raising=False)
     monkeypatch.delenv("OODBENCH_CACHE_DIR", raising=False)
     monkeypatch.setenv("OODBENCH_DOWNLOAD_DIR", str(tmp_path_factory.mktemp("downloads")))
+
+
+# ---------------------------------------------------------------- one warm `oodbench run digits` per session
+
+@dataclass
+class WarmRun:
+    root: Path
+    cache: Path
+    out: Path
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def warm(tmp_path_factory) -> WarmRun:
+    """`oodbench run digits` once per session; tests that mutate the cache use ``cache_copy``."""
+    root = tmp_path_factory.mktemp("oodbench-digits-warm")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:  # the autouse env isolation is function-scoped
+        mp.delenv("OODBENCH_DATA_ROOT", raising=False)
+        mp.delenv("OODBENCH_CACHE_DIR", raising=False)
+        mp.setenv("OODBENCH_DOWNLOAD_DIR", str(root / "downloads"))
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            code = main(["run", "digits", "--cache-dir", str(root / "cache"), "--out", str(root / "out"), "--quiet"])
+    run = WarmRun(root, root / "cache", root / "out", code, stdout.getvalue(), stderr.getvalue())
+    assert run.code == 0, run.stderr
+    return run
+
+
+@pytest.fixture
+def cache_copy(warm, tmp_path) -> Path:
+    return Path(shutil.copytree(warm.cache, tmp_path / "cache"))
+
+
+@pytest.fixture
+def forwards():
+    """Names of every nn.Module whose forward ran during the test (global hook)."""
+    calls: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: calls.append(type(module).__name__))
+    yield calls
+    handle.remove()
+
+
+def oodbench(capsys, *argv) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit code, stdout, stderr) of that call only."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from methods import METHODS, make_method
-from methods.logit_scores import energy, max_logit, msp
+from methods.logit_scores import energy, msp
 
 LOGITS = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
 
@@ -75,7 +75,8 @@ def test_registry_defaults_labels_and_coercion():
     assert METHODS["msp"].defaults() == {}
     method = make_method("energy", T="2")
     assert method.T == 2.0 and isinstance(method.T, float)
-    assert method.label() == "energy(T=2.0)" and make_method("energy").label() == "energy"
+    assert method.label() == "energy(T=2)" and make_method("energy", T=0.5).label() == "energy(T=0.5)"
+    assert make_method("energy").label() == "energy"
     assert method.get_params() == {"T": 2.0}
 
 
