@@ -50,15 +50,15 @@ _TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmni
 _HOW_TO_GET = {
     "fashion-mnist": (
         "`apt-get install dataset-fashion-mnist` (installs the files in /usr/share/datasets/fashion-mnist/), "
-        "or `oodbench fetch fashion-mnist` / download=True with a data root (torchvision download); "
+        "or `oodbench fetch fashion-mnist` or `oodbench run ... --download` (torchvision download); "
         "source: https://github.com/zalandoresearch/fashion-mnist"
     ),
     "mnist": (
-        "`oodbench fetch mnist` / download=True with a data root (torchvision download); "
+        "`oodbench fetch mnist` or `oodbench run ... --download` (torchvision download); "
         "source: http://yann.lecun.com/exdb/mnist/"
     ),
     "kmnist": (
-        "`oodbench fetch kmnist` / download=True with a data root (torchvision download); "
+        "`oodbench fetch kmnist` or `oodbench run ... --download` (torchvision download); "
         "source: https://github.com/rois-codh/kmnist"
     ),
     "notmnist": (

@@ -89,7 +89,8 @@ class BenchmarkRun:
             try:
                 images = self._load(ref)
             except DatasetUnavailable as err:
-                reason = str(err).splitlines()[0]
+                lines = str(err).splitlines()  # first line and the "How to get it" line, not the search list
+                reason = " ".join([lines[0], *(line for line in lines[1:] if line.startswith("How to get it"))])
                 self.summary.skipped.append(f"skipped OOD set {ref.label}: {reason}")
                 log.warning("skipped OOD set %s: %s", ref.label, reason)
                 continue

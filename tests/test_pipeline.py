@@ -247,7 +247,9 @@ def test_unavailable_optional_ood_set_is_skipped_visibly(warm, cache_copy, tmp_p
     out_dir = tmp_path / "out"
     code, out, err = oodbench(capsys, "run", bench, "--cache-dir", cache_copy, "--out", out_dir, "--quiet")
     assert code == 0, err
-    skipped = "skipped OOD set notmnist: dataset 'notmnist' (split 'test') not found."
+    skipped = ("skipped OOD set notmnist: dataset 'notmnist' (split 'test') not found. How to get it: no automatic "
+               "download; put the idx conversion of notMNIST from https://github.com/davidflanagan/notMNIST-to-MNIST "
+               "(MIT) in <data_root>/notmnist/")
     assert skipped in out.splitlines()
     assert f"- {skipped}" in (out_dir / "digits" / "report.md").read_text().splitlines()
     board = read_board(out_dir / "digits" / "digits-net" / "leaderboard.csv")
