@@ -85,22 +85,27 @@ def forward_rows(backbone: Backbone, images: np.ndarray, layers: tuple[str, ...]
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
-def _save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _save_chunk(path: Path, arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> None:
+    """Save ``arrays`` atomically as an npz whose keys are positions in ``names`` (any layer name is safe)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as handle:
-        np.savez(handle, **{name.replace("/", "__"): array for name, array in arrays.items()})
+        np.savez(handle, **{f"a{i}": arrays[name] for i, name in enumerate(names)})
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def _load_chunk(path: Path) -> dict[str, np.ndarray] | None:
-    """A saved chunk, or None when it is unreadable (it is then recomputed)."""
+def _load_chunk(path: Path, names: tuple[str, ...], rows: int) -> dict[str, np.ndarray] | None:
+    """A saved chunk holding exactly ``names`` with ``rows`` rows each, or None (it is then recomputed):
+    unreadable, incomplete, or left by a run with another chunk size under the same file name."""
     try:
         with np.load(path) as data:
-            return {name.replace("__", "/"): data[name] for name in data.files}
+            if sorted(data.files) != sorted(f"a{i}" for i in range(len(names))):
+                return None
+            chunk = {name: data[f"a{i}"] for i, name in enumerate(names)}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):
         return None
+    return chunk if all(len(array) == rows for array in chunk.values()) else None
 
 
 def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers: tuple[str, ...] = (),
@@ -119,6 +124,7 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
     if activations_dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"activations_dtype must be one of {ACTIVATION_DTYPES}, got {activations_dtype!r}")
     layers = tuple(layers)
+    torch_device = resolve_device(device)
     data_key = entry_data_key(backbone, images, layers, activations_dtype)
     path = store.entry_path(backbone.key, images.name, images.split, data_key)
     store.ensure_head(backbone)
@@ -134,21 +140,21 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
             return cached
         partial = path.with_name(path.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
-        torch_device = resolve_device(device)
         rows_per_chunk = batch_size * chunk_batches
         starts = range(0, len(images), rows_per_chunk)
         chunks = []
         bar = tqdm(total=len(images), desc=f"extract {backbone.name} {images.name}/{images.split}",
                    unit="img", disable=None if progress else True, leave=False)
+        names = ("logits", "features", *layers)
         for index, start in enumerate(starts):
-            chunk_path = partial / f"chunk-{index:06d}-of-{len(starts):06d}-bs{batch_size}.npz"
-            chunk = _load_chunk(chunk_path) if chunk_path.exists() else None
+            chunk_path = partial / f"chunk-{index:06d}-of-{len(starts):06d}-rows{rows_per_chunk}-bs{batch_size}.npz"
+            rows = min(rows_per_chunk, len(images) - start)
+            chunk = _load_chunk(chunk_path, names, rows) if chunk_path.exists() else None
             if chunk is None:
-                chunk = forward_rows(backbone, images.images[start:start + rows_per_chunk], layers,
-                                     batch_size, torch_device)
-                _save_chunk(chunk_path, chunk)
+                chunk = forward_rows(backbone, images.images[start:start + rows], layers, batch_size, torch_device)
+                _save_chunk(chunk_path, chunk, names)
             chunks.append(chunk)
-            bar.update(min(rows_per_chunk, len(images) - start))
+            bar.update(rows)
         bar.close()
         arrays = {"logits": np.concatenate([c["logits"] for c in chunks]).astype(np.float32),
                   "features": np.concatenate([c["features"] for c in chunks]).astype(np.float32),

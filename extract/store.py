@@ -54,16 +54,25 @@ def content_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def metadata_digest(version, meta_text: str, array_digests: dict[str, str]) -> str:
+    """sha256 over what a file says about itself: format version, meta JSON, array names and digests."""
+    return hashlib.sha256(json.dumps([int(version), meta_text, array_digests], sort_keys=True).encode()).hexdigest()
+
+
 def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     """Write ``arrays`` (names may contain '/') and ``meta`` to ``path`` atomically.
 
     Arrays are chunked along the first axis with fletcher32 checksums (gzip for activations,
-    which are sparse after ReLU) and carry their sha256 in the ``sha256`` attribute.
+    which are sparse after ReLU) and carry their sha256 in the ``sha256`` attribute. The file's
+    ``checksum`` attribute covers the format version, the meta JSON and every array's name and
+    sha256; HDF5's own metadata is checksummed too (file format v110).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    meta_text = json.dumps(meta, sort_keys=True)
+    digests = {}
     try:
-        with h5py.File(tmp, "w") as h5:
+        with h5py.File(tmp, "w", libver=("v110", "latest")) as h5:
             for name, array in arrays.items():
                 array = np.ascontiguousarray(array)
                 options = {}
@@ -74,9 +83,10 @@ def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Pa
                     if name.startswith("activations/"):
                         options.update(compression="gzip", compression_opts=1, shuffle=True)
                 dataset = h5.create_dataset(name, data=array, **options)
-                dataset.attrs["sha256"] = array_digest(array)
+                dataset.attrs["sha256"] = digests[name] = array_digest(array)
             h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["meta"] = json.dumps(meta, sort_keys=True)
+            h5.attrs["meta"] = meta_text
+            h5.attrs["checksum"] = metadata_digest(FORMAT_VERSION, meta_text, digests)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -85,31 +95,49 @@ def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Pa
     return path
 
 
-def read_meta(path: Path) -> dict:
-    """Open ``path`` and return its metadata, raising ``CacheCorrupt`` for anything unreadable."""
+def read_header(path: Path) -> tuple[dict, dict[str, str]]:
+    """Open ``path`` and return (metadata, {array name: sha256}), raising ``CacheCorrupt`` for anything
+    unreadable or inconsistent with the file's ``checksum`` (a changed meta value, array list or digest)."""
     try:
         with h5py.File(path, "r") as h5:
             version = h5.attrs.get("format_version")
-            meta = json.loads(h5.attrs["meta"])
-    except (OSError, KeyError, ValueError) as err:
+            meta_text = h5.attrs["meta"]
+            checksum = h5.attrs["checksum"]
+            digests = {}
+            h5.visititems(lambda name, obj: digests.__setitem__(name, obj.attrs["sha256"])
+                          if isinstance(obj, h5py.Dataset) else None)
+            meta = json.loads(meta_text)
+            if not isinstance(meta, dict):
+                raise ValueError(f"metadata is a {type(meta).__name__}, not a mapping")
+    except Exception as err:  # damaged HDF5 metadata surfaces as OSError, KeyError, RuntimeError, TypeError...
         raise CacheCorrupt(f"cache file {path} is unreadable ({err}); remove it with `oodbench cache rm`"
                            " or re-run to recompute it") from err
-    if version != FORMAT_VERSION:
+    if not (np.ndim(version) == 0 and version == FORMAT_VERSION):
         raise CacheCorrupt(f"cache file {path} has format version {version}, this harness writes "
                            f"{FORMAT_VERSION}; re-run to recompute it")
-    return meta
+    if metadata_digest(version, meta_text, digests) != checksum:
+        raise CacheCorrupt(f"cache file {path}: its metadata does not match its checksum (bit rot or "
+                           "tampering); it will not be used")
+    return meta, digests
+
+
+def read_meta(path: Path) -> dict:
+    """The metadata of a sound cache file (``CacheCorrupt`` otherwise)."""
+    return read_header(path)[0]
 
 
 def read_verified(path: Path, name: str) -> np.ndarray:
     """Read one array and check it against its stored sha256."""
     try:
         with h5py.File(path, "r") as h5:
+            if name not in h5:
+                raise CacheMissing(f"{path} has no array {name!r}")
             dataset = h5[name]
             array = dataset[()]
             expected = dataset.attrs["sha256"]
-    except KeyError as err:
-        raise CacheMissing(f"{path} has no array {name!r}") from err
-    except (OSError, ValueError) as err:
+    except CacheMissing:
+        raise
+    except Exception as err:  # damaged HDF5 metadata surfaces as OSError, KeyError, RuntimeError, TypeError...
         raise CacheCorrupt(f"cache file {path}: array {name!r} is unreadable ({err})") from err
     if array_digest(array) != expected:
         raise CacheCorrupt(f"cache file {path}: array {name!r} does not match its checksum (bit rot or "
@@ -118,16 +146,13 @@ def read_verified(path: Path, name: str) -> np.ndarray:
 
 
 def verify_file(path: Path) -> list[str]:
-    """Every problem found in one cache file (empty when it is sound): format, then each array."""
+    """Every problem found in one cache file (empty when it is sound): header, then each array."""
     try:
-        read_meta(path)
-        with h5py.File(path, "r") as h5:
-            names = []
-            h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-    except (CacheCorrupt, OSError) as err:
+        _, digests = read_header(path)
+    except CacheCorrupt as err:
         return [str(err)]
     problems = []
-    for name in names:
+    for name in digests:
         try:
             read_verified(path, name)
         except (CacheCorrupt, CacheMissing) as err:
@@ -229,7 +254,10 @@ class FeatureStore:
         problems = verify_file(path)
         if problems:
             quarantine = path.with_name(path.name + ".corrupt")
-            os.replace(path, quarantine)
+            try:
+                os.replace(path, quarantine)
+            except FileNotFoundError:  # another process moved it aside (or removed it) meanwhile
+                return None
             raise CacheCorrupt(f"{path} failed verification and was moved to {quarantine.name}: "
                                + "; ".join(problems))
         return CachedSplit(path)
