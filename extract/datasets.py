@@ -17,6 +17,7 @@ Where the data comes from:
 Nothing is cached: each call reads or generates fresh arrays, which the caller owns.
 """
 import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -384,59 +387,68 @@ def load_textures(split, data_root, download, *, n, size, seed):
 
 # ---------------------------------------------------------------- scikit-learn's bundled data
 
-def _resize_bilinear(image, size):
-    """Resize a 2-D image to size x size (float32) with PIL's BILINEAR filter.
+def _sklearn_bundled(relative: str) -> Path:
+    """A data file shipped inside scikit-learn, located without importing it (the import takes ~1 s)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / relative if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise DatasetUnavailable(f"scikit-learn's bundled file {relative} was not found; install scikit-learn")
+    return path
 
-    Upscaling equals torch's ``interpolate(mode="bilinear", align_corners=False)`` to float
-    rounding; downscaling is antialiased (the filter widens with the scale factor).
-    """
-    image = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
-    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))
+
+def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's ``datasets/data/digits.csv.gz`` as ``load_digits`` reads it: 1,797 rows of 64
+    pixel values (0..16) and the label. Returns float64 images (1797,8,8) and int64 labels."""
+    data = np.loadtxt(_sklearn_bundled("datasets/data/digits.csv.gz"), delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
 @register_dataset("digits28", ("test",), "scikit-learn's 1,797 8x8 digits upscaled to 28x28")
 def load_digits28(split, data_root, download):
-    """scikit-learn's bundled ``load_digits`` (all 1,797), values 0..16 scaled to [0,1], upscaled
-    8x8 -> 28x28 with PIL BILINEAR. float32 (1797,28,28); labels are the digits."""
-    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import and few sets need it
-
-    bunch = load_digits()
-    images = np.stack([_resize_bilinear(image / 16.0, 28) for image in bunch.images])
-    images = np.clip(images, 0.0, 1.0)
-    return ImageSet(
-        "digits28", split, images, bunch.target.astype(np.int64),
-        source="sklearn.datasets.load_digits (8x8, /16), upscaled to 28x28 with PIL BILINEAR",
-        classes=DIGIT_CLASSES,
-    )
+    """scikit-learn's bundled digits (all 1,797; ``bundled_digits``), values 0..16 scaled to [0,1],
+    upscaled 8x8 -> 28x28 bilinearly (torch ``interpolate``, align_corners=False). float32
+    (1797,28,28); labels are the digits."""
+    digits, labels = bundled_digits()
+    small = torch.from_numpy((digits / 16.0).astype(np.float32))[:, None]
+    images = F.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1).numpy()
+    return ImageSet("digits28", split, images, labels,
+                    source="scikit-learn's digits.csv.gz (8x8, /16), upscaled to 28x28 bilinearly",
+                    classes=DIGIT_CLASSES)
 
 
 @register_dataset("photo-patches", ("test",), "Seeded grayscale patches of scikit-learn's two sample photos",
                   n=10000, size=28, seed=0)
 def load_photo_patches(split, data_root, download, *, n, size, seed):
-    """Patches of scikit-learn's bundled ``load_sample_images`` (china.jpg, flower.jpg).
+    """Patches of scikit-learn's bundled sample photographs ``datasets/images/{china,flower}.jpg``
+    (what ``load_sample_images`` returns), read with Pillow.
 
     Photos are converted to grayscale with ITU-R 601 luma (0.299R+0.587G+0.114B).
     Patch i comes from photo i % 2 (the label): a square crop with side uniform in
     [size, 4*size] (clipped to the photo) at a uniformly random position, drawn with
-    numpy default_rng(seed), resized to size x size with PIL BILINEAR. float32 in [0,1].
+    numpy default_rng(seed), resized to size x size bilinearly with antialiasing (torch
+    ``interpolate``, one call per crop side). float32 in [0,1].
     """
     _check_positive(n=n, size=size)
-    from sklearn.datasets import load_sample_images
-
-    photos = [(image.astype(np.float32) @ ITU_R_601_LUMA) / 255.0 for image in load_sample_images().images]
+    photos = []
+    for name in PHOTO_NAMES:
+        with Image.open(_sklearn_bundled(f"datasets/images/{name}.jpg")) as image:
+            photos.append((np.asarray(image.convert("RGB"), dtype=np.float32) @ ITU_R_601_LUMA) / 255.0)
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % len(photos)
     sides = rng.integers(size, 4 * size, size=n, endpoint=True)
     u = rng.random((n, 2))
     images = np.empty((n, size, size), dtype=np.float32)
-    for i, (label, side) in enumerate(zip(labels, sides)):
-        photo = photos[label]
-        side = min(side, *photo.shape)
-        (row,), (col,) = _crop_origins(u[i:i + 1], *photo.shape, side)
-        images[i] = _resize_bilinear(photo[row:row + side, col:col + side], size)
+    for label, photo in enumerate(photos):
+        sides_here = np.minimum(sides, min(photo.shape))
+        for side in np.unique(sides_here[labels == label]):
+            index = np.flatnonzero((labels == label) & (sides_here == side))
+            rows, cols = _crop_origins(u[index], *photo.shape, side)
+            crops = torch.from_numpy(np.ascontiguousarray(sliding_window_view(photo, (side, side))[rows, cols]))
+            images[index] = F.interpolate(crops[:, None], size=(size, size), mode="bilinear", align_corners=False,
+                                          antialias=True)[:, 0].numpy()
     np.clip(images, 0.0, 1.0, out=images)
-    source = (f"sklearn.datasets.load_sample_images (china, flower) luma; crops of side U[{size},{4 * size}] "
-              f"at default_rng({seed}) positions, PIL BILINEAR to {size}x{size}")
+    source = (f"scikit-learn's china.jpg/flower.jpg luma; crops of side U[{size},{4 * size}] at default_rng({seed}) "
+              f"positions, bilinear (antialiased) to {size}x{size}")
     return ImageSet("photo-patches", split, images, labels, source=source, classes=PHOTO_NAMES)
 
 
@@ -449,11 +461,9 @@ def load_digits_benchmark(split, data_root, download, *, test_fraction, seed):
     random_state=seed)``; ood: every sample of classes 6-9 (labels kept as their digit).
     Samples keep their order in ``load_digits``.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # imported here: scikit-learn is slow to import
 
-    bunch = load_digits()
-    labels = bunch.target.astype(np.int64)
+    digits, labels = bundled_digits()
     if split == "ood":
         index = np.flatnonzero(labels >= 6)
         classes = DIGIT_CLASSES
@@ -464,7 +474,7 @@ def load_digits_benchmark(split, data_root, download, *, test_fraction, seed):
         )
         index = np.sort(train if split == "train" else test)
         classes = DIGIT_CLASSES[:6]
-    images = (bunch.images[index] / 16.0).astype(np.float32)
+    images = (digits[index] / 16.0).astype(np.float32)
     source = (f"sklearn.datasets.load_digits /16; classes 0-5 split stratified with test_fraction={test_fraction}, "
               f"seed={seed}; ood = classes 6-9")
     return ImageSet("digits", split, images, labels[index], source=source, classes=classes)
@@ -481,8 +491,8 @@ def load_gaussian(split, data_root, download, *, n, size, seed):
     """Gaussian noise: clip(N(mean 0.5, std 0.5), 0, 1) from numpy default_rng(seed). float32 (n,size,size)."""
     _check_positive(n=n, size=size)
     rng = np.random.default_rng(seed)
-    images = np.clip(rng.normal(0.5, 0.5, size=(n, size, size)), 0.0, 1.0).astype(np.float32)
-    source = f"default_rng({seed}).normal(0.5, 0.5) clipped to [0,1], n={n}, size={size}"
+    images = np.clip(0.5 + 0.5 * rng.standard_normal((n, size, size), dtype=np.float32), 0.0, 1.0)
+    source = f"0.5 + 0.5 * default_rng({seed}).standard_normal (float32) clipped to [0,1], n={n}, size={size}"
     return _unlabelled("gaussian", split, images, source)
 
 
@@ -491,8 +501,8 @@ def load_bernoulli(split, data_root, download, *, n, size, seed):
     """Bernoulli noise: each pixel 1 with probability 0.5, from numpy default_rng(seed). float32 (n,size,size)."""
     _check_positive(n=n, size=size)
     rng = np.random.default_rng(seed)
-    images = rng.binomial(1, 0.5, size=(n, size, size)).astype(np.float32)
-    return _unlabelled("bernoulli", split, images, f"default_rng({seed}).binomial(1, 0.5), n={n}, size={size}")
+    images = (rng.random((n, size, size), dtype=np.float32) < 0.5).astype(np.float32)
+    return _unlabelled("bernoulli", split, images, f"default_rng({seed}).random (float32) < 0.5, n={n}, size={size}")
 
 
 @register_dataset("blobs", ("test",), "Blurred Bernoulli(0.7) noise, zeroed below 0.75", n=10000, size=28, seed=0)
@@ -504,8 +514,9 @@ def load_blobs(split, data_root, download, *, n, size, seed):
     """
     _check_positive(n=n, size=size)
     rng = np.random.default_rng(seed)
-    noise = rng.binomial(1, 0.7, size=(n, size, size)).astype(np.float32)
+    noise = (rng.random((n, size, size), dtype=np.float32) < 0.7).astype(np.float32)
     images = gaussian_filter(noise, sigma=(0.0, 1.5, 1.5), mode="nearest")
     images[images < 0.75] = 0.0
-    source = f"default_rng({seed}) Bernoulli(0.7), blurred with sigma 1.5, zeroed below 0.75; n={n}, size={size}"
+    source = (f"default_rng({seed}).random (float32) < 0.7, blurred with sigma 1.5, zeroed below 0.75; n={n}, "
+              f"size={size}")
     return _unlabelled("blobs", split, images, source)

@@ -402,7 +402,7 @@ def test_blobs_follow_the_outlier_exposure_recipe():
 
     images = load_dataset("blobs", n=2000).images
     # Independent reference: the OE recipe written out for the same seeded noise.
-    noise = np.random.default_rng(0).binomial(1, 0.7, size=(2000, 28, 28)).astype(np.float32)
+    noise = (np.random.default_rng(0).random((2000, 28, 28), dtype=np.float32) < 0.7).astype(np.float32)
     expected = np.stack([gaussian_filter(image, sigma=1.5, mode="nearest") for image in noise])
     expected[expected < 0.75] = 0.0
     np.testing.assert_allclose(images, expected, atol=1e-6)
@@ -467,6 +467,41 @@ def test_photo_patches(size):
     assert a.fingerprint() == load_dataset("photo-patches", n=200, size=size).fingerprint()
     assert a.fingerprint() != load_dataset("photo-patches", n=200, size=size, seed=1).fingerprint()
     assert a.images.std(axis=(1, 2)).mean() > 0.01  # real image content, not constant
+
+
+def test_bundled_files_read_as_scikit_learn_reads_them():
+    """The loaders read scikit-learn's bundled files directly (no slow import); same arrays as its API."""
+    from extract.datasets import PHOTO_NAMES, _sklearn_bundled, bundled_digits
+    from PIL import Image
+
+    images, labels = bundled_digits()
+    reference = load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(labels, reference.target)
+    for name, photo in zip(PHOTO_NAMES, load_sample_images().images):
+        with Image.open(_sklearn_bundled(f"datasets/images/{name}.jpg")) as image:
+            np.testing.assert_array_equal(np.asarray(image.convert("RGB")), photo)
+
+
+def test_photo_patches_are_antialiased_bilinear_resizes_of_crops():
+    """Grouping crops by side and resizing each group at once equals resizing every crop alone."""
+    torch = pytest.importorskip("torch")
+    size, seed, n = 8, 3, 40
+    patches = load_dataset("photo-patches", n=n, size=size, seed=seed).images
+    photos = [(p.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255
+              for p in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    sides = rng.integers(size, 4 * size, size=n, endpoint=True)
+    u = rng.random((n, 2))
+    for i in range(n):
+        photo = photos[i % 2]
+        side = min(sides[i], *photo.shape)
+        row = int(u[i, 0] * (photo.shape[0] - side + 1))
+        col = int(u[i, 1] * (photo.shape[1] - side + 1))
+        crop = torch.from_numpy(np.ascontiguousarray(photo[row:row + side, col:col + side]))[None, None]
+        expected = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                                   antialias=True)[0, 0].clamp(0, 1).numpy()
+        np.testing.assert_allclose(patches[i], expected, atol=1e-6)
 
 
 def test_photo_patches_grayscale_is_luma():
