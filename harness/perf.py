@@ -22,20 +22,27 @@ import numpy as np
 import torch
 
 from extract.backbones import get_backbone_spec, registered_backbone
-from extract.datasets import DatasetUnavailable, load_dataset
+from extract.datasets import DatasetUnavailable, ImageSet, load_dataset
 from extract.extraction import extract, resolve_device
 from extract.store import CachedSplit, FeatureStore
 from methods import make_method
 
 
-def best_of(repeats: int, function) -> float:
-    """Smallest wall time of ``repeats`` calls (the least disturbed by other work on the machine)."""
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def interleaved_best(repeats: int, **functions) -> dict[str, float]:
+    """Smallest wall time of each function over ``repeats`` rounds, after one warm-up call each.
+
+    Calls alternate between the functions within a round, so slow phases of a noisy machine
+    hit all of them alike; the minimum is the run least disturbed by other work.
+    """
+    for function in functions.values():
         function()
-        times.append(time.perf_counter() - started)
-    return min(times)
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - started)
+    return {name: min(values) for name, values in times.items()}
 
 
 def measure(n: int, batch_size: int, device: str, repeats: int) -> dict:
@@ -46,7 +53,7 @@ def measure(n: int, batch_size: int, device: str, repeats: int) -> dict:
         images = load_dataset("fashion-mnist", "test")
     except DatasetUnavailable:
         images = load_dataset("gaussian", n=n)
-    images.images, images.labels = images.images[:n], images.labels[:n]
+    images = ImageSet(images.name, images.split, images.images[:n], images.labels[:n], images.source)
     torch_device = resolve_device(device)
     model = backbone.model.to(torch_device).eval()
 
@@ -59,14 +66,7 @@ def measure(n: int, batch_size: int, device: str, repeats: int) -> dict:
         with tempfile.TemporaryDirectory() as root:
             extract(backbone, images, FeatureStore(root), batch_size=batch_size, device=device, progress=False)
 
-    bare = best_of(repeats, bare_forward)
-    extracted = best_of(repeats, extraction)
-
     energy = make_method("energy")
-    with tempfile.TemporaryDirectory() as root:
-        path = extract(backbone, images, FeatureStore(root), batch_size=batch_size, device=device,
-                       progress=False).path
-        from_cache = best_of(repeats, lambda: energy.score(CachedSplit(path)))
 
     @torch.no_grad()
     def reinference():
@@ -74,7 +74,12 @@ def measure(n: int, batch_size: int, device: str, repeats: int) -> dict:
                   for s in range(0, len(images), batch_size)]
         energy.score(type("Split", (), {"logits": np.concatenate(logits)})())
 
-    rerun = best_of(repeats, reinference)
+    with tempfile.TemporaryDirectory() as root:
+        path = extract(backbone, images, FeatureStore(root), batch_size=batch_size, device=device,
+                       progress=False).path
+        best = interleaved_best(repeats, bare=bare_forward, extraction=extraction, rerun=reinference,
+                                cache=lambda: energy.score(CachedSplit(path)))
+    bare, extracted, rerun, from_cache = best["bare"], best["extraction"], best["rerun"], best["cache"]
     return {
         "images": len(images), "dataset": images.name, "batch_size": batch_size, "device": str(torch_device),
         "threads": torch.get_num_threads(),
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=10000, help="number of images (default 10000)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("out/perf.json"))
     args = parser.parse_args(argv)
     result = measure(args.n, args.batch_size, args.device, args.repeats)
