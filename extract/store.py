@@ -271,23 +271,20 @@ class FeatureStore:
         return sorted(p for pattern in patterns for p in self.root.rglob(pattern) if not p.name.startswith("."))
 
     def listing(self) -> list[dict]:
-        """One row per cache file for ``cache ls``: kind, backbone, dataset/split, rows, size."""
+        """One row per cache file for ``cache ls``: path, size, kind and what it holds."""
         rows = []
         for path in self.files():
             row = {"path": str(path.relative_to(self.root)), "bytes": path.stat().st_size}
-            if path.suffix != ".h5":
-                kind = "weights" if path.suffix == ".pt" else "CORRUPT"
-                rows.append({**row, "kind": kind, "what": "moved aside, never read" if kind == "CORRUPT" else ""})
-                continue
-            try:
-                meta = read_meta(path)
-            except CacheCorrupt:
-                rows.append({**row, "kind": "CORRUPT"})
-                continue
-            rows.append({**row, "kind": meta.get("kind", "?"),
-                         "backbone": meta.get("backbone", {}).get("name", "")
-                         if isinstance(meta.get("backbone"), dict) else meta.get("backbone_name", ""),
-                         "what": meta.get("what", ""), "rows": meta.get("n", "")})
+            if path.suffix == ".pt":
+                rows.append({**row, "kind": "weights", "what": ""})
+            elif path.suffix == ".corrupt":
+                rows.append({**row, "kind": "CORRUPT", "what": "moved aside, never read"})
+            else:
+                try:
+                    meta = read_meta(path)
+                    rows.append({**row, "kind": meta.get("kind", "?"), "what": meta.get("what", "")})
+                except CacheCorrupt:
+                    rows.append({**row, "kind": "CORRUPT", "what": "fails verification"})
         return rows
 
     def remove(self, paths: list[Path]) -> None:

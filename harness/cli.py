@@ -127,7 +127,7 @@ def cmd_extract(args) -> int:
             backbone = run.backbone(config, seed)
             for label, entry in run.entries(backbone).items():
                 print(f"{config.name} seed {seed} {label}: {entry.path}")
-            run.summary.lines.append(run._backbone_line(backbone, seed))
+            run.summary.lines.append(run.backbone_line(backbone, seed))
     _print_summary(run, started)
     return 0
 
@@ -160,7 +160,7 @@ def cmd_cache(args) -> int:
         print(f"cache {store.root}: {len(shown)} files")
         for row in rows:
             if row["path"] in shown:
-                print(f"{row['kind']:9} {row['bytes'] / 1e6:9.2f} MB  {row.get('what', '') or '':28} {row['path']}")
+                print(f"{row['kind']:9} {row['bytes'] / 1e6:9.2f} MB  {row['what']:28} {row['path']}")
         return 0
     if args.action == "verify":
         bad = 0

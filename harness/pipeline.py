@@ -241,12 +241,12 @@ class BenchmarkRun:
                     path = self.out_dir(config.name) / "score_histograms.png"
                     self.summary.outputs.append(plot_score_histograms(
                         histograms, path, title=f"{self.benchmark.name} / {config.name} (seed {seed})"))
-                self.summary.lines.append(self._backbone_line(backbone, seed))
+                self.summary.lines.append(self.backbone_line(backbone, seed))
         frame = pd.DataFrame(rows)
         frame.attrs["convention"] = self.benchmark.convention
         return frame
 
-    def _backbone_line(self, backbone: Backbone, seed: int) -> str:
+    def backbone_line(self, backbone: Backbone, seed: int) -> str:
         acc = backbone.info.get("test_acc_after_training")
         trained = f", trained {backbone.info['trained_epochs']} epochs, ID test acc {acc:.2%}" if acc else ""
         return f"backbone {backbone.name} seed {seed}: entry {backbone.key}{trained}"

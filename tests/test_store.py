@@ -381,13 +381,12 @@ def test_files_and_listing(tmp_path):
     rows = {row["path"]: row for row in store.listing()}
     assert set(rows) == {"bk/head.h5", "bk/digits.test.dk.h5", "bk/scores/msp.sk.h5", "bk/digits.ood.dk.h5",
                          "bk/old.h5.corrupt", "weights/digits-net.abc.pt"}
-    assert rows["bk/head.h5"]["kind"] == "head" and rows["bk/head.h5"]["backbone"] == "tiny"
+    assert rows["bk/head.h5"]["kind"] == "head"
     assert rows["bk/digits.test.dk.h5"] == {"path": "bk/digits.test.dk.h5", "bytes": entry.stat().st_size,
-                                            "kind": "features", "backbone": "tiny", "what": "digits/test",
-                                            "rows": N}
-    assert rows["bk/scores/msp.sk.h5"]["backbone"] == "tiny" and rows["bk/scores/msp.sk.h5"]["rows"] == 5
+                                            "kind": "features", "what": "digits/test"}
+    assert rows["bk/scores/msp.sk.h5"]["kind"] == "scores"
     assert rows["bk/digits.ood.dk.h5"] == {"path": "bk/digits.ood.dk.h5", "bytes": len(b"not an hdf5 file at all"),
-                                           "kind": "CORRUPT"}
+                                           "kind": "CORRUPT", "what": "fails verification"}
     assert rows["bk/old.h5.corrupt"]["kind"] == "CORRUPT" and rows["bk/old.h5.corrupt"]["bytes"] == 3
     assert rows["weights/digits-net.abc.pt"]["kind"] == "weights"
     assert rows["weights/digits-net.abc.pt"]["bytes"] == 7
