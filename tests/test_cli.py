@@ -22,9 +22,11 @@ from scipy.special import logsumexp
 
 from harness.cli import main
 from tests.conftest import oodbench
+from methods import METHODS as REGISTERED_METHODS
 from harness.config import BENCHMARK_DIR
 
-METHODS = ("energy", "maxlogit", "msp")
+METHODS = tuple(sorted(REGISTERED_METHODS))  # the digits benchmark runs every registered method
+H5_FILES = 1 + 5 + 4 * len(METHODS)  # head, 5 entries, every method's scores on the 4 evaluated sets
 OOD_SETS = ("digits-6to9", "photo-patches", "gaussian")
 EXTRACT_FIRST = "run `oodbench extract digits` first"
 
@@ -159,7 +161,7 @@ def test_unknown_method_lists_registered_methods(tmp_path, capsys):
     code, _, err = oodbench(capsys, "score", "digits", "--method", "nope", "--cache-dir", tmp_path / "cache",
                             "--quiet")
     assert code == 2
-    assert err == "error: unknown method 'nope'; registered methods: energy, maxlogit, msp\n"
+    assert err == f"error: unknown method 'nope'; registered methods: {', '.join(METHODS)}\n"
 
 
 def test_unknown_method_parameter_names_valid_parameters(tmp_path, capsys):
@@ -181,7 +183,7 @@ def test_unknown_run_method_is_rejected_before_any_work(tmp_path, capsys, forwar
     code, _, err = oodbench(capsys, "run", "digits", "--methods", "msp,nope", "--cache-dir", tmp_path / "cache",
                             "--out", tmp_path / "out", "--quiet")
     assert code == 2
-    assert "unknown method 'nope'; registered methods: energy, maxlogit, msp" in err
+    assert f"unknown method 'nope'; registered methods: {', '.join(METHODS)}" in err
     assert forwards == []
     assert not (tmp_path / "cache").exists()
 
@@ -232,16 +234,16 @@ def test_leaderboard_with_missing_scores_names_the_score_command(cache_copy, tmp
 
 def test_cache_ls_lists_every_file(cache_copy, capsys):
     h5_files = sorted(str(p.relative_to(cache_copy)) for p in cache_copy.rglob("*.h5"))
-    assert len(h5_files) == 1 + 5 + 3 * 4  # head, 5 entries, 3 methods x 4 evaluated sets
+    assert len(h5_files) == H5_FILES  # head, 5 entries, every method x 4 evaluated sets
     weights = sorted(str(p.relative_to(cache_copy)) for p in cache_copy.glob("weights/*.pt"))
     assert len(weights) == 1  # the trained digits-net
     code, out, _ = oodbench(capsys, "cache", "ls", "--cache-dir", cache_copy)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0] == f"cache {cache_copy}: 19 files"
+    assert lines[0] == f"cache {cache_copy}: {H5_FILES + 1} files"
     assert sorted(line.split()[-1] for line in lines[1:]) == sorted(h5_files + weights)
     kinds = [line.split()[0] for line in lines[1:]]
-    assert kinds.count("features") == 5 and kinds.count("head") == 1 and kinds.count("scores") == 12
+    assert kinds.count("features") == 5 and kinds.count("head") == 1 and kinds.count("scores") == 4 * len(METHODS)
     assert kinds.count("weights") == 1
     code, out, _ = oodbench(capsys, "cache", "ls", "*/scores/energy.*", "--cache-dir", cache_copy)
     assert code == 0
@@ -251,7 +253,7 @@ def test_cache_ls_lists_every_file(cache_copy, capsys):
 def test_cache_verify_detects_a_flipped_byte(cache_copy, capsys):
     code, out, _ = oodbench(capsys, "cache", "verify", "--cache-dir", cache_copy)
     assert code == 0
-    assert out.strip().endswith("18 ok, 0 corrupt")
+    assert out.strip().endswith(f"{H5_FILES} ok, 0 corrupt")
     assert "CORRUPT" not in out
     entry = only(cache_copy.rglob("digits.test.*.h5"))
     flip_byte_in_logits(entry)
@@ -261,7 +263,7 @@ def test_cache_verify_detects_a_flipped_byte(cache_copy, capsys):
     assert len(corrupt) == 1
     assert corrupt[0].startswith(f"CORRUPT {entry}: ")
     assert "'logits'" in corrupt[0]
-    assert out.strip().endswith("17 ok, 1 corrupt")
+    assert out.strip().endswith(f"{H5_FILES - 1} ok, 1 corrupt")
 
 
 def test_run_moves_a_corrupt_entry_aside_and_recomputes_it(warm, cache_copy, tmp_path, capsys, forwards):
@@ -300,7 +302,7 @@ def test_cache_rm(cache_copy, capsys):
     assert "cache rm needs at least one pattern" in err
     code, out, _ = oodbench(capsys, "cache", "rm", "*", "--cache-dir", cache_copy)
     assert code == 0
-    assert out.strip() == f"removed 19 files from {cache_copy}"
+    assert out.strip() == f"removed {H5_FILES + 1} files from {cache_copy}"
     code, out, _ = oodbench(capsys, "cache", "ls", "--cache-dir", cache_copy)
     assert code == 0
     assert out.strip() == f"cache {cache_copy}: 0 files"
@@ -312,7 +314,7 @@ def test_cache_dir_from_environment(cache_copy, monkeypatch, capsys):
     monkeypatch.setenv("OODBENCH_CACHE_DIR", str(cache_copy))
     code, out, _ = oodbench(capsys, "cache", "ls")
     assert code == 0
-    assert out.splitlines()[0] == f"cache {cache_copy}: 19 files"
+    assert out.splitlines()[0] == f"cache {cache_copy}: {H5_FILES + 1} files"
 
 
 # ---------------------------------------------------------------- list
@@ -366,7 +368,7 @@ def _unknown_backbone_arch(config):
     (_unknown_key, ["missing keys [], unknown keys ['bogus']; allowed: ['backbones', 'convention', 'description', "
                     "'extraction', 'id', 'methods', 'name', 'ood', 'seeds']"]),
     (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits", "gaussian, kmnist"]),
-    (_unknown_method, ["methods #2: unknown method 'nope'; registered methods: energy, maxlogit, msp"]),
+    (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),
     (_unknown_method_param, ["methods #1: method 'energy' has no parameter Q; its parameters: T (default 1.0)"]),
     (_unknown_dataset_param, ["dataset 'gaussian' has no parameters ['sigma']", "'n': 10000"]),
     (_unknown_backbone_arch, ["backbones #1: unknown backbone architecture 'resnet-nope'; registered: cnn28, "

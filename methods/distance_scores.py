@@ -1,0 +1,379 @@
+"""Scores fit on the ID training features: Mahalanobis, KNN, ViM, Residual and KL-matching.
+
+Each method learns its statistics from the fit split (ID train, true labels) in ``fit`` and scores
+every sample independently in ``score`` (higher = more in-distribution). All math is float64 and
+lives in the pure functions below; the registered classes only validate inputs and store state.
+Exact search everywhere (no faiss): KNN is brute force over the whole bank in bounded row blocks.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp, softmax
+
+from methods.base import Method, finite_logits, register
+
+NORM_EPS = 1e-10   # KNN normaliser, z = v / (||v|| + 1e-10) (spec 1.11)
+KL_EPS = 1e-12     # added to KL-matching templates (spec 1.13)
+MATMUL_ROWS = 256  # fixed row-block shape of every matrix product (batch invariance, see rowwise_matmul)
+KNN_BLOCK_ELEMENTS = 1 << 24  # distance-matrix entries per KNN block (128 MiB of float64)
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _name(split) -> str:
+    return getattr(split, "name", "split")
+
+
+def _features(split) -> np.ndarray:
+    """The split's penultimate features as a finite float64 (N, D) array."""
+    features = np.asarray(split.features, dtype=np.float64)
+    if features.ndim != 2:
+        raise ValueError(f"{_name(split)}: features must be 2-D (N, D), got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise ValueError(f"{_name(split)}: features contain NaN or infinite values; re-extract this split")
+    return features
+
+
+def _check_dim(method: str, split, features: np.ndarray, expected: int) -> None:
+    if features.shape[1] != expected:
+        raise ValueError(f"{method}: {_name(split)} has {features.shape[1]}-dim features but the method was fit on "
+                         f"{expected}-dim features; fit and scored splits must come from the same backbone")
+
+
+def rowwise_matmul(a: np.ndarray, b: np.ndarray, rows: int = MATMUL_ROWS) -> np.ndarray:
+    """a @ b computed in blocks of exactly ``rows`` rows (the last one zero-padded).
+
+    BLAS picks different kernels (and so rounds differently) for different numbers of rows, e.g.
+    a single-row product; giving every call the same shape makes each output row depend on its own
+    input row only, so scores are bit-identical however the scored split is batched or shuffled.
+    """
+    out = np.empty((len(a), b.shape[1]))
+    for start in range(0, len(a), rows):
+        chunk = a[start:start + rows]
+        if len(chunk) < rows:
+            padded = np.zeros((rows, a.shape[1]))
+            padded[:len(chunk)] = chunk
+            out[start:] = (padded @ b)[:len(chunk)]
+        else:
+            out[start:start + rows] = chunk @ b
+    return out
+
+
+def _check_fitted(method: Method, *attributes: str) -> None:
+    missing = [a for a in attributes if not hasattr(method, a)]
+    if missing:
+        raise ValueError(f"{method.name}: call fit(split) on the ID fit split before score(); "
+                         f"missing fitted state {', '.join(missing)}")
+
+
+# ---------------------------------------------------------------- Mahalanobis (spec 1.5(b))
+
+def class_means_and_tied_covariance(features: np.ndarray, labels: np.ndarray,
+                                    n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class means mu_c and the tied MLE covariance of the class-centred features (Lee et al. 2018).
+
+    mu_c = mean{v_i : y_i = c};  Sigma = (1/n) sum_i (v_i - mu_{y_i})(v_i - mu_{y_i})^T.
+    Every class 0..n_classes-1 must occur in ``labels``.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != (len(features),):
+        raise ValueError(f"labels must have shape ({len(features)},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes}), got range [{labels.min()}, {labels.max()}]")
+    counts = np.bincount(labels, minlength=n_classes)
+    absent = np.flatnonzero(counts == 0)
+    if absent.size:
+        shown = ", ".join(map(str, absent[:20])) + (", ..." if absent.size > 20 else "")
+        raise ValueError(f"{absent.size} of {n_classes} classes have no fit samples (classes {shown}); "
+                         "class means need every class in the ID fit split")
+    sums = np.zeros((n_classes, features.shape[1]))
+    np.add.at(sums, labels, features)
+    means = sums / counts[:, None]
+    centred = features - means[labels]
+    covariance = centred.T @ centred / len(features)
+    return means, covariance
+
+
+def pinv_precision(covariance: np.ndarray) -> np.ndarray:
+    """Precision P = Sigma^+ (symmetric pseudo-inverse; same cutoff as scipy.linalg.pinvh: D * eps * max eig)."""
+    covariance = np.asarray(covariance, dtype=np.float64)
+    return np.linalg.pinv(covariance, rtol=covariance.shape[0] * np.finfo(np.float64).eps, hermitian=True)
+
+
+def mahalanobis_score(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Simple penultimate Mahalanobis (Lee et al. 2018; ViM benchmark, UM paper):
+
+    S = -min_c (v - mu_c)^T P (v - mu_c).
+
+    Computed exactly as squared Euclidean distances after whitening, y = v L with P = L L^T
+    (L from the eigendecomposition of P, its null space dropped), one row block at a time.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh((precision + precision.T) / 2)
+    keep = eigenvalues > np.finfo(np.float64).eps * max(eigenvalues.max(initial=0.0), 0.0)  # drop the null space
+    factor = eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
+    whitened = rowwise_matmul(features, factor)
+    centres = means @ factor
+    rank = max(factor.shape[1], 1)
+    block = max(1, (1 << 24) // (len(means) * rank))
+    scores = np.empty(len(features))
+    for start in range(0, len(features), block):
+        diff = whitened[start:start + block, None, :] - centres[None, :, :]
+        scores[start:start + block] = -np.einsum("ncr,ncr->nc", diff, diff).min(axis=1)
+    return scores
+
+
+@register
+class Mahalanobis(Method):
+    """Class-conditional Gaussian with tied covariance on the penultimate feature (spec 1.5(b),
+    "mahalanobis_penult"): no input noise, no logistic-regression ensemble."""
+
+    name = "mahalanobis"
+    reads = ("features", "labels", "logits")
+
+    def fit(self, split) -> "Mahalanobis":
+        features = _features(split)
+        n_classes = finite_logits(split).shape[1]
+        try:
+            means, covariance = class_means_and_tied_covariance(features, split.labels, n_classes)
+        except ValueError as err:
+            raise ValueError(f"mahalanobis: fit split {_name(split)}: {err}") from err
+        self.means_ = means
+        self.precision_ = pinv_precision(covariance)
+        return self
+
+    def score(self, split) -> np.ndarray:
+        _check_fitted(self, "means_", "precision_")
+        features = _features(split)
+        _check_dim(self.name, split, features, self.means_.shape[1])
+        return mahalanobis_score(features, self.means_, self.precision_)
+
+
+# ---------------------------------------------------------------- KNN (spec 1.11)
+
+def l2_normalise(features: np.ndarray) -> np.ndarray:
+    """z = v / (||v||_2 + 1e-10), row-wise (Sun et al. 2022)."""
+    return features / (np.linalg.norm(features, axis=1, keepdims=True) + NORM_EPS)
+
+
+def knn_score(query: np.ndarray, bank: np.ndarray, k: int, block: int | None = None) -> np.ndarray:
+    """Deep nearest neighbours (Sun et al. 2022): S = -||z - z_(k)||^2, the negative squared L2 distance
+    to the k-th nearest bank vector (faiss IndexFlatL2 convention, spec 21; rank-equal to -d_k).
+
+    Exact brute force: ||a||^2 + ||b||^2 - 2 a.b clipped at 0, k-th smallest by np.partition,
+    ``block`` query rows at a time so memory stays O(block * len(bank)); by default as many rows as
+    fit in 2^24 distance entries. Each block is one fixed-shape product (rowwise_matmul), so the
+    result of a row does not depend on the other rows.
+    """
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"k must be in [1, {len(bank)}] (the number of bank samples), got {k}")
+    if block is None:
+        block = max(1, KNN_BLOCK_ELEMENTS // len(bank))
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    bank_sq = np.einsum("nd,nd->n", bank, bank)
+    scores = np.empty(len(query))
+    for start in range(0, len(query), block):
+        rows = query[start:start + block]
+        dist = rowwise_matmul(rows, bank.T, block)  # in place: ||a||^2 + ||b||^2 - 2 a.b, clipped at 0
+        dist *= -2.0
+        dist += np.einsum("nd,nd->n", rows, rows)[:, None]
+        dist += bank_sq[None, :]
+        np.maximum(dist, 0.0, out=dist)
+        scores[start:start + block] = -np.partition(dist, k - 1, axis=1)[:, k - 1]
+    return scores
+
+
+def subsample_indices(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subsample without replacement of round(fraction * n) rows (all if 1)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fit_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(n)
+    size = max(1, int(round(fraction * n)))
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+@register
+class KNN(Method):
+    """k-th nearest-neighbour distance to normalised ID-train features (CIFAR default k=50;
+    ImageNet k=1000, or fit_fraction=0.01 with k=10)."""
+
+    name = "knn"
+    reads = ("features",)
+    grid = {"k": [1, 10, 20, 50, 100, 200, 500, 1000]}
+
+    def __init__(self, k: int = 50, fit_fraction: float = 1.0, seed: int = 0):
+        self.k = k
+        self.fit_fraction = fit_fraction
+        self.seed = seed
+
+    def fit(self, split) -> "KNN":
+        features = _features(split)
+        keep = subsample_indices(len(features), self.fit_fraction, self.seed)
+        if not 1 <= self.k <= len(keep):
+            raise ValueError(f"knn: k={self.k} but the bank from {_name(split)} has {len(keep)} samples "
+                             f"(fit_fraction={self.fit_fraction}); need 1 <= k <= bank size")
+        self.bank_ = l2_normalise(features[keep])
+        return self
+
+    def score(self, split) -> np.ndarray:
+        _check_fitted(self, "bank_")
+        features = _features(split)
+        _check_dim(self.name, split, features, self.bank_.shape[1])
+        return knn_score(l2_normalise(features), self.bank_, self.k)
+
+
+# ---------------------------------------------------------------- ViM and Residual (spec 1.12)
+
+def vim_origin(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """u = -W^+ b: the least-norm point with zero logits (Wang et al. 2022)."""
+    return -np.linalg.pinv(weight) @ bias
+
+
+def vim_principal_dim(n_features: int) -> int:
+    """ViM's principal dimension: D = 1000 if N >= 2048, 512 if N >= 768, else N // 2."""
+    if n_features >= 2048:
+        return 1000
+    if n_features >= 768:
+        return 512
+    return n_features // 2
+
+
+def vim_residual_basis(centred: np.ndarray, dim: int) -> np.ndarray:
+    """R (N, N - dim): eigenvectors of the uncentred covariance (1/n) sum z' z'^T beyond the top ``dim``."""
+    covariance = centred.T @ centred / len(centred)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    order = np.argsort(eigenvalues)[::-1]
+    return np.ascontiguousarray(eigenvectors[:, order[dim:]])
+
+
+def vim_residual(features: np.ndarray, origin: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """r(x) = ||R^T (v - u)||_2, the norm of the feature outside the principal subspace."""
+    return np.linalg.norm(rowwise_matmul(features - origin, basis), axis=1)
+
+
+def vim_score(logits: np.ndarray, residual: np.ndarray, alpha: float) -> np.ndarray:
+    """Virtual-logit matching (Wang et al. 2022): S = LSE_1(f) - alpha * r(x)."""
+    return logsumexp(logits, axis=1) - alpha * residual
+
+
+def _head(split, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    weight, bias = (np.asarray(a, dtype=np.float64) for a in split.head)
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ValueError(f"{_name(split)}: head must be W (C, D) and b (C,), got {weight.shape} and {bias.shape}")
+    if weight.shape[1] != n_features:
+        raise ValueError(f"{_name(split)}: head W has {weight.shape[1]} input dims but the features have "
+                         f"{n_features}")
+    return weight, bias
+
+
+@register
+class ViM(Method):
+    """Virtual-logit Matching. ``dim`` = principal dimension D (None: 1000/512/N//2 by feature size)."""
+
+    name = "vim"
+    reads = ("logits", "features", "head")
+    grid = {"dim": [None]}
+
+    def __init__(self, dim: int | None = None):
+        self.dim = dim
+
+    def _principal_dim(self, n_features: int) -> int:
+        dim = vim_principal_dim(n_features) if self.dim is None else int(self.dim)
+        if not 1 <= dim < n_features:
+            raise ValueError(f"{self.name}: principal dim must be in [1, {n_features}) for {n_features}-dim "
+                             f"features, got {dim}")
+        return dim
+
+    def _fit_subspace(self, split) -> np.ndarray:
+        """Learn u_ and R_; return the fit residuals r."""
+        features = _features(split)
+        dim = self._principal_dim(features.shape[1])
+        weight, bias = _head(split, features.shape[1])
+        self.u_ = vim_origin(weight, bias)
+        self.R_ = vim_residual_basis(features - self.u_, dim)
+        return vim_residual(features, self.u_, self.R_)
+
+    def _residual(self, split) -> np.ndarray:
+        _check_fitted(self, "u_", "R_")
+        features = _features(split)
+        _check_dim(self.name, split, features, len(self.u_))
+        return vim_residual(features, self.u_, self.R_)
+
+    def fit(self, split) -> "ViM":
+        residual = self._fit_subspace(split)
+        mean_residual = residual.mean()
+        if not mean_residual > 0:
+            raise ValueError(f"{self.name}: the fit features of {_name(split)} have no residual outside the "
+                             "principal subspace, so alpha is undefined; use a smaller dim")
+        self.alpha_ = float(finite_logits(split).max(axis=1).mean() / mean_residual)
+        return self
+
+    def score(self, split) -> np.ndarray:
+        _check_fitted(self, "alpha_")
+        residual = self._residual(split)
+        return vim_score(finite_logits(split), residual, self.alpha_)
+
+
+@register
+class Residual(ViM):
+    """ViM's residual alone: S = -r(x) = -||R^T (v - u)||."""
+
+    name = "residual"
+    reads = ("features", "head")
+
+    def fit(self, split) -> "Residual":
+        self._fit_subspace(split)
+        return self
+
+    def score(self, split) -> np.ndarray:
+        return -self._residual(split)
+
+
+# ---------------------------------------------------------------- KL-matching (spec 1.13)
+
+def kl_templates(probs: np.ndarray, predicted: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """d_k = mean softmax over fit samples predicted as class k (Hendrycks et al. 2019).
+
+    Returns (templates (K', C), classes (K',)); classes never predicted have no template.
+    """
+    counts = np.bincount(predicted, minlength=n_classes)
+    sums = np.zeros((n_classes, probs.shape[1]))
+    np.add.at(sums, predicted, probs)
+    classes = np.flatnonzero(counts)
+    return sums[classes] / counts[classes, None], classes
+
+
+def kl_matching_score(probs: np.ndarray, templates: np.ndarray) -> np.ndarray:
+    """S = -min_k KL(p || d_k), KL(p || q) = sum_{p_i > 0} p_i log(p_i / (q_i + 1e-12)).
+
+    Written as sum_{p_i>0} p_i log p_i - sum_i p_i log(q_i + 1e-12) (terms with p_i = 0 vanish).
+    """
+    log_p = np.log(probs, out=np.zeros_like(probs), where=probs > 0)
+    neg_entropy = np.einsum("nc,nc->n", probs, log_p)
+    cross = rowwise_matmul(probs, np.log(templates + KL_EPS).T)
+    return -(neg_entropy[:, None] - cross).min(axis=1)
+
+
+@register
+class KLMatching(Method):
+    """KL divergence to the nearest class-conditional mean softmax (predicted-class templates)."""
+
+    name = "klm"
+    reads = ("logits",)
+
+    def fit(self, split) -> "KLMatching":
+        logits = finite_logits(split)
+        self.templates_, self.template_classes_ = kl_templates(softmax(logits, axis=1), logits.argmax(axis=1),
+                                                               logits.shape[1])
+        return self
+
+    def score(self, split) -> np.ndarray:
+        _check_fitted(self, "templates_")
+        logits = finite_logits(split)
+        if logits.shape[1] != self.templates_.shape[1]:
+            raise ValueError(f"klm: {_name(split)} has {logits.shape[1]} classes but the templates were fit on "
+                             f"{self.templates_.shape[1]}")
+        return kl_matching_score(softmax(logits, axis=1), self.templates_)
