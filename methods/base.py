@@ -88,13 +88,36 @@ def make_method(name: str, **params) -> Method:
     return cls(**parsed)
 
 
+def split_name(split) -> str:
+    """How errors name a split ('fashion-mnist/test' for cache entries)."""
+    return getattr(split, "name", "split")
+
+
+def finite_features(split, n_rows: int | None = None) -> np.ndarray:
+    """The split's penultimate features as float64 (N, D), with one clear error if they are not 2-D,
+    do not have ``n_rows`` rows (one per logit row), or hold NaN or infinite values."""
+    name = split_name(split)
+    features = np.asarray(split.features, dtype=np.float64)
+    if features.ndim != 2:
+        raise ValueError(f"{name}: features must be 2-D (N, D), got shape {features.shape}")
+    if n_rows is not None and features.shape[0] != n_rows:
+        raise ValueError(f"{name}: {features.shape[0]} feature rows but {n_rows} logit rows; the cache entry "
+                         "is inconsistent - re-extract")
+    bad = ~np.isfinite(features)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise ValueError(f"{name}: {len(rows)} of {len(features)} samples have NaN or infinite features "
+                         f"(first row {rows[0]}); check the backbone and re-extract")
+    return features
+
+
 def finite_logits(split) -> np.ndarray:
     """The split's logits as float64, with one clear error if any are NaN or infinite."""
     logits = np.asarray(split.logits, dtype=np.float64)
     bad = ~np.isfinite(logits)
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=1))
-        raise ValueError(f"{getattr(split, 'name', 'split')}: {len(rows)} of {len(logits)} samples have NaN or "
+        raise ValueError(f"{split_name(split)}: {len(rows)} of {len(logits)} samples have NaN or "
                          f"infinite logits (first row {rows[0]}); the backbone diverged or its checkpoint is "
                          "broken - check the weights and preprocessing, then re-extract")
     return logits

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from methods.base import Method, finite_logits, register
+from methods.base import Method, finite_features, finite_logits, register, split_name
 
 NORM_EPS = 1e-10   # KNN normaliser, z = v / (||v|| + 1e-10) (spec 1.11)
 KL_EPS = 1e-12     # added to KL-matching templates (spec 1.13)
@@ -20,23 +20,9 @@ KNN_BLOCK_ELEMENTS = 1 << 24  # distance-matrix entries per KNN block (128 MiB o
 
 # ---------------------------------------------------------------- shared helpers
 
-def _name(split) -> str:
-    return getattr(split, "name", "split")
-
-
-def _features(split) -> np.ndarray:
-    """The split's penultimate features as a finite float64 (N, D) array."""
-    features = np.asarray(split.features, dtype=np.float64)
-    if features.ndim != 2:
-        raise ValueError(f"{_name(split)}: features must be 2-D (N, D), got shape {features.shape}")
-    if not np.isfinite(features).all():
-        raise ValueError(f"{_name(split)}: features contain NaN or infinite values; re-extract this split")
-    return features
-
-
 def _check_dim(method: str, split, features: np.ndarray, expected: int) -> None:
     if features.shape[1] != expected:
-        raise ValueError(f"{method}: {_name(split)} has {features.shape[1]}-dim features but the method was fit on "
+        raise ValueError(f"{method}: {split_name(split)} has {features.shape[1]}-dim features but the method was fit on "
                          f"{expected}-dim features; fit and scored splits must come from the same backbone")
 
 
@@ -133,19 +119,19 @@ class Mahalanobis(Method):
     reads = ("features", "labels", "logits")
 
     def fit(self, split) -> "Mahalanobis":
-        features = _features(split)
+        features = finite_features(split)
         n_classes = finite_logits(split).shape[1]
         try:
             means, covariance = class_means_and_tied_covariance(features, split.labels, n_classes)
         except ValueError as err:
-            raise ValueError(f"mahalanobis: fit split {_name(split)}: {err}") from err
+            raise ValueError(f"mahalanobis: fit split {split_name(split)}: {err}") from err
         self.means_ = means
         self.precision_ = pinv_precision(covariance)
         return self
 
     def score(self, split) -> np.ndarray:
         _check_fitted(self, "means_", "precision_")
-        features = _features(split)
+        features = finite_features(split)
         _check_dim(self.name, split, features, self.means_.shape[1])
         return mahalanobis_score(features, self.means_, self.precision_)
 
@@ -210,17 +196,17 @@ class KNN(Method):
         self.seed = seed
 
     def fit(self, split) -> "KNN":
-        features = _features(split)
+        features = finite_features(split)
         keep = subsample_indices(len(features), self.fit_fraction, self.seed)
         if not 1 <= self.k <= len(keep):
-            raise ValueError(f"knn: k={self.k} but the bank from {_name(split)} has {len(keep)} samples "
+            raise ValueError(f"knn: k={self.k} but the bank from {split_name(split)} has {len(keep)} samples "
                              f"(fit_fraction={self.fit_fraction}); need 1 <= k <= bank size")
         self.bank_ = l2_normalise(features[keep])
         return self
 
     def score(self, split) -> np.ndarray:
         _check_fitted(self, "bank_")
-        features = _features(split)
+        features = finite_features(split)
         _check_dim(self.name, split, features, self.bank_.shape[1])
         return knn_score(l2_normalise(features), self.bank_, self.k)
 
@@ -262,9 +248,9 @@ def vim_score(logits: np.ndarray, residual: np.ndarray, alpha: float) -> np.ndar
 def _head(split, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     weight, bias = (np.asarray(a, dtype=np.float64) for a in split.head)
     if weight.ndim != 2 or bias.shape != (weight.shape[0],):
-        raise ValueError(f"{_name(split)}: head must be W (C, D) and b (C,), got {weight.shape} and {bias.shape}")
+        raise ValueError(f"{split_name(split)}: head must be W (C, D) and b (C,), got {weight.shape} and {bias.shape}")
     if weight.shape[1] != n_features:
-        raise ValueError(f"{_name(split)}: head W has {weight.shape[1]} input dims but the features have "
+        raise ValueError(f"{split_name(split)}: head W has {weight.shape[1]} input dims but the features have "
                          f"{n_features}")
     return weight, bias
 
@@ -289,7 +275,7 @@ class ViM(Method):
 
     def _fit_subspace(self, split) -> np.ndarray:
         """Learn u_ and R_; return the fit residuals r."""
-        features = _features(split)
+        features = finite_features(split)
         dim = self._principal_dim(features.shape[1])
         weight, bias = _head(split, features.shape[1])
         self.u_ = vim_origin(weight, bias)
@@ -298,7 +284,7 @@ class ViM(Method):
 
     def _residual(self, split) -> np.ndarray:
         _check_fitted(self, "u_", "R_")
-        features = _features(split)
+        features = finite_features(split)
         _check_dim(self.name, split, features, len(self.u_))
         return vim_residual(features, self.u_, self.R_)
 
@@ -306,7 +292,7 @@ class ViM(Method):
         residual = self._fit_subspace(split)
         mean_residual = residual.mean()
         if not mean_residual > 0:
-            raise ValueError(f"{self.name}: the fit features of {_name(split)} have no residual outside the "
+            raise ValueError(f"{self.name}: the fit features of {split_name(split)} have no residual outside the "
                              "principal subspace, so alpha is undefined; use a smaller dim")
         self.alpha_ = float(finite_logits(split).max(axis=1).mean() / mean_residual)
         return self
@@ -374,6 +360,6 @@ class KLMatching(Method):
         _check_fitted(self, "templates_")
         logits = finite_logits(split)
         if logits.shape[1] != self.templates_.shape[1]:
-            raise ValueError(f"klm: {_name(split)} has {logits.shape[1]} classes but the templates were fit on "
+            raise ValueError(f"klm: {split_name(split)} has {logits.shape[1]} classes but the templates were fit on "
                              f"{self.templates_.shape[1]}")
         return kl_matching_score(softmax(logits, axis=1), self.templates_)

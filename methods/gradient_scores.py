@@ -12,7 +12,7 @@ import logging
 import numpy as np
 from scipy.special import softmax
 
-from methods.base import Method, finite_logits, register
+from methods.base import Method, finite_features, finite_logits, register, split_name
 from methods.logit_scores import energy
 
 log = logging.getLogger(__name__)
@@ -87,24 +87,6 @@ def nonpositive_lse_fraction(logits: np.ndarray, T: float = 1.0) -> float:
 
 # ---------------------------------------------------------------- validation helpers
 
-def finite_features(split, n_rows: int) -> np.ndarray:
-    """The split's penultimate features as float64 (N, D), with one clear error if they are not 2-D,
-    do not have one row per logit row, or hold NaN or infinite values."""
-    name = getattr(split, "name", "split")
-    features = np.asarray(split.features, dtype=np.float64)
-    if features.ndim != 2:
-        raise ValueError(f"{name}: features must be 2-D (N, D), got shape {features.shape}")
-    if features.shape[0] != n_rows:
-        raise ValueError(f"{name}: {features.shape[0]} feature rows but {n_rows} logit rows; the cache entry "
-                         "is inconsistent - re-extract")
-    bad = ~np.isfinite(features)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        raise ValueError(f"{name}: {len(rows)} of {n_rows} samples have NaN or infinite features "
-                         f"(first row {rows[0]}); check the backbone and re-extract")
-    return features
-
-
 def _logits_and_features(split) -> tuple[np.ndarray, np.ndarray]:
     logits = finite_logits(split)
     return logits, finite_features(split, len(logits))
@@ -116,7 +98,7 @@ def _check_positive(method: str, name: str, value: float) -> None:
 
 
 def _log_nonpositive_lse(method: str, split, fraction: float) -> None:
-    name = getattr(split, "name", "split")
+    name = split_name(split)
     if fraction > 0:
         log.warning("%s on %s: %.4g of samples have LSE <= 0, where the multiplicative score misranks "
                     "(larger features lower their score)", method, name, fraction)
@@ -194,7 +176,7 @@ class RGAdditive(Method):
         logits, features = _logits_and_features(split)
         n = len(logits)
         if n < 2:
-            raise ValueError(f"{getattr(split, 'name', 'split')}: rg_add needs at least 2 fit samples, got {n}")
+            raise ValueError(f"{split_name(split)}: rg_add needs at least 2 fit samples, got {n}")
         if n > self.n_fit:
             rows = np.random.default_rng(self.seed).choice(n, size=int(self.n_fit), replace=False)
             logits, features = logits[rows], features[rows]
