@@ -16,6 +16,7 @@ from methods.base import Method, finite_features, finite_logits, register, split
 from methods.logit_scores import energy
 
 log = logging.getLogger(__name__)
+CLIP_GRID = [0.1, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0, 5.0]  # clip values k of the RG paper's Table 3
 
 
 # ---------------------------------------------------------------- pure functions
@@ -134,7 +135,7 @@ class RG(Method):
 
     name = "rg"
     reads = ("logits", "features")
-    grid = {"k": [0.1, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0, 5.0], "T": [0.5, 1.0, 2.0, 4.0, 8.0]}
+    grid = {"k": CLIP_GRID, "T": [0.5, 1.0, 2.0, 4.0, 8.0]}
 
     def __init__(self, k: float = 1.0, T: float = 1.0):
         self.k = k
@@ -214,7 +215,7 @@ class GradNormUClippedV(Method):
 
     name = "gradnorm_u_clipped_v"
     reads = ("logits", "features")
-    grid = {"k": [0.1, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0, 5.0]}
+    grid = {"k": CLIP_GRID}
 
     def __init__(self, k: float = 1.0):
         self.k = k
@@ -230,7 +231,7 @@ class ClippedV(Method):
 
     name = "clipped_v"
     reads = ("logits", "features")
-    grid = {"k": [0.1, 0.3, 0.5, 0.7, 1.0, 2.0, 3.0, 5.0]}
+    grid = {"k": CLIP_GRID}
 
     def __init__(self, k: float = 1.0):
         self.k = k
