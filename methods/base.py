@@ -14,6 +14,7 @@ import inspect
 import numpy as np
 
 METHODS: dict[str, type["Method"]] = {}
+MATMUL_ROWS = 256  # fixed row-block shape of every matrix product (batch invariance, see rowwise_matmul)
 
 
 class Method:
@@ -111,6 +112,21 @@ def finite_features(split, n_rows: int | None = None) -> np.ndarray:
     return features
 
 
+def finite_head(split, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier head (W (C, D), b (C,)) as float64, checked against the feature width and for
+    NaN or infinite values."""
+    weight, bias = (np.asarray(a, dtype=np.float64) for a in split.head)
+    name = split_name(split)
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name}: head must be W (C, D) and b (C,), got {weight.shape} and {bias.shape}")
+    if weight.shape[1] != n_features:
+        raise ValueError(f"{name}: head W has {weight.shape[1]} input dims but the features have {n_features}")
+    if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+        raise ValueError(f"{name}: the classifier head (W, b) holds NaN or infinite values; the checkpoint is "
+                         "broken - check the weights, then re-extract")
+    return weight, bias
+
+
 def finite_logits(split) -> np.ndarray:
     """The split's logits as float64, with one clear error if any are NaN or infinite."""
     logits = np.asarray(split.logits, dtype=np.float64)
@@ -121,3 +137,22 @@ def finite_logits(split) -> np.ndarray:
                          f"infinite logits (first row {rows[0]}); the backbone diverged or its checkpoint is "
                          "broken - check the weights and preprocessing, then re-extract")
     return logits
+
+
+def rowwise_matmul(a: np.ndarray, b: np.ndarray, rows: int = MATMUL_ROWS) -> np.ndarray:
+    """a @ b computed in blocks of exactly ``rows`` rows (the last one zero-padded).
+
+    BLAS picks different kernels (and so rounds differently) for different numbers of rows, e.g.
+    a single-row product; giving every call the same shape makes each output row depend on its own
+    input row only, so scores are bit-identical however the scored split is batched or shuffled.
+    """
+    out = np.empty((len(a), b.shape[1]))
+    for start in range(0, len(a), rows):
+        chunk = a[start:start + rows]
+        if len(chunk) < rows:
+            padded = np.zeros((rows, a.shape[1]))
+            padded[:len(chunk)] = chunk
+            out[start:] = (padded @ b)[:len(chunk)]
+        else:
+            out[start:start + rows] = chunk @ b
+    return out

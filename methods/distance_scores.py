@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from methods.base import Method, finite_features, finite_logits, register, split_name
+from methods.base import (Method, finite_features, finite_head, finite_logits,
+                          register, rowwise_matmul, split_name)
 
 NORM_EPS = 1e-10   # KNN normaliser, z = v / (||v|| + 1e-10) (spec 1.11)
 KL_EPS = 1e-12     # added to KL-matching templates (spec 1.13)
-MATMUL_ROWS = 256  # fixed row-block shape of every matrix product (batch invariance, see rowwise_matmul)
 KNN_BLOCK_ELEMENTS = 1 << 24  # distance-matrix entries per KNN block (128 MiB of float64)
 
 
@@ -24,25 +24,6 @@ def _check_dim(method: str, split, features: np.ndarray, expected: int) -> None:
     if features.shape[1] != expected:
         raise ValueError(f"{method}: {split_name(split)} has {features.shape[1]}-dim features but the method was fit on "
                          f"{expected}-dim features; fit and scored splits must come from the same backbone")
-
-
-def rowwise_matmul(a: np.ndarray, b: np.ndarray, rows: int = MATMUL_ROWS) -> np.ndarray:
-    """a @ b computed in blocks of exactly ``rows`` rows (the last one zero-padded).
-
-    BLAS picks different kernels (and so rounds differently) for different numbers of rows, e.g.
-    a single-row product; giving every call the same shape makes each output row depend on its own
-    input row only, so scores are bit-identical however the scored split is batched or shuffled.
-    """
-    out = np.empty((len(a), b.shape[1]))
-    for start in range(0, len(a), rows):
-        chunk = a[start:start + rows]
-        if len(chunk) < rows:
-            padded = np.zeros((rows, a.shape[1]))
-            padded[:len(chunk)] = chunk
-            out[start:] = (padded @ b)[:len(chunk)]
-        else:
-            out[start:start + rows] = chunk @ b
-    return out
 
 
 def _check_fitted(method: Method, *attributes: str) -> None:
@@ -245,16 +226,6 @@ def vim_score(logits: np.ndarray, residual: np.ndarray, alpha: float) -> np.ndar
     return logsumexp(logits, axis=1) - alpha * residual
 
 
-def _head(split, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    weight, bias = (np.asarray(a, dtype=np.float64) for a in split.head)
-    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
-        raise ValueError(f"{split_name(split)}: head must be W (C, D) and b (C,), got {weight.shape} and {bias.shape}")
-    if weight.shape[1] != n_features:
-        raise ValueError(f"{split_name(split)}: head W has {weight.shape[1]} input dims but the features have "
-                         f"{n_features}")
-    return weight, bias
-
-
 @register
 class ViM(Method):
     """Virtual-logit Matching. ``dim`` = principal dimension D (None: 1000/512/N//2 by feature size)."""
@@ -277,7 +248,7 @@ class ViM(Method):
         """Learn u_ and R_; return the fit residuals r."""
         features = finite_features(split)
         dim = self._principal_dim(features.shape[1])
-        weight, bias = _head(split, features.shape[1])
+        weight, bias = finite_head(split, features.shape[1])
         self.u_ = vim_origin(weight, bias)
         self.R_ = vim_residual_basis(features - self.u_, dim)
         return vim_residual(features, self.u_, self.R_)

@@ -1,0 +1,320 @@
+"""Feature-shaping scores computed from the cache: ReAct, DICE (and DICE+ReAct), ASH-P/B/S/RAND
+(METHODS.md sections 1.6, 1.7, 1.8).
+
+Each method changes the penultimate features v (or the head weights) before the linear head,
+recomputes the logits from the cached head, f' = W' v' + b, and scores S = LSE_1(f'). ``predict``
+returns the argmax of these shaped logits (ID accuracy is measured on the modified network, §0).
+All arithmetic is float64 and per sample, and no function modifies its inputs.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from methods.base import Method, finite_features, finite_head, finite_logits, register, rowwise_matmul
+from methods.logit_scores import energy
+
+REACT_GRID = [80.0, 85.0, 90.0, 95.0, 99.0]
+DICE_GRID = [10.0, 30.0, 50.0, 70.0, 90.0]
+ASH_GRID = [60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 99.0]
+
+
+# ---------------------------------------------------------------- pure functions
+
+def _check_percentile(method: str, name: str, p: float) -> None:
+    if not (np.isfinite(p) and 0.0 <= p <= 100.0):
+        raise ValueError(f"{method}: {name} must be a percentile in [0, 100], got {p}")
+
+
+def linear_logits(features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The linear head in float64: f = v W^T + b, rows are samples (fixed-shape blocks: batch-invariant)."""
+    return rowwise_matmul(np.asarray(features, np.float64), np.asarray(W, np.float64).T) + np.asarray(b, np.float64)
+
+
+def react_threshold(features: np.ndarray, p: float = 90.0) -> float:
+    """ReAct clip value (Sun et al. 2021): c = p-th percentile (numpy linear interpolation) of the
+    flattened ID feature matrix (all samples x all units)."""
+    return float(np.percentile(np.asarray(features, np.float64).ravel(), p))
+
+
+def react_clip(features: np.ndarray, c: float) -> np.ndarray:
+    """ReAct rectification (Sun et al. 2021): v_bar = min(v, c) elementwise (clip above only)."""
+    return np.minimum(np.asarray(features, np.float64), c)
+
+
+def react_logits(features: np.ndarray, W: np.ndarray, b: np.ndarray, c: float) -> np.ndarray:
+    """ReAct logits: f_bar = W min(v, c) + b."""
+    return linear_logits(react_clip(features, c), W, b)
+
+
+def dice_mask(W: np.ndarray, mean_feature: np.ndarray, p: float = 90.0) -> np.ndarray:
+    """DICE mask (Sun & Li 2022): contributions V = W * v_bar[None, :] (C x D); one global threshold
+    tau = p-th percentile of all C*D entries of V (numpy linear interpolation); M = 1[V > tau]
+    (strict). Different classes may keep different numbers of weights."""
+    V = np.asarray(W, np.float64) * np.asarray(mean_feature, np.float64)[None, :]
+    tau = np.percentile(V.ravel(), p)
+    return V > tau
+
+
+def dice_logits(features: np.ndarray, W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """DICE logits: f = (M * W) v + b (the bias is untouched)."""
+    return linear_logits(features, np.where(mask, np.asarray(W, np.float64), 0.0), b)
+
+
+def dice_react_logits(features: np.ndarray, W: np.ndarray, b: np.ndarray, mask: np.ndarray, c: float) -> np.ndarray:
+    """DICE+ReAct logits (DICE's ResNet order: pool -> clip -> masked FC): f = (M * W) min(v, c) + b."""
+    return dice_logits(react_clip(features, c), W, b, mask)
+
+
+def ash_keep_count(n: int, p: float) -> int:
+    """Number of entries ASH keeps per sample: k = n - round(n * p / 100), Python round (half to even)."""
+    return int(n - round(n * p / 100.0))
+
+
+def _ash_top(features: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """(float64 copy of the features, boolean mask of the top-k values per row, k). Ties are broken
+    arbitrarily by np.argpartition; pruning is by value (not magnitude), so negatives go first."""
+    x = np.array(features, dtype=np.float64, copy=True)
+    if x.ndim != 2:
+        raise ValueError(f"ASH expects 2-D (N, n) features, got shape {x.shape}")
+    n = x.shape[1]
+    k = ash_keep_count(n, p)
+    keep = np.zeros(x.shape, dtype=bool)
+    if k > 0 and len(x):
+        top = np.argpartition(x, n - k, axis=1)[:, n - k:]
+        np.put_along_axis(keep, top, True, axis=1)
+    return x, keep, k
+
+
+def ash_p(features: np.ndarray, p: float = 65.0) -> np.ndarray:
+    """ASH-P (Djurisic et al. 2023, "Extremely simple activation shaping"): per sample keep the top-k
+    values, k = n - round(n p / 100), and set the rest to 0. k = 0 gives all zeros."""
+    x, keep, _ = _ash_top(features, p)
+    return np.where(keep, x, 0.0)
+
+
+def ash_b(features: np.ndarray, p: float = 65.0) -> np.ndarray:
+    """ASH-B (Djurisic et al. 2023): s1 = sum of all n entries before pruning; kept entries become
+    s1 / k, the rest 0. k = 0 gives all zeros."""
+    x, keep, k = _ash_top(features, p)
+    if k == 0:
+        return np.zeros_like(x)
+    s1 = x.sum(axis=1, keepdims=True)
+    return np.where(keep, s1 / k, 0.0)
+
+
+def ash_s(features: np.ndarray, p: float = 90.0) -> np.ndarray:
+    """ASH-S (Djurisic et al. 2023): s1 = sum of all n entries before pruning, s2 = sum of the kept
+    top-k entries; kept a_i <- a_i * exp(s1 / s2), the rest 0 (the algorithm and code use exp, not the
+    plain ratio). Guards: k = 0 gives zeros; s2 == 0 (e.g. an all-zero sample) uses scale 1."""
+    x, keep, k = _ash_top(features, p)
+    if k == 0:
+        return np.zeros_like(x)
+    s1 = x.sum(axis=1, keepdims=True)
+    s2 = np.where(keep, x, 0.0).sum(axis=1, keepdims=True)
+    safe = s2 != 0
+    with np.errstate(over="ignore"):
+        scale = np.where(safe, np.exp(np.divide(s1, s2, out=np.zeros_like(s1), where=safe)), 1.0)
+    return np.where(keep, x * scale, 0.0)
+
+
+def _row_generator(row: np.ndarray, seed: int) -> np.random.Generator:
+    """A generator determined by (seed, the row's float64 bytes) only: default_rng([seed, h0..h3])
+    with h the first 16 bytes of blake2b(row) as four uint32 words."""
+    digest = hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float64).tobytes(), digest_size=16).digest()
+    words = np.frombuffer(digest, dtype="<u4").tolist()
+    return np.random.default_rng([int(seed), *words])
+
+
+def ash_rand(features: np.ndarray, p: float = 65.0, seed: int = 0) -> np.ndarray:
+    """ASH-RAND (Djurisic et al. 2023): kept top-k entries are replaced by U(0, 10) draws, the rest 0.
+    For batch independence each sample's draws come from its own generator, seeded by ``seed`` and a
+    hash of the sample's float64 bytes (``_row_generator``): the same sample gets the same values in
+    any batch, order or split. k = 0 gives all zeros."""
+    x, keep, k = _ash_top(features, p)
+    out = np.zeros_like(x)
+    if k == 0:
+        return out
+    for i in range(len(x)):
+        out[i, keep[i]] = _row_generator(x[i], seed).uniform(0.0, 10.0, size=k)
+    return out
+
+
+def ash_logits(features: np.ndarray, W: np.ndarray, b: np.ndarray, variant: str, p: float,
+               seed: int = 0) -> np.ndarray:
+    """Logits after ASH at the penultimate layer: f = W ash(v) + b, variant in {p, b, s, rand}."""
+    if variant == "rand":
+        shaped = ash_rand(features, p, seed)
+    elif variant in ASH_VARIANTS:
+        shaped = ASH_VARIANTS[variant](features, p)
+    else:
+        raise ValueError(f"unknown ASH variant {variant!r}; expected one of p, b, s, rand")
+    return linear_logits(shaped, W, b)
+
+
+ASH_VARIANTS = {"p": ash_p, "b": ash_b, "s": ash_s}
+
+
+# ---------------------------------------------------------------- split helpers
+
+def _features_and_head(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features and head, after checking the cached logits (NaN there gets the usual clear message)."""
+    finite_logits(split)
+    features = finite_features(split)
+    return (features, *finite_head(split, features.shape[1]))
+
+
+def _require_fit(method: Method, attribute: str) -> None:
+    if getattr(method, attribute, None) is None:
+        raise ValueError(f"{method.name}: call fit(ID fit split) before score/predict; {attribute} is learned there")
+
+
+class _Shaping(Method):
+    """Shared score/predict: subclasses implement ``_logits(split)`` (the shaped logits)."""
+
+    reads = ("features", "head")
+
+    def _logits(self, split) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, split) -> np.ndarray:
+        return energy(self._logits(split), 1.0)
+
+    def predict(self, split) -> np.ndarray:
+        return self._logits(split).argmax(axis=1)
+
+
+# ---------------------------------------------------------------- methods
+
+@register
+class ReAct(_Shaping):
+    """ReAct: clip features at c (p-th percentile of the fit split's features), S = LSE_1(W min(v,c) + b).
+
+    ``source`` records which ID split the benchmark passes to ``fit`` ("train", the harness default,
+    or "val", as in the official code); the method itself only validates it.
+    """
+
+    name = "react"
+    grid = {"p": REACT_GRID}
+
+    def __init__(self, p: float = 90.0, source: str = "train"):
+        self.p = p
+        self.source = source
+
+    def fit(self, split) -> "ReAct":
+        _check_percentile(self.name, "p", self.p)
+        if self.source not in ("train", "val"):
+            raise ValueError(f"{self.name}: source must be 'train' or 'val', got {self.source!r}")
+        self.c_ = react_threshold(finite_features(split), self.p)
+        return self
+
+    def _logits(self, split) -> np.ndarray:
+        _require_fit(self, "c_")
+        return react_logits(*_features_and_head(split), self.c_)
+
+
+@register
+class DICE(_Shaping):
+    """DICE: mask the head with M = 1[W * v_bar > tau] (tau the global p-th percentile of the
+    contributions, v_bar the fit split's mean feature); S = LSE_1((M * W) v + b)."""
+
+    name = "dice"
+    grid = {"p": DICE_GRID}
+
+    def __init__(self, p: float = 90.0):
+        self.p = p
+
+    def fit(self, split) -> "DICE":
+        _check_percentile(self.name, "p", self.p)
+        features = finite_features(split)
+        W, _ = finite_head(split, features.shape[1])
+        self.v_bar_ = features.mean(axis=0)
+        self.mask_ = dice_mask(W, self.v_bar_, self.p)
+        return self
+
+    def _logits(self, split) -> np.ndarray:
+        _require_fit(self, "mask_")
+        return dice_logits(*_features_and_head(split), self.mask_)
+
+
+@register
+class DICEReAct(_Shaping):
+    """DICE+ReAct: clip at c (``react_p``-th percentile of the fit features), then the DICE-masked head
+    (sparsity ``p``); S = LSE_1((M * W) min(v, c) + b). As in the DICE code, the mean feature v_bar
+    behind the mask is computed from the UNCLIPPED fit features."""
+
+    name = "dice_react"
+    grid = {"p": DICE_GRID}
+
+    def __init__(self, p: float = 10.0, react_p: float = 90.0):
+        self.p = p
+        self.react_p = react_p
+
+    def fit(self, split) -> "DICEReAct":
+        _check_percentile(self.name, "p", self.p)
+        _check_percentile(self.name, "react_p", self.react_p)
+        features = finite_features(split)
+        W, _ = finite_head(split, features.shape[1])
+        self.c_ = react_threshold(features, self.react_p)
+        self.v_bar_ = features.mean(axis=0)
+        self.mask_ = dice_mask(W, self.v_bar_, self.p)
+        return self
+
+    def _logits(self, split) -> np.ndarray:
+        _require_fit(self, "mask_")
+        return dice_react_logits(*_features_and_head(split), self.mask_, self.c_)
+
+
+class _ASH(_Shaping):
+    """ASH at the penultimate layer (n = D): shape each feature vector, S = LSE_1(W ash(v) + b)."""
+
+    variant = ""
+    grid = {"p": ASH_GRID}
+
+    def __init__(self, p: float = 65.0):
+        self.p = p
+
+    def _logits(self, split) -> np.ndarray:
+        _check_percentile(self.name, "p", self.p)
+        features, W, b = _features_and_head(split)
+        return ash_logits(features, W, b, self.variant, self.p, getattr(self, "seed", 0))
+
+
+@register
+class ASHP(_ASH):
+    """ASH-P: keep the top-k feature values, zero the rest."""
+
+    name = "ash_p"
+    variant = "p"
+
+
+@register
+class ASHB(_ASH):
+    """ASH-B: kept entries set to s1 / k (s1 = sum before pruning), the rest 0."""
+
+    name = "ash_b"
+    variant = "b"
+
+
+@register
+class ASHS(_ASH):
+    """ASH-S: kept entries scaled by exp(s1 / s2), the rest 0."""
+
+    name = "ash_s"
+    variant = "s"
+
+    def __init__(self, p: float = 90.0):
+        self.p = p
+
+
+@register
+class ASHRand(_ASH):
+    """ASH-RAND: kept entries replaced by U(0, 10) draws seeded per sample from (seed, its content)."""
+
+    name = "ash_rand"
+    variant = "rand"
+
+    def __init__(self, p: float = 65.0, seed: int = 0):
+        self.p = p
+        self.seed = seed

@@ -1,0 +1,299 @@
+"""Feature-shaping scores (ReAct, DICE, DICE+ReAct, ASH-P/B/S/RAND): hand-worked values, purity,
+batch independence, and equivalence with the real network's forward pass through a hook."""
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+
+from extract.backbones import get_backbone_spec, registered_backbone
+from extract.datasets import load_dataset
+from extract.extraction import extract
+from extract.store import FeatureStore
+from extract.training import Recipe, train_backbone
+from methods import METHODS, make_method
+from methods.shaping_scores import (ash_b, ash_keep_count, ash_logits, ash_p, ash_rand, ash_s, dice_logits,
+                                    dice_mask, dice_react_logits, react_logits, react_threshold)
+
+SHAPING = ["react", "dice", "dice_react", "ash_p", "ash_b", "ash_s", "ash_rand"]
+ASH = {"ash_p": "p", "ash_b": "b", "ash_s": "s", "ash_rand": "rand"}
+
+
+def fake_split(features, W, b, name="fake"):
+    features = np.asarray(features, np.float64)
+    W, b = np.asarray(W, np.float64), np.asarray(b, np.float64)
+    return SimpleNamespace(features=features, head=(W, b), logits=features @ W.T + b,
+                           labels=np.zeros(len(features), int), name=name)
+
+
+def random_split(seed, n=40, d=12, c=4):
+    rng = np.random.default_rng(seed)
+    return fake_split(rng.gamma(1.0, 1.0, (n, d)), rng.normal(size=(c, d)), rng.normal(size=c))
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registered_with_defaults_and_grids():
+    for name in SHAPING:
+        assert name in METHODS
+    assert METHODS["react"].defaults() == {"p": 90.0, "source": "train"}
+    assert METHODS["dice"].defaults() == {"p": 90.0}
+    assert METHODS["dice_react"].defaults() == {"p": 10.0, "react_p": 90.0}
+    assert METHODS["ash_p"].defaults() == {"p": 65.0}
+    assert METHODS["ash_b"].defaults() == {"p": 65.0}
+    assert METHODS["ash_s"].defaults() == {"p": 90.0}
+    assert METHODS["ash_rand"].defaults() == {"p": 65.0, "seed": 0}
+    assert METHODS["react"].grid == {"p": [80.0, 85.0, 90.0, 95.0, 99.0]}
+    assert METHODS["dice"].grid == {"p": [10.0, 30.0, 50.0, 70.0, 90.0]}
+    for name in ASH:
+        assert METHODS[name].grid == {"p": [60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 99.0]}
+
+
+def test_react_source_validated_and_unfitted_errors():
+    split = random_split(0)
+    with pytest.raises(ValueError, match="source"):
+        make_method("react", source="test").fit(split)
+    make_method("react", source="val").fit(split)
+    for name in ("react", "dice", "dice_react"):
+        with pytest.raises(ValueError, match="fit"):
+            make_method(name).score(split)
+    with pytest.raises(ValueError, match="percentile"):
+        make_method("ash_p", p=101.0).score(split)
+
+
+# ---------------------------------------------------------------- hand-worked values
+
+# n = 10 values; p = 70 -> round(7.0) = 7 pruned -> k = 3 kept: 4.0 (index 5), 3.0 (1), 2.0 (3).
+# -5.0 has the largest magnitude but is pruned: ASH prunes by value.
+# s1 = 0.5 + 3 - 1 + 2 + 0 + 4 + 1 - 5 + 0.2 + 1.5 = 6.2; s2 = 4 + 3 + 2 = 9.
+X = np.array([[0.5, 3.0, -1.0, 2.0, 0.0, 4.0, 1.0, -5.0, 0.2, 1.5]])
+
+
+def test_ash_hand_worked_vector():
+    assert ash_keep_count(10, 70.0) == 3
+    expected_p = [[0, 3.0, 0, 2.0, 0, 4.0, 0, 0, 0, 0]]
+    np.testing.assert_allclose(ash_p(X, 70.0), expected_p)
+    b_value = 6.2 / 3  # s1 / k
+    np.testing.assert_allclose(ash_b(X, 70.0), [[0, b_value, 0, b_value, 0, b_value, 0, 0, 0, 0]])
+    e = np.exp(6.2 / 9.0)  # exp(s1 / s2)
+    np.testing.assert_allclose(ash_s(X, 70.0), [[0, 3 * e, 0, 2 * e, 0, 4 * e, 0, 0, 0, 0]])
+    rand = ash_rand(X, 70.0, seed=0)
+    kept = np.array([1, 3, 5])
+    assert np.all(rand[0, np.setdiff1d(np.arange(10), kept)] == 0)
+    assert np.all((rand[0, kept] >= 0) & (rand[0, kept] < 10)) and np.all(rand[0, kept] > 0)
+    assert not np.array_equal(ash_rand(X, 70.0, seed=1), rand)
+
+
+def test_ash_keep_count_half_to_even():
+    assert ash_keep_count(10, 25.0) == 8   # round(2.5) = 2
+    assert ash_keep_count(10, 35.0) == 6   # round(3.5) = 4
+    assert ash_keep_count(32, 90.0) == 3   # round(28.8) = 29
+    assert ash_keep_count(342, 95.0) == 17
+    assert ash_keep_count(2048, 90.0) == 205
+    assert ash_keep_count(10, 100.0) == 0
+    assert ash_keep_count(10, 0.0) == 10
+
+
+def test_ash_p25_keeps_eight():
+    # k = 8 keeps 4, 3, 2, 1.5, 1, 0.5, 0.2, 0.0 and prunes the two smallest values -1 and -5
+    expected = X.copy()
+    expected[0, [2, 7]] = 0.0
+    np.testing.assert_array_equal(ash_p(X, 25.0), expected)
+
+
+def test_ash_p100_zeros_and_all_zero_sample():
+    for fn in (ash_p, ash_b, ash_s, ash_rand):
+        np.testing.assert_array_equal(fn(X, 100.0), np.zeros_like(X))
+        zero = fn(np.zeros((2, 10)), 90.0)
+        assert np.all(np.isfinite(zero))
+    np.testing.assert_array_equal(ash_s(np.zeros((2, 10)), 90.0), 0.0)  # s2 = 0 -> scale 1
+    np.testing.assert_array_equal(ash_b(np.zeros((2, 10)), 90.0), 0.0)
+    split = fake_split(np.zeros((3, 10)), np.ones((2, 10)), [0.0, 1.0])
+    for name in ASH:
+        assert np.all(np.isfinite(make_method(name).score(split)))
+
+
+def test_dice_hand_worked_global_threshold():
+    W = np.array([[1.0, 2.0, 3.0], [4.0, -1.0, 0.5]])
+    v_bar = np.array([1.0, 1.0, 2.0])
+    # V = W * v_bar = [[1, 2, 6], [4, -1, 1]]; sorted -1, 1, 1, 2, 4, 6; 50th percentile at
+    # position 2.5 -> (1 + 2) / 2 = 1.5; V > 1.5 keeps 2 weights of class 0 and 1 of class 1.
+    mask = dice_mask(W, v_bar, 50.0)
+    np.testing.assert_array_equal(mask, [[False, True, True], [True, False, False]])
+    b = np.array([0.1, -0.2])
+    v = np.array([[1.0, 2.0, 3.0]])
+    # class 0: 2*2 + 3*3 + 0.1 = 13.1; class 1: 4*1 - 0.2 = 3.8
+    np.testing.assert_allclose(dice_logits(v, W, b, mask), [[13.1, 3.8]])
+    fit = fake_split(np.array([[0.0, 0.0, 1.0], [2.0, 2.0, 3.0]]), W, b)  # mean [1, 1, 2]
+    method = make_method("dice", p=50.0).fit(fit)
+    np.testing.assert_array_equal(method.mask_, mask)
+    test = fake_split(v, W, b)
+    np.testing.assert_allclose(method.score(test), logsumexp([13.1, 3.8]))
+    assert method.predict(test).tolist() == [0]
+
+
+def test_react_hand_worked():
+    W = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = np.array([0.0, 0.0, 1.0])
+    fit = fake_split(np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]), W, b)
+    # flattened 0..5; 90th percentile at position 0.9 * 5 = 4.5 -> 4.5
+    assert react_threshold(fit.features, 90.0) == pytest.approx(4.5)
+    method = make_method("react").fit(fit)
+    assert method.c_ == pytest.approx(4.5)
+    test = fake_split(np.array([[5.0, 1.0], [0.0, 6.0]]), W, b)
+    # [5, 1] -> [4.5, 1] -> [4.5, 1, 6.5]; [0, 6] -> [0, 4.5] -> [0, 4.5, 5.5]
+    expected = np.array([[4.5, 1.0, 6.5], [0.0, 4.5, 5.5]])
+    np.testing.assert_allclose(react_logits(test.features, W, b, method.c_), expected)
+    np.testing.assert_allclose(method.score(test), logsumexp(expected, axis=1))
+    assert method.predict(test).tolist() == [2, 2]
+    assert method.score(test).dtype == np.float64
+
+
+# ---------------------------------------------------------------- purity and batch independence
+
+@pytest.mark.parametrize("name", SHAPING)
+def test_no_mutation_and_batch_independence(name):
+    fit, test = random_split(1), random_split(2)
+    copies = [fit.features.copy(), test.features.copy(), fit.head[0].copy(), test.head[0].copy()]
+    method = make_method(name).fit(fit)
+    full_scores, full_pred = method.score(test), method.predict(test)
+    np.testing.assert_array_equal(fit.features, copies[0])
+    np.testing.assert_array_equal(test.features, copies[1])
+    np.testing.assert_array_equal(fit.head[0], copies[2])
+    np.testing.assert_array_equal(test.head[0], copies[3])
+    assert full_scores.dtype == np.float64 and np.all(np.isfinite(full_scores))
+    order = np.random.default_rng(0).permutation(len(test.features))
+    shuffled = fake_split(test.features[order], *test.head)
+    # per-sample math; only BLAS row-blocking can move the last bits of the matmul
+    np.testing.assert_array_equal(method.score(shuffled), full_scores[order])
+    np.testing.assert_array_equal(method.predict(shuffled), full_pred[order])
+    halves = [fake_split(part, *test.head) for part in np.array_split(test.features, [7])]
+    np.testing.assert_array_equal(np.concatenate([method.score(h) for h in halves]), full_scores)
+
+
+def test_ash_rand_same_sample_same_draws_in_any_batch():
+    x = random_split(3).features
+    single = np.concatenate([ash_rand(x[i:i + 1], 65.0, seed=4) for i in range(len(x))])
+    np.testing.assert_array_equal(ash_rand(x, 65.0, seed=4), single)
+    np.testing.assert_array_equal(ash_rand(x[::-1], 65.0, seed=4), single[::-1])
+
+
+def test_refit_changes_state():
+    first, second = random_split(5), random_split(6)
+    second.features[:] *= 3.0
+    react = make_method("react").fit(first)
+    c1 = react.c_
+    assert react.fit(second).c_ != c1
+    dice = make_method("dice", p=50.0).fit(first)
+    m1 = dice.mask_.copy()
+    assert not np.array_equal(dice.fit(fake_split(second.features, -second.head[0], second.head[1])).mask_, m1)
+    dr = make_method("dice_react").fit(first)
+    c1, m1 = dr.c_, dr.mask_.copy()
+    dr.fit(fake_split(second.features, -second.head[0], second.head[1]))
+    assert dr.c_ != c1 and not np.array_equal(dr.mask_, m1)
+
+
+# ---------------------------------------------------------------- equivalence with the network
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    """A quickly trained digits-net, its cached train (fit) and test splits, and the test images."""
+    root = tmp_path_factory.mktemp("shaping")
+    spec = get_backbone_spec("digits-net")
+    train_set = load_dataset("digits", "train")
+    state, _ = train_backbone(spec, Recipe(epochs=6, lr=0.01, batch_size=32), train_set, num_classes=6, seed=0,
+                              weights_dir=root / "weights", progress=False)
+    backbone = registered_backbone(spec, state, "digits-net", 6)
+    store = FeatureStore(root / "cache")
+    fit = extract(backbone, train_set, store, progress=False)
+    test_set = load_dataset("digits", "test")
+    test = extract(backbone, test_set, store, progress=False)
+    return SimpleNamespace(backbone=backbone, fit=fit, test=test, images=test_set.images)
+
+
+def hooked_logits(model, images, preprocessing, shape=None):
+    """Run the model with a forward pre-hook on fc replacing its input by shape(input).
+
+    The network runs as trained (float32) up to fc; fc itself runs in float64 in a copy of the model,
+    because ASH-S's exp(s1/s2) scales logits to ~1e3, where float32 rounding alone exceeds 1e-4.
+    """
+    model = copy.deepcopy(model).eval()
+    model.fc.double()
+    shape = shape or (lambda v: v)
+    model.fc.register_forward_pre_hook(lambda module, inputs: (shape(inputs[0].double()).double(),))
+    with torch.no_grad():
+        return model(preprocessing(images)).numpy()
+
+
+def torch_ash(x, variant, p):
+    """ASH at the pooled layer written as the official code does it (topk + scatter), out of place."""
+    n = x.shape[1]
+    k = n - round(n * p / 100)
+    values, indices = torch.topk(x, k, dim=1)
+    s1 = x.sum(dim=1, keepdim=True)
+    if variant == "p":
+        kept = values
+    elif variant == "b":
+        kept = (s1 / k).expand_as(values)
+    else:
+        kept = values * torch.exp(s1 / values.sum(dim=1, keepdim=True))
+    return torch.zeros_like(x).scatter(1, indices, kept)
+
+
+def assert_equivalent(method, split, hooked, atol=1e-4):
+    W, b = split.head
+    cache_logits = method._logits(split)
+    assert np.max(np.abs(cache_logits - hooked)) <= atol
+    np.testing.assert_array_equal(method.predict(split), hooked.argmax(axis=1))
+    np.testing.assert_allclose(method.score(split), logsumexp(hooked, axis=1), rtol=0, atol=atol)
+    return cache_logits
+
+
+def test_cache_equals_network_forward(network):
+    model, pre, test = network.backbone.model, network.backbone.preprocessing, network.test
+    W, b = test.head
+    plain = hooked_logits(model, network.images, pre)
+    assert np.max(np.abs(plain - test.logits)) <= 1e-4  # the cache is the network's own forward pass
+    assert (plain.argmax(axis=1) == test.labels).mean() > 0.8  # trained, not random
+
+    react = make_method("react").fit(network.fit)
+    hooked = hooked_logits(model, network.images, pre, lambda v: torch.clamp(v, max=react.c_))
+    np.testing.assert_allclose(react_logits(test.features, W, b, react.c_), react._logits(test))
+    assert_equivalent(react, test, hooked)
+
+    for name, p in (("dice", 90.0), ("dice", 50.0)):
+        dice = make_method(name, p=p).fit(network.fit)
+        masked = copy.deepcopy(model)
+        with torch.no_grad():
+            masked.fc.weight.mul_(torch.from_numpy(dice.mask_).float())
+        assert_equivalent(dice, test, hooked_logits(masked, network.images, pre))
+        np.testing.assert_allclose(dice_logits(test.features, W, b, dice.mask_), dice._logits(test))
+
+    dr = make_method("dice_react").fit(network.fit)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.fc.weight.mul_(torch.from_numpy(dr.mask_).float())
+    hooked = hooked_logits(masked, network.images, pre, lambda v: torch.clamp(v, max=dr.c_))
+    assert_equivalent(dr, test, hooked)
+    np.testing.assert_allclose(dice_react_logits(test.features, W, b, dr.mask_, dr.c_), dr._logits(test))
+
+
+@pytest.mark.parametrize("name", list(ASH))
+@pytest.mark.parametrize("p", [65.0, 90.0])
+def test_ash_equals_network_forward(network, name, p):
+    model, pre, test = network.backbone.model, network.backbone.preprocessing, network.test
+    W, b = test.head
+    variant = ASH[name]
+    method = make_method(name, p=p)
+    if variant == "rand":  # random values: the hook applies the method's own per-sample function
+        def shape(v):
+            return torch.from_numpy(ash_rand(v.numpy(), p, method.seed))
+    else:
+        def shape(v):
+            return torch_ash(v, variant, p)
+    hooked = hooked_logits(model, network.images, pre, shape)
+    cache_logits = method._logits(test)
+    np.testing.assert_array_equal(cache_logits, ash_logits(test.features, W, b, variant, p, getattr(method, "seed", 0)))
+    assert_equivalent(method, test, hooked)
