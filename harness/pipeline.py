@@ -192,7 +192,8 @@ class BenchmarkRun:
                                    f"run `oodbench score {self.benchmark.name} --method {method.name}` first")
             if fitted is None:
                 fitted = method.fit(fit_entry)
-            scored = Scored(np.asarray(fitted.score(entry), dtype=np.float64), fitted.predict(entry))
+            scores, predictions = fitted.score_and_predict(entry)
+            scored = Scored(np.asarray(scores, dtype=np.float64), predictions)
             write_h5_atomic(path, {"scores": scored.scores, "predictions": scored.predictions},
                             {"kind": "scores", "method": method.name, "params": method.get_params(),
                              "backbone_name": backbone.name, "fit": fit_entry.data_key, "entry": entry.data_key,

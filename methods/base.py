@@ -46,6 +46,11 @@ class Method:
         """Predicted class per sample from the logits this method uses (for ID accuracy)."""
         return finite_logits(split).argmax(axis=1)
 
+    def score_and_predict(self, split) -> tuple[np.ndarray, np.ndarray]:
+        """``(score(split), predict(split))``; methods whose both come from one costly computation
+        (the shaped logits of ReAct, DICE, ASH) override it to compute that once."""
+        return self.score(split), self.predict(split)
+
     def label(self) -> str:
         """Display name with the hyperparameters that differ from the defaults, e.g. 'energy(T=2)'."""
         changed = {k: v for k, v in self.get_params().items() if v != self.defaults()[k]}
@@ -87,6 +92,14 @@ def make_method(name: str, **params) -> Method:
     except ValueError as err:
         raise ValueError(f"method {name!r}: bad parameter value ({err})") from err
     return cls(**parsed)
+
+
+def check_fitted(method: Method, *attributes: str) -> None:
+    """One clear error when ``score``/``predict`` runs before ``fit`` learned ``attributes``."""
+    missing = [a for a in attributes if getattr(method, a, None) is None]
+    if missing:
+        raise ValueError(f"{method.name}: call fit(split) on the ID fit split before score/predict; "
+                         f"missing fitted state {', '.join(missing)}")
 
 
 def split_name(split) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from methods.base import (Method, finite_features, finite_head, finite_logits,
-                          register, rowwise_matmul, split_name)
+from methods.base import (Method, check_fitted, finite_features, finite_head,
+                          finite_logits, register, rowwise_matmul, split_name)
 
 NORM_EPS = 1e-10   # KNN normaliser, z = v / (||v|| + 1e-10) (spec 1.11)
 KL_EPS = 1e-12     # added to KL-matching templates (spec 1.13)
@@ -24,13 +24,6 @@ def _check_dim(method: str, split, features: np.ndarray, expected: int) -> None:
     if features.shape[1] != expected:
         raise ValueError(f"{method}: {split_name(split)} has {features.shape[1]}-dim features but the method was fit on "
                          f"{expected}-dim features; fit and scored splits must come from the same backbone")
-
-
-def _check_fitted(method: Method, *attributes: str) -> None:
-    missing = [a for a in attributes if not hasattr(method, a)]
-    if missing:
-        raise ValueError(f"{method.name}: call fit(split) on the ID fit split before score(); "
-                         f"missing fitted state {', '.join(missing)}")
 
 
 # ---------------------------------------------------------------- Mahalanobis (spec 1.5(b))
@@ -111,7 +104,7 @@ class Mahalanobis(Method):
         return self
 
     def score(self, split) -> np.ndarray:
-        _check_fitted(self, "means_", "precision_")
+        check_fitted(self, "means_", "precision_")
         features = finite_features(split)
         _check_dim(self.name, split, features, self.means_.shape[1])
         return mahalanobis_score(features, self.means_, self.precision_)
@@ -186,7 +179,7 @@ class KNN(Method):
         return self
 
     def score(self, split) -> np.ndarray:
-        _check_fitted(self, "bank_")
+        check_fitted(self, "bank_")
         features = finite_features(split)
         _check_dim(self.name, split, features, self.bank_.shape[1])
         return knn_score(l2_normalise(features), self.bank_, self.k)
@@ -254,7 +247,7 @@ class ViM(Method):
         return vim_residual(features, self.u_, self.R_)
 
     def _residual(self, split) -> np.ndarray:
-        _check_fitted(self, "u_", "R_")
+        check_fitted(self, "u_", "R_")
         features = finite_features(split)
         _check_dim(self.name, split, features, len(self.u_))
         return vim_residual(features, self.u_, self.R_)
@@ -269,7 +262,7 @@ class ViM(Method):
         return self
 
     def score(self, split) -> np.ndarray:
-        _check_fitted(self, "alpha_")
+        check_fitted(self, "alpha_")
         residual = self._residual(split)
         return vim_score(finite_logits(split), residual, self.alpha_)
 
@@ -328,7 +321,7 @@ class KLMatching(Method):
         return self
 
     def score(self, split) -> np.ndarray:
-        _check_fitted(self, "templates_")
+        check_fitted(self, "templates_")
         logits = finite_logits(split)
         if logits.shape[1] != self.templates_.shape[1]:
             raise ValueError(f"klm: {split_name(split)} has {logits.shape[1]} classes but the templates were fit on "

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 from scipy.special import softmax
 
-from methods.base import Method, finite_features, finite_logits, register, split_name
+from methods.base import Method, check_fitted, finite_features, finite_logits, register, split_name
 from methods.logit_scores import energy
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,7 @@ class RGAdditive(Method):
         return self
 
     def score(self, split) -> np.ndarray:
-        if not hasattr(self, "alpha_"):
-            raise ValueError(f"{self.name}: call fit(ID fit split) before score; alpha is learned there")
+        check_fitted(self, "alpha_")
         logits, features = _logits_and_features(split)
         return rg_additive(logits, features, self.k, self.alpha_)
 

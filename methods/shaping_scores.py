@@ -12,7 +12,8 @@ import hashlib
 
 import numpy as np
 
-from methods.base import Method, finite_features, finite_head, finite_logits, register, rowwise_matmul
+from methods.base import (Method, check_fitted, finite_features, finite_head,
+                          finite_logits, register, rowwise_matmul)
 from methods.logit_scores import energy
 
 REACT_GRID = [80.0, 85.0, 90.0, 95.0, 99.0]
@@ -165,11 +166,6 @@ def _features_and_head(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (features, *finite_head(split, features.shape[1]))
 
 
-def _require_fit(method: Method, attribute: str) -> None:
-    if getattr(method, attribute, None) is None:
-        raise ValueError(f"{method.name}: call fit(ID fit split) before score/predict; {attribute} is learned there")
-
-
 class _Shaping(Method):
     """Shared score/predict: subclasses implement ``_logits(split)`` (the shaped logits)."""
 
@@ -183,6 +179,10 @@ class _Shaping(Method):
 
     def predict(self, split) -> np.ndarray:
         return self._logits(split).argmax(axis=1)
+
+    def score_and_predict(self, split) -> tuple[np.ndarray, np.ndarray]:
+        logits = self._logits(split)  # shaped once for both
+        return energy(logits, 1.0), logits.argmax(axis=1)
 
 
 # ---------------------------------------------------------------- methods
@@ -210,7 +210,7 @@ class ReAct(_Shaping):
         return self
 
     def _logits(self, split) -> np.ndarray:
-        _require_fit(self, "c_")
+        check_fitted(self, "c_")
         return react_logits(*_features_and_head(split), self.c_)
 
 
@@ -234,35 +234,30 @@ class DICE(_Shaping):
         return self
 
     def _logits(self, split) -> np.ndarray:
-        _require_fit(self, "mask_")
+        check_fitted(self, "mask_")
         return dice_logits(*_features_and_head(split), self.mask_)
 
 
 @register
-class DICEReAct(_Shaping):
+class DICEReAct(DICE):
     """DICE+ReAct: clip at c (``react_p``-th percentile of the fit features), then the DICE-masked head
     (sparsity ``p``); S = LSE_1((M * W) min(v, c) + b). As in the DICE code, the mean feature v_bar
     behind the mask is computed from the UNCLIPPED fit features."""
 
     name = "dice_react"
-    grid = {"p": DICE_GRID}
 
     def __init__(self, p: float = 10.0, react_p: float = 90.0):
-        self.p = p
+        super().__init__(p)
         self.react_p = react_p
 
     def fit(self, split) -> "DICEReAct":
-        _check_percentile(self.name, "p", self.p)
         _check_percentile(self.name, "react_p", self.react_p)
-        features = finite_features(split)
-        W, _ = finite_head(split, features.shape[1])
-        self.c_ = react_threshold(features, self.react_p)
-        self.v_bar_ = features.mean(axis=0)
-        self.mask_ = dice_mask(W, self.v_bar_, self.p)
+        super().fit(split)
+        self.c_ = react_threshold(finite_features(split), self.react_p)
         return self
 
     def _logits(self, split) -> np.ndarray:
-        _require_fit(self, "mask_")
+        check_fitted(self, "mask_", "c_")
         return dice_react_logits(*_features_and_head(split), self.mask_, self.c_)
 
 

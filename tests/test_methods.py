@@ -67,6 +67,9 @@ def test_higher_means_more_in_distribution():
 
 def test_predict_is_argmax_of_the_logits():
     np.testing.assert_array_equal(make_method("energy").predict(split([[0.1, 2.0], [3.0, -1.0]])), [1, 0])
+    scores, predictions = make_method("energy").score_and_predict(split(LOGITS))
+    np.testing.assert_array_equal(scores, make_method("energy").score(split(LOGITS)))
+    np.testing.assert_array_equal(predictions, [2, 0])
 
 
 def test_registry_defaults_labels_and_coercion():

@@ -166,11 +166,25 @@ def test_no_mutation_and_batch_independence(name):
     assert full_scores.dtype == np.float64 and np.all(np.isfinite(full_scores))
     order = np.random.default_rng(0).permutation(len(test.features))
     shuffled = fake_split(test.features[order], *test.head)
-    # per-sample math; only BLAS row-blocking can move the last bits of the matmul
+    # per-sample math with fixed-shape matrix products (rowwise_matmul): exactly equal
     np.testing.assert_array_equal(method.score(shuffled), full_scores[order])
     np.testing.assert_array_equal(method.predict(shuffled), full_pred[order])
     halves = [fake_split(part, *test.head) for part in np.array_split(test.features, [7])]
     np.testing.assert_array_equal(np.concatenate([method.score(h) for h in halves]), full_scores)
+
+
+@pytest.mark.parametrize("name", SHAPING)
+def test_score_and_predict_shapes_once_and_equals_the_separate_calls(name, monkeypatch):
+    fit, test = random_split(3), random_split(4)
+    method = make_method(name).fit(fit)
+    expected = method.score(test), method.predict(test)
+    calls = []
+    original = type(method)._logits
+    monkeypatch.setattr(type(method), "_logits", lambda self, split: calls.append(1) or original(self, split))
+    scores, predictions = method.score_and_predict(test)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(scores, expected[0])
+    np.testing.assert_array_equal(predictions, expected[1])
 
 
 def test_ash_rand_same_sample_same_draws_in_any_batch():
