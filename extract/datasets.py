@@ -25,8 +25,6 @@ from typing import Callable
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -81,7 +79,14 @@ _HOW_TO_GET = {
 
 
 class DatasetUnavailable(RuntimeError):
-    """The files of a dataset were not found (or could not be downloaded)."""
+    """The files of a dataset were not found (or could not be downloaded).
+
+    ``searched``: the paths looked at, so a caller can notice when one of them appears.
+    """
+
+    def __init__(self, message: str, searched=()):
+        super().__init__(message)
+        self.searched = tuple(Path(p) for p in searched)
 
 
 @dataclass
@@ -91,6 +96,8 @@ class ImageSet:
     images: (N,H,W) grayscale or (N,H,W,3) RGB, uint8 in [0,255] or float32 in [0,1].
     labels: int64 (N,), the set's own class labels (-1 where the set has none);
     ``classes[label]`` names a label when ``classes`` is given.
+    inputs: the files read and the folders searched before them: the on-disk state this set
+    depends on (empty for generated sets).
     """
 
     name: str
@@ -99,6 +106,7 @@ class ImageSet:
     labels: np.ndarray
     source: str
     classes: tuple[str, ...] | None = None
+    inputs: tuple[Path, ...] = ()
 
     def __post_init__(self):
         images, labels = self.images, self.labels
@@ -230,7 +238,7 @@ def _unavailable(name, split, data_root, searched, expected) -> DatasetUnavailab
         lines.append(f"No data root given: pass data_root (--data-root) or set ${DATA_ROOT_ENV}.")
     lines.append(f"Expected: {expected}")
     lines.append(f"How to get it: {_HOW_TO_GET[name]}")
-    return DatasetUnavailable("\n".join(lines))
+    return DatasetUnavailable("\n".join(lines), searched)
 
 
 # ---------------------------------------------------------------- idx files (MNIST family)
@@ -253,15 +261,16 @@ def _idx_dirs(name, data_root, extra_dirs):
 
 
 def _locate_idx_pair(name, split, data_root, extra_dirs=()):
-    """Paths of the images and labels idx files (``.gz`` or plain) from the first folder holding both."""
+    """Paths of the images and labels idx files (``.gz`` or plain) from the first folder holding both,
+    and the folders searched up to that one."""
     stems = (f"{_IDX_PREFIX[split]}-images-idx3-ubyte", f"{_IDX_PREFIX[split]}-labels-idx1-ubyte")
     dirs = _idx_dirs(name, data_root, extra_dirs)
-    for directory in dirs:
+    for i, directory in enumerate(dirs):
         found = [
             next((p for p in (directory / f"{stem}.gz", directory / stem) if p.is_file()), None) for stem in stems
         ]
         if all(found):
-            return found
+            return found, dirs[:i + 1]
     raise _unavailable(
         name, split, data_root, dirs,
         f"{stems[0]}.gz and {stems[1]}.gz (or uncompressed) together in one of those folders",
@@ -271,12 +280,12 @@ def _locate_idx_pair(name, split, data_root, extra_dirs=()):
 def _load_idx_set(name, split, data_root, download, classes, extra_dirs=()):
     """Read an idx images/labels pair, downloading it with torchvision first when asked and missing."""
     try:
-        images_path, labels_path = _locate_idx_pair(name, split, data_root, extra_dirs)
+        (images_path, labels_path), searched = _locate_idx_pair(name, split, data_root, extra_dirs)
     except DatasetUnavailable:
         if not (download and name in _TORCHVISION_CLASSES):
             raise
         _torchvision_download(name, data_root)
-        images_path, labels_path = _locate_idx_pair(name, split, data_root, extra_dirs)
+        (images_path, labels_path), searched = _locate_idx_pair(name, split, data_root, extra_dirs)
     images = read_idx(images_path)
     labels = read_idx(labels_path).astype(np.int64)
     if images.ndim != 3 or labels.shape != (len(images),):
@@ -284,7 +293,8 @@ def _load_idx_set(name, split, data_root, download, classes, extra_dirs=()):
             f"{images_path} holds {images.shape} and {labels_path} holds {labels.shape}; "
             "expected (N,H,W) images and (N,) labels"
         )
-    return ImageSet(name, split, images, labels, source=f"{images_path}, {labels_path}", classes=classes)
+    return ImageSet(name, split, images, labels, source=f"{images_path}, {labels_path}", classes=classes,
+                    inputs=(*searched, images_path, labels_path))
 
 
 @register_dataset("fashion-mnist", ("train", "test"), "Fashion-MNIST, 28x28 grayscale clothing, 10 classes")
@@ -335,7 +345,7 @@ def load_animal_mnist(split, data_root, download):
         images, labels = npz["images"], npz["labels"].astype(np.int64)
     if images.dtype != np.uint8 or images.ndim != 3 or labels.shape != (len(images),):
         raise ValueError(f"{path}: expected uint8 images (N,H,W) and labels (N,), got {images.dtype} {images.shape}")
-    return ImageSet("animal-mnist", split, images, labels, source=str(path))
+    return ImageSet("animal-mnist", split, images, labels, source=str(path), inputs=(path,))
 
 
 def _check_positive(**values):
@@ -382,7 +392,7 @@ def load_textures(split, data_root, download, *, n, size, seed):
         rows, cols = _crop_origins(u[index], *texture.shape, size)
         images[index] = sliding_window_view(texture, (size, size))[rows, cols]
     source = f"{size}x{size} crops at default_rng({seed}) positions of " + ", ".join(map(str, paths))
-    return ImageSet("textures", split, images, labels, source=source, classes=TEXTURE_NAMES)
+    return ImageSet("textures", split, images, labels, source=source, classes=TEXTURE_NAMES, inputs=(folder, *paths))
 
 
 # ---------------------------------------------------------------- scikit-learn's bundled data
@@ -392,15 +402,17 @@ def _sklearn_bundled(relative: str) -> Path:
     spec = importlib.util.find_spec("sklearn")
     path = Path(spec.origin).parent / relative if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise DatasetUnavailable(f"scikit-learn's bundled file {relative} was not found; install scikit-learn")
+        raise DatasetUnavailable(f"scikit-learn's bundled file {relative} was not found; install scikit-learn",
+                                 [path] if path else [])
     return path
 
 
-def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+def bundled_digits() -> tuple[np.ndarray, np.ndarray, Path]:
     """scikit-learn's ``datasets/data/digits.csv.gz`` as ``load_digits`` reads it: 1,797 rows of 64
-    pixel values (0..16) and the label. Returns float64 images (1797,8,8) and int64 labels."""
-    data = np.loadtxt(_sklearn_bundled("datasets/data/digits.csv.gz"), delimiter=",")
-    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    pixel values (0..16) and the label. Returns float64 images (1797,8,8), int64 labels and the file."""
+    path = _sklearn_bundled("datasets/data/digits.csv.gz")
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64), path
 
 
 @register_dataset("digits28", ("test",), "scikit-learn's 1,797 8x8 digits upscaled to 28x28")
@@ -408,12 +420,15 @@ def load_digits28(split, data_root, download):
     """scikit-learn's bundled digits (all 1,797; ``bundled_digits``), values 0..16 scaled to [0,1],
     upscaled 8x8 -> 28x28 bilinearly (torch ``interpolate``, align_corners=False). float32
     (1797,28,28); labels are the digits."""
-    digits, labels = bundled_digits()
+    import torch  # imported where used: the registry itself loads without torch (`oodbench score` never needs it)
+    import torch.nn.functional as F
+
+    digits, labels, path = bundled_digits()
     small = torch.from_numpy((digits / 16.0).astype(np.float32))[:, None]
     images = F.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False)[:, 0].clamp(0, 1).numpy()
     return ImageSet("digits28", split, images, labels,
                     source="scikit-learn's digits.csv.gz (8x8, /16), upscaled to 28x28 bilinearly",
-                    classes=DIGIT_CLASSES)
+                    classes=DIGIT_CLASSES, inputs=(path,))
 
 
 @register_dataset("photo-patches", ("test",), "Seeded grayscale patches of scikit-learn's two sample photos",
@@ -428,10 +443,13 @@ def load_photo_patches(split, data_root, download, *, n, size, seed):
     numpy default_rng(seed), resized to size x size bilinearly with antialiasing (torch
     ``interpolate``, one call per crop side). float32 in [0,1].
     """
+    import torch  # imported where used, as in load_digits28
+    import torch.nn.functional as F
+
     _check_positive(n=n, size=size)
-    photos = []
-    for name in PHOTO_NAMES:
-        with Image.open(_sklearn_bundled(f"datasets/images/{name}.jpg")) as image:
+    photos, paths = [], [_sklearn_bundled(f"datasets/images/{name}.jpg") for name in PHOTO_NAMES]
+    for path in paths:
+        with Image.open(path) as image:
             photos.append((np.asarray(image.convert("RGB"), dtype=np.float32) @ ITU_R_601_LUMA) / 255.0)
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % len(photos)
@@ -449,7 +467,7 @@ def load_photo_patches(split, data_root, download, *, n, size, seed):
     np.clip(images, 0.0, 1.0, out=images)
     source = (f"scikit-learn's china.jpg/flower.jpg luma; crops of side U[{size},{4 * size}] at default_rng({seed}) "
               f"positions, bilinear (antialiased) to {size}x{size}")
-    return ImageSet("photo-patches", split, images, labels, source=source, classes=PHOTO_NAMES)
+    return ImageSet("photo-patches", split, images, labels, source=source, classes=PHOTO_NAMES, inputs=tuple(paths))
 
 
 @register_dataset("digits", ("train", "test", "ood"), "8x8 digits: classes 0-5 in-distribution, 6-9 held-out OOD",
@@ -463,7 +481,7 @@ def load_digits_benchmark(split, data_root, download, *, test_fraction, seed):
     """
     from sklearn.model_selection import train_test_split  # imported here: scikit-learn is slow to import
 
-    digits, labels = bundled_digits()
+    digits, labels, path = bundled_digits()
     if split == "ood":
         index = np.flatnonzero(labels >= 6)
         classes = DIGIT_CLASSES
@@ -477,7 +495,7 @@ def load_digits_benchmark(split, data_root, download, *, test_fraction, seed):
     images = (digits[index] / 16.0).astype(np.float32)
     source = (f"sklearn.datasets.load_digits /16; classes 0-5 split stratified with test_fraction={test_fraction}, "
               f"seed={seed}; ood = classes 6-9")
-    return ImageSet("digits", split, images, labels[index], source=source, classes=classes)
+    return ImageSet("digits", split, images, labels[index], source=source, classes=classes, inputs=(path,))
 
 
 # ---------------------------------------------------------------- synthetic (Outlier Exposure, Hendrycks et al. 2019)

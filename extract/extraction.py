@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from tqdm.auto import tqdm
 
 from extract.backbones import Backbone
 from extract.datasets import ImageSet
-from extract.store import CachedSplit, CacheCorrupt, FeatureStore, content_key, file_lock, write_h5_atomic
+from extract.store import CachedSplit, CacheCorrupt, FeatureStore, atomic_target, content_key, file_lock, \
+    write_h5_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +86,8 @@ def forward_rows(backbone: Backbone, images: np.ndarray, layers: tuple[str, ...]
 
 def _save_chunk(path: Path, arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> None:
     """Save ``arrays`` atomically as an npz whose keys are positions in ``names`` (any layer name is safe)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as handle:
+    with atomic_target(path) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **{f"a{i}": arrays[name] for i, name in enumerate(names)})
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _load_chunk(path: Path, names: tuple[str, ...], rows: int) -> dict[str, np.ndarray] | None:

@@ -59,6 +59,22 @@ def metadata_digest(version, meta_text: str, array_digests: dict[str, str]) -> s
     return hashlib.sha256(json.dumps([int(version), meta_text, array_digests], sort_keys=True).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_target(path: Path):
+    """A temporary path beside ``path`` to write to; it replaces ``path`` (fsynced, one rename) when
+    the block completes and is removed when it fails, so readers see the old file or the whole new
+    one, never part of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     """Write ``arrays`` (names may contain '/') and ``meta`` to ``path`` atomically.
 
@@ -67,11 +83,9 @@ def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Pa
     ``checksum`` attribute covers the format version, the meta JSON and every array's name and
     sha256; HDF5's own metadata is checksummed too (file format v110).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     meta_text = json.dumps(meta, sort_keys=True)
     digests = {}
-    try:
+    with atomic_target(path) as tmp:
         with h5py.File(tmp, "w", libver=("v110", "latest")) as h5:
             for name, array in arrays.items():
                 array = np.ascontiguousarray(array)
@@ -87,11 +101,6 @@ def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Pa
             h5.attrs["format_version"] = FORMAT_VERSION
             h5.attrs["meta"] = meta_text
             h5.attrs["checksum"] = metadata_digest(FORMAT_VERSION, meta_text, digests)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from tqdm.auto import tqdm
 
 from extract.backbones import BackboneSpec
 from extract.datasets import ImageSet
-from extract.store import content_key
+from extract.store import atomic_target, content_key
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +117,8 @@ def weights_path(weights_dir: Path, spec: BackboneSpec, recipe: Recipe, train_se
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def train_backbone(spec: BackboneSpec, recipe: Recipe, train_set: ImageSet, *, num_classes: int, seed: int,

@@ -18,16 +18,19 @@ import sys
 import time
 from pathlib import Path
 
-from extract.backbones import BACKBONES, CheckpointMismatch
 from extract.datasets import DATASETS, DatasetUnavailable, default_data_root, fetch_dataset
 from extract.store import CacheCorrupt, CacheMissing, FeatureStore, verify_file
-from harness.config import BenchmarkError, MethodRef, available_benchmarks, load_benchmark
-from harness.pipeline import BenchmarkRun, RunOptions
+from harness.config import BenchmarkError, MethodRef, available_benchmarks, benchmark_path, load_benchmark
+from harness.evaluation import Evaluation, RunSummary
+from harness.resolution import Resolution, RunOptions, load_record
 from methods import METHODS, make_method
 
+# Nothing imported above loads torch (3 s): `score` and `leaderboard` from a recorded resolution
+# never need it. Commands that do (run, extract, list, resolving afresh) import harness.pipeline.
+
 CACHE_ENV = "OODBENCH_CACHE_DIR"
-USER_ERRORS = (BenchmarkError, CacheMissing, CacheCorrupt, CheckpointMismatch, DatasetUnavailable,
-               FileNotFoundError, ValueError)
+USER_ERRORS = (BenchmarkError, CacheMissing, CacheCorrupt, DatasetUnavailable, FileNotFoundError,
+               ValueError)  # ValueError covers CheckpointMismatch
 
 
 def default_cache_dir() -> Path:
@@ -90,10 +93,24 @@ def _options(args) -> RunOptions:
                       download=args.download, progress=not args.quiet)
 
 
-def _print_summary(run: BenchmarkRun, started: float) -> None:
-    summary = run.summary
+def _resolve(options: RunOptions, benchmark: str, summary: RunSummary, compute: bool) -> Resolution:
+    """The benchmark resolved to its cache entries: from its record when nothing it came from has
+    changed (no torch, no images), else in full - training and extracting what is missing when
+    ``compute``, else raising ``CacheMissing`` for anything not cached."""
+    if not compute:
+        started = time.perf_counter()
+        resolution = load_record(options.record_path(benchmark_path(benchmark)))
+        if resolution is not None:
+            summary.add_time("read record", time.perf_counter() - started)
+            return resolution
+    from harness.pipeline import BenchmarkRun  # imports torch
+
+    return BenchmarkRun(load_benchmark(benchmark), options, summary).resolve(compute=compute)
+
+
+def _print_summary(summary: RunSummary, resolution: Resolution, started: float) -> None:
     print()
-    for line in summary.lines + summary.skipped:
+    for line in summary.lines + resolution.skipped:
         print(line)
     stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in summary.timings.items())
     print(f"time: {time.perf_counter() - started:.1f}s ({stages})")
@@ -103,50 +120,52 @@ def _print_summary(run: BenchmarkRun, started: float) -> None:
 
 def cmd_run(args, compute: bool = True) -> int:
     started = time.perf_counter()
-    benchmark = load_benchmark(args.benchmark)
-    run = BenchmarkRun(benchmark, _options(args))
     methods = None
     if getattr(args, "methods", None):
         methods = tuple(MethodRef(name.strip()) for name in args.methods.split(","))
         for ref in methods:
             make_method(ref.name)
-    metrics = run.evaluate(methods, compute_backbones=compute, compute_entries=compute, compute_scores=compute)
-    boards = run.write_leaderboards(metrics)
+    options, summary = _options(args), RunSummary()
+    resolution = _resolve(options, args.benchmark, summary, compute=compute)
+    evaluation = Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary)
+    metrics = evaluation.evaluate(methods, compute_scores=compute)
+    boards = evaluation.write_leaderboards(metrics)
     for board in boards.values():
         print()
         print(board.to_text())
-    _print_summary(run, started)
+    _print_summary(summary, resolution, started)
     return 0
 
 
 def cmd_extract(args) -> int:
     started = time.perf_counter()
-    run = BenchmarkRun(load_benchmark(args.benchmark), _options(args))
-    for config in run.benchmark.backbones:
-        for seed in run.seeds:
-            backbone = run.backbone(config, seed)
-            for label, entry in run.entries(backbone).items():
-                print(f"{config.name} seed {seed} {label}: {entry.path}")
-            run.summary.lines.append(run.backbone_line(backbone, seed))
-    _print_summary(run, started)
+    summary = RunSummary()
+    resolution = _resolve(_options(args), args.benchmark, summary, compute=True)
+    for backbone in resolution.backbones:
+        for label, path in backbone.entries.items():
+            print(f"{backbone.name} seed {backbone.seed} {label}: {path}")
+        summary.lines.append(backbone.line())
+    _print_summary(summary, resolution, started)
     return 0
 
 
 def cmd_score(args) -> int:
     """Score one method from the cache: no training, no extraction, no forward pass."""
     started = time.perf_counter()
-    run = BenchmarkRun(load_benchmark(args.benchmark), _options(args))
     ref = MethodRef(args.method, dict(args.param))
     make_method(ref.name, **ref.params)
-    metrics = run.evaluate((ref,), compute_backbones=False, compute_entries=False, compute_scores=True, plot=False)
+    options, summary = _options(args), RunSummary()
+    resolution = _resolve(options, args.benchmark, summary, compute=False)
+    evaluation = Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary)
+    metrics = evaluation.evaluate((ref,), compute_scores=True, plot=False)
     columns = ["seed", "backbone", "ood_set", "fpr95", "auroc", "aupr_in", "aupr_out", "id_acc"]
     table = metrics[columns].copy()
     table[columns[3:]] = (100 * table[columns[3:]]).round(2)
-    print(f"{metrics['method'].iloc[0]} on {run.benchmark.name} ({run.benchmark.convention}, values in %)")
+    print(f"{metrics['method'].iloc[0]} on {resolution.benchmark} ({resolution.convention}, values in %)")
     print(table.to_string(index=False))
     means = table.groupby(["backbone", "seed"])[columns[3:]].mean().round(2)
     print("\naverage over OOD sets:\n" + means.to_string())
-    _print_summary(run, started)
+    _print_summary(summary, resolution, started)
     return 0
 
 
@@ -184,6 +203,8 @@ def cmd_cache(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from extract.backbones import BACKBONES  # imports torch
+
     print("benchmarks: " + ", ".join(available_benchmarks()))
     print("\ndatasets:")
     for name, entry in sorted(DATASETS.items()):

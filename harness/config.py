@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from extract.backbones import get_backbone_spec, preprocessing_from_config
 from extract.datasets import DATASETS
-from extract.training import Recipe
 from methods import METHODS, make_method
 from results.metrics import CONVENTIONS
+
+if TYPE_CHECKING:
+    from extract.training import Recipe
 
 BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -115,6 +117,11 @@ def _dataset_ref(where: str, item, group: str) -> DatasetRef:
 
 
 def _backbone(where: str, item: dict) -> BackboneConfig:
+    # Imported here: the backbone registry imports torch (3 s), which reading a benchmark's resolved
+    # record (`oodbench score` on a warm cache) never needs.
+    from extract.backbones import get_backbone_spec, preprocessing_from_config
+    from extract.training import Recipe
+
     _check_keys(where, item, {"name"}, {"arch", "train", "factory", "checkpoint", "kwargs", "head", "layers",
                                          "preprocessing"})
     if bool(item.get("arch")) == bool(item.get("factory")):
@@ -198,14 +205,20 @@ def available_benchmarks() -> list[str]:
     return sorted(p.stem for p in BENCHMARK_DIR.glob("*.yaml"))
 
 
-def load_benchmark(name_or_path: str | Path) -> Benchmark:
-    """Load a packaged benchmark by name (e.g. 'fashion-mnist') or any YAML file by path."""
+def benchmark_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a packaged benchmark name (e.g. 'fashion-mnist') or of a path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = BENCHMARK_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise BenchmarkError(f"no benchmark {str(name_or_path)!r}: not a file, and not one of the packaged "
                              f"benchmarks ({', '.join(available_benchmarks())})")
+    return path
+
+
+def load_benchmark(name_or_path: str | Path) -> Benchmark:
+    """Load a packaged benchmark by name (e.g. 'fashion-mnist') or any YAML file by path."""
+    path = benchmark_path(name_or_path)
     with open(path) as handle:
         try:
             data = yaml.safe_load(handle)

@@ -474,7 +474,7 @@ def test_bundled_files_read_as_scikit_learn_reads_them():
     from extract.datasets import PHOTO_NAMES, _sklearn_bundled, bundled_digits
     from PIL import Image
 
-    images, labels = bundled_digits()
+    images, labels, _ = bundled_digits()
     reference = load_digits()
     np.testing.assert_array_equal(images, reference.images)
     np.testing.assert_array_equal(labels, reference.target)

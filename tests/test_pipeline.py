@@ -21,10 +21,12 @@ from sklearn.metrics import roc_auc_score
 
 from extract.backbones import DigitsNet
 from extract.store import CachedSplit, CacheMissing
-from tests.conftest import oodbench
+from tests.conftest import files, only_a_record_was_added, oodbench
 from methods import METHODS as REGISTERED_METHODS, Method, make_method
 from harness.config import BENCHMARK_DIR, MethodRef, load_benchmark
-from harness.pipeline import BenchmarkRun, RunOptions
+from harness.evaluation import Evaluation
+from harness.pipeline import BenchmarkRun
+from harness.resolution import RunOptions
 
 METHODS = tuple(sorted(REGISTERED_METHODS))  # the digits benchmark runs every registered method
 OOD_SETS = {"digits-6to9": "digits.ood", "photo-patches": "photo-patches.test", "gaussian": "gaussian.test"}
@@ -128,11 +130,11 @@ def test_energy_auroc_on_held_out_digits_matches_sklearn(warm):
 
 
 def test_second_run_on_warm_cache_computes_nothing(warm, cache_copy, tmp_path, capsys, forwards):
-    before = sorted(p.relative_to(cache_copy) for p in cache_copy.rglob("*") if p.is_file())
+    before = files(cache_copy)
     code, out, err = oodbench(capsys, "run", "digits", "--cache-dir", cache_copy, "--out", tmp_path / "out", "--quiet")
     assert code == 0, err
     assert forwards == []
-    assert sorted(p.relative_to(cache_copy) for p in cache_copy.rglob("*") if p.is_file()) == before
+    assert only_a_record_was_added(cache_copy, before)
     assert ((tmp_path / "out/digits/digits-net/leaderboard.csv").read_text()
             == (warm.out / "digits/digits-net/leaderboard.csv").read_text())
 
@@ -141,18 +143,19 @@ def test_second_run_on_warm_cache_computes_nothing(warm, cache_copy, tmp_path, c
 
 def test_cached_scores_are_the_method_math_and_cache_only_mode_never_computes(warm, tmp_path, forwards):
     run = BenchmarkRun(load_benchmark("digits"), RunOptions(cache_dir=warm.cache, out_dir=tmp_path, progress=False))
-    config = run.benchmark.backbones[0]
-    backbone = run.backbone(config, 0, compute=False)
-    entries = run.entries(backbone, compute=False)
+    resolution = run.resolve(compute=False)
+    evaluation = Evaluation(resolution, run.store, tmp_path)
+    [backbone] = resolution.backbones
+    entries = evaluation.open_entries(backbone)
     assert set(entries) == {"digits-train", "digits-test", *OOD_SETS}
-    scored = run.scores(backbone, MethodRef("energy"), entries, compute=False)
+    scored = evaluation.scores(backbone, MethodRef("energy"), entries, compute=False)
     assert set(scored) == {"digits-test", *OOD_SETS}
     for label, result in scored.items():
         logits = entries[label].logits.astype(np.float64)
         np.testing.assert_allclose(result.scores, logsumexp(logits, axis=1), rtol=1e-12)
         np.testing.assert_array_equal(result.predictions, logits.argmax(axis=1))
     with pytest.raises(CacheMissing, match=r"run `oodbench score digits --method energy` first"):
-        run.scores(backbone, MethodRef("energy", {"T": "3"}), entries, compute=False)
+        evaluation.scores(backbone, MethodRef("energy", {"T": "3"}), entries, compute=False)
     assert forwards == []
     assert list(tmp_path.iterdir()) == []  # nothing written
 

@@ -1,0 +1,184 @@
+"""Cache -> scores (cached) -> metrics -> leaderboards, for a benchmark resolved to its entries.
+
+Nothing here loads images or runs a network, and nothing imports torch: ``oodbench score`` and
+``oodbench leaderboard`` run from a ``Resolution`` (see ``harness.resolution``) and the HDF5
+cache alone. Scores are cached per (method, parameters, fit entry, scored entry); with
+``compute_scores=False`` a missing score is a ``CacheMissing`` naming the command that fills it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from extract.store import CachedSplit, CacheCorrupt, CacheMissing, FeatureStore, content_key, read_verified, \
+    write_h5_atomic
+from harness.config import MethodRef
+from harness.resolution import Resolution, ResolvedBackbone
+from methods import Method, make_method
+from results.leaderboard import Leaderboard, build_leaderboard
+from results.metrics import accuracy, ood_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scored:
+    """One method's per-sample scores and class predictions on one entry."""
+
+    scores: np.ndarray
+    predictions: np.ndarray
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for the closing summary and the report."""
+
+    lines: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: list[Path] = field(default_factory=list)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+
+class Evaluation:
+    """Scores, metrics and leaderboards of one resolved benchmark, from the cache."""
+
+    def __init__(self, resolution: Resolution, store: FeatureStore, out_dir: Path, summary: RunSummary | None = None):
+        self.resolution = resolution
+        self.store = store
+        self.out_root = Path(out_dir)
+        self.summary = summary or RunSummary()
+
+    def open_entries(self, backbone: ResolvedBackbone) -> dict[str, CachedSplit]:
+        """Every entry of ``backbone``, verified; a missing or corrupt one is an error naming the fix."""
+        started = time.perf_counter()
+        entries = {}
+        for label, relative in backbone.entries.items():
+            entry = self.store.open_entry(self.store.root / relative)
+            if entry is None:
+                raise CacheMissing(f"no cached features for {backbone.name} on {label} "
+                                   f"({self.store.root / relative}); run `oodbench extract "
+                                   f"{self.resolution.benchmark}` first")
+            entries[label] = entry
+        self.summary.add_time("open cache", time.perf_counter() - started)
+        return entries
+
+    def scores(self, backbone: ResolvedBackbone, method_ref: MethodRef, entries: dict[str, CachedSplit],
+               compute: bool = True) -> dict[str, Scored]:
+        """Per-sample scores of one method on every evaluated entry, from the score cache or computed.
+
+        The method is fit on the ID fit entry only when some score is not cached yet.
+        """
+        res = self.resolution
+        method = make_method(method_ref.name, **method_ref.params)
+        fit_entry = entries[res.id_fit]
+        started = time.perf_counter()
+        fitted: Method | None = None
+        result = {}
+        for label in (res.id_test, *res.ood_labels):
+            entry = entries[label]
+            key = content_key("scores", method.name, method.get_params(), method.version, fit_entry.data_key,
+                              entry.data_key)
+            path = self.store.scores_path(backbone.key, method.name, key)
+            try:
+                if path.exists():
+                    result[label] = Scored(read_verified(path, "scores"), read_verified(path, "predictions"))
+                    continue
+            except CacheCorrupt as err:
+                log.warning("recomputing scores: %s", err)
+            if not compute:
+                raise CacheMissing(f"no cached {method.label()} scores for {backbone.name} on {label}; "
+                                   f"run `oodbench score {res.benchmark} --method {method.name}` first")
+            if fitted is None:
+                fitted = method.fit(fit_entry)
+            scores, predictions = fitted.score_and_predict(entry)
+            scored = Scored(np.asarray(scores, dtype=np.float64), predictions)
+            write_h5_atomic(path, {"scores": scored.scores, "predictions": scored.predictions},
+                            {"kind": "scores", "method": method.name, "params": method.get_params(),
+                             "backbone_name": backbone.name, "fit": fit_entry.data_key, "entry": entry.data_key,
+                             "what": f"{method.label()} on {label}", "n": len(scored.scores)})
+            result[label] = scored
+        self.summary.add_time("score", time.perf_counter() - started)
+        return result
+
+    def metric_rows(self, backbone: ResolvedBackbone, method_ref: MethodRef, scored: dict[str, Scored],
+                    entries: dict[str, CachedSplit]) -> list[dict]:
+        """One tidy row per OOD set: FPR@95, AUROC, AUPR-In/Out and the method's ID accuracy."""
+        res = self.resolution
+        id_acc = accuracy(scored[res.id_test].predictions, entries[res.id_test].labels)
+        label = make_method(method_ref.name, **method_ref.params).label()
+        rows = []
+        for ood_label, group in res.ood_groups.items():
+            values = ood_metrics(scored[res.id_test].scores, scored[ood_label].scores, convention=res.convention)
+            rows.append({"benchmark": res.benchmark, "backbone": backbone.name, "seed": backbone.seed,
+                         "method": label, "ood_set": ood_label, "group": group, "convention": res.convention,
+                         **{k: values[k] for k in ("fpr95", "auroc", "aupr_in", "aupr_out")}, "id_acc": id_acc})
+        return rows
+
+    def evaluate(self, methods: tuple[MethodRef, ...] | None = None, compute_scores: bool = True,
+                 plot: bool = True) -> pd.DataFrame:
+        """Tidy metrics for every (seed, backbone, method, OOD set); with ``plot``, score histograms of
+        the first seed per backbone."""
+        res = self.resolution
+        methods = methods or res.methods
+        rows = []
+        for backbone in res.backbones:
+            entries = self.open_entries(backbone)
+            histograms = {}
+            for method_ref in methods:
+                scored = self.scores(backbone, method_ref, entries, compute=compute_scores)
+                rows += self.metric_rows(backbone, method_ref, scored, entries)
+                if backbone.seed == res.seeds[0]:
+                    histograms[rows[-1]["method"]] = {"ID": scored[res.id_test].scores,
+                                                      **{k: scored[k].scores for k in res.ood_labels}}
+            if plot and histograms:
+                from results.plots import plot_score_histograms  # matplotlib is slow to import; only runs plot
+
+                path = self.out_dir(backbone.name) / "score_histograms.png"
+                self.summary.outputs.append(plot_score_histograms(
+                    histograms, path, title=f"{res.benchmark} / {backbone.name} (seed {backbone.seed})"))
+            self.summary.lines.append(backbone.line())
+        frame = pd.DataFrame(rows)
+        frame.attrs["convention"] = res.convention
+        return frame
+
+    def out_dir(self, backbone_name: str | None = None) -> Path:
+        path = self.out_root / self.resolution.benchmark
+        return path / backbone_name if backbone_name else path
+
+    def write_leaderboards(self, metrics: pd.DataFrame) -> dict[str, Leaderboard]:
+        """One leaderboard per backbone (CSV, LaTeX, Markdown), the tidy metrics CSV and a report."""
+        boards = {}
+        out = self.out_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        tidy = out / "metrics.csv"
+        metrics.to_csv(tidy, index=False)
+        self.summary.outputs.append(tidy)
+        for name, frame in metrics.groupby("backbone", sort=False):
+            frame = frame.copy()
+            frame.attrs["convention"] = self.resolution.convention
+            board = build_leaderboard(frame)
+            folder = self.out_dir(name)
+            self.summary.outputs += [board.to_csv(folder / "leaderboard.csv"),
+                                     board.to_latex(folder / "leaderboard.tex"),
+                                     board.to_markdown(folder / "leaderboard.md")]
+            boards[name] = board
+        self.summary.outputs.append(self._write_report(boards))
+        return boards
+
+    def _write_report(self, boards: dict[str, Leaderboard]) -> Path:
+        res = self.resolution
+        lines = [f"# {res.benchmark}", "", res.description, "",
+                 f"Seeds: {', '.join(map(str, res.seeds))}. Convention: {res.convention}.", ""]
+        lines += [f"- {line}" for line in self.summary.lines + res.skipped]
+        for name, board in boards.items():
+            lines += ["", f"## {name}", "", (self.out_dir(name) / "leaderboard.md").read_text()]
+        path = self.out_dir() / "report.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
