@@ -12,7 +12,7 @@ Where the data comes from:
 - torchvision downloads (``download=True`` or ``fetch_dataset``) for ``mnist``,
   ``fashion-mnist`` and ``kmnist``.
 - scikit-learn's bundled data: ``digits``, ``digits28``, ``photo-patches``.
-- Generated from a seed: ``gaussian``, ``bernoulli``, ``blobs``.
+- Generated from a seed: ``gaussian``, ``bernoulli``, ``blobs``, ``uniform``.
 
 Nothing is cached: each call reads or generates fresh arrays, which the caller owns.
 """
@@ -512,6 +512,16 @@ def load_gaussian(split, data_root, download, *, n, size, seed):
     images = np.clip(0.5 + 0.5 * rng.standard_normal((n, size, size), dtype=np.float32), 0.0, 1.0)
     source = f"0.5 + 0.5 * default_rng({seed}).standard_normal (float32) clipped to [0,1], n={n}, size={size}"
     return _unlabelled("gaussian", split, images, source)
+
+
+@register_dataset("uniform", ("test",), "Uniform noise U[0,1]", n=10000, size=28, seed=0)
+def load_uniform(split, data_root, download, *, n, size, seed):
+    """Uniform noise as in ODIN (Liang et al. 2018): every pixel i.i.d. U[0,1) from numpy
+    default_rng(seed). float32 (n,size,size)."""
+    _check_positive(n=n, size=size)
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, size, size), dtype=np.float32)
+    return _unlabelled("uniform", split, images, f"default_rng({seed}).random (float32), n={n}, size={size}")
 
 
 @register_dataset("bernoulli", ("test",), "Bernoulli(0.5) noise in {0,1}", n=10000, size=28, seed=0)

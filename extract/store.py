@@ -272,11 +272,11 @@ class FeatureStore:
         return CachedSplit(path)
 
     def files(self) -> list[Path]:
-        """Every complete cache file (heads, entries, scores), trained weights and quarantined
-        ``*.corrupt`` files, sorted."""
+        """Every complete cache file (heads, entries, scores), trained weights, resolution records
+        (``runs/*.json``, see harness.resolution) and quarantined ``*.corrupt`` files, sorted."""
         if not self.root.is_dir():
             return []
-        patterns = ("*.h5", "*.h5.corrupt", "weights/*.pt")
+        patterns = ("*.h5", "*.h5.corrupt", "weights/*.pt", "runs/*.json")
         return sorted(p for pattern in patterns for p in self.root.rglob(pattern) if not p.name.startswith("."))
 
     def listing(self) -> list[dict]:
@@ -286,6 +286,8 @@ class FeatureStore:
             row = {"path": str(path.relative_to(self.root)), "bytes": path.stat().st_size}
             if path.suffix == ".pt":
                 rows.append({**row, "kind": "weights", "what": ""})
+            elif path.suffix == ".json":
+                rows.append({**row, "kind": "record", "what": "a benchmark resolved to its entries"})
             elif path.suffix == ".corrupt":
                 rows.append({**row, "kind": "CORRUPT", "what": "moved aside, never read"})
             else:

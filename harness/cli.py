@@ -3,6 +3,8 @@
     oodbench run BENCHMARK            train/extract what is missing, score every method, write the leaderboard
     oodbench extract BENCHMARK        train/extract only
     oodbench score BENCHMARK --method NAME [--param k=v ...]   one scorer from the cache alone
+    oodbench sweep BENCHMARK --method NAME [--grid k=v1,v2 ...]  a hyperparameter grid from the cache,
+                                      selected on the benchmark's validation OOD set
     oodbench leaderboard BENCHMARK    re-render the leaderboard from cached scores
     oodbench cache ls | verify | rm   inspect, check or delete cache files
     oodbench fetch DATASET            download a dataset with torchvision (needs internet)
@@ -23,7 +25,8 @@ from extract.store import CacheCorrupt, CacheMissing, FeatureStore, verify_file
 from harness.config import BenchmarkError, MethodRef, available_benchmarks, benchmark_path, load_benchmark
 from harness.evaluation import Evaluation, RunSummary
 from harness.resolution import Resolution, RunOptions, load_record
-from methods import METHODS, make_method
+from methods import METHODS, make_method, parameter_grid
+from results.leaderboard import METRICS
 
 # Nothing imported above loads torch (3 s): `score` and `leaderboard` from a recorded resolution
 # never need it. Commands that do (run, extract, list, resolving afresh) import harness.pipeline.
@@ -51,6 +54,11 @@ def _param(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _grid_axis(text: str) -> tuple[str, list[str]]:
+    key, values = _param(text)
+    return key, [v for v in values.split(",") if v]
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cache-dir", type=Path, default=None,
@@ -75,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", parents=[bench], help="run one scorer from the cache (no network)")
     score.add_argument("--method", required=True)
     score.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE")
+    sweep = commands.add_parser("sweep", parents=[bench], help="a method's hyperparameter grid from the cache, "
+                                "selected on the benchmark's validation OOD set")
+    sweep.add_argument("--method", required=True)
+    sweep.add_argument("--grid", type=_grid_axis, action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="replace or add one axis of the registry's grid (repeatable)")
+    sweep.add_argument("--criterion", default="auroc", choices=tuple(METRICS),
+                       help="validation metric to select by (default auroc; fpr95 is minimised)")
     commands.add_parser("leaderboard", parents=[bench], help="re-render the leaderboard from cached scores")
     cache = commands.add_parser("cache", parents=[common], help="inspect, verify or remove cache files")
     cache.add_argument("action", choices=("ls", "verify", "rm"))
@@ -169,6 +184,33 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """A method's grid scored from the cache alone; the setting is chosen on the validation OOD set."""
+    started = time.perf_counter()
+    points = parameter_grid(args.method, dict(args.grid))
+    options, summary = _options(args), RunSummary()
+    resolution = _resolve(options, args.benchmark, summary, compute=False)
+    evaluation = Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary)
+    table = evaluation.sweep(args.method, points, args.criterion)
+    val = f"val_{args.criterion}"
+    print(f"{args.method} sweep on {resolution.benchmark}: {len(points)} settings, selected by {args.criterion} "
+          f"on the validation OOD set {resolution.validation} ({resolution.convention}, values in %)")
+    shown = table.drop(columns=["method"]).copy()
+    metric_columns = [c for c in shown.columns if c == val or c.endswith(("_fpr95", "_auroc"))]
+    shown[metric_columns] = (100 * shown[metric_columns]).round(2)
+    shown["selected"] = shown["selected"].map({True: "*", False: ""})
+    print(shown.to_string(index=False))
+    for _, row in table[table["selected"]].iterrows():
+        print(f"\nselected for {row['backbone']} seed {row['seed']}: {row['method']} (validation {args.criterion} "
+              f"{100 * row[val]:.2f}) -> test FPR@95 {100 * row['test_fpr95']:.2f}, AUROC {100 * row['test_auroc']:.2f}")
+    path = evaluation.out_dir() / "sweeps" / f"{args.method}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    summary.outputs.append(path)
+    _print_summary(summary, resolution, started)
+    return 0
+
+
 def cmd_cache(args) -> int:
     store = FeatureStore(args.cache_dir or default_cache_dir())
     files = [p for p in store.files()
@@ -223,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(message)s")
-    handlers = {"run": cmd_run, "extract": cmd_extract, "score": cmd_score,
+    handlers = {"run": cmd_run, "extract": cmd_extract, "score": cmd_score, "sweep": cmd_sweep,
                 "leaderboard": lambda a: cmd_run(a, compute=False), "cache": cmd_cache, "list": cmd_list,
                 "fetch": lambda a: fetch_dataset(a.dataset, a.data_root) or 0}
     try:

@@ -1,7 +1,7 @@
 """Benchmark definitions: YAML files in ``benchmarks/`` parsed into small dataclasses, validated once.
 
 A benchmark names its ID dataset (fit and test splits, class count), its OOD sets grouped
-near/far, the seeds, the metric convention, the methods (default: every registered one), the
+near/far, the validation OOD set that sweeps select hyperparameters on, the seeds, the metric convention, the methods (default: every registered one), the
 backbones (a registry architecture with a training recipe, or ``module:factory`` + checkpoint)
 and what extraction caches. Every unknown key or name is an error that lists the valid ones.
 """
@@ -68,6 +68,7 @@ class Benchmark:
     ood: tuple[DatasetRef, ...]
     backbones: tuple[BackboneConfig, ...]
     methods: tuple[MethodRef, ...]
+    validation: DatasetRef | None = None  # the OOD set sweeps select on; disjoint from ``ood``
     seeds: tuple[int, ...] = (0,)
     convention: str = "id_positive"
     batch_size: int = 256
@@ -164,7 +165,7 @@ def _method(where: str, item) -> MethodRef:
 def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
     """Validate a benchmark mapping (as loaded from YAML) into a ``Benchmark``."""
     _check_keys(source, data, {"name", "id", "ood", "backbones"},
-                {"description", "seeds", "convention", "methods", "extraction"})
+                {"description", "validation", "seeds", "convention", "methods", "extraction"})
     _check_keys(f"{source}: id", data["id"], {"dataset", "fit_split", "test_split", "num_classes"}, set())
     id_ref = _dataset_ref(f"{source}: id", {"dataset": data["id"]["dataset"], "split": data["id"]["test_split"]}, "")
     _dataset_ref(f"{source}: id fit split", {"dataset": id_ref.dataset, "split": data["id"]["fit_split"]}, "")
@@ -181,6 +182,14 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise BenchmarkError(f"{source}: OOD sets {duplicates} appear twice; give them distinct 'name's")
+    validation = None
+    if data.get("validation") is not None:
+        validation = _dataset_ref(f"{source}: validation", data["validation"], "validation")
+        taken = {ref.dataset for ref in ood} | {id_ref.dataset}
+        if validation.dataset in taken or validation.label in labels:
+            raise BenchmarkError(f"{source}: the validation OOD set {validation.dataset!r} must be disjoint from "
+                                 f"the ID set and every test OOD set ({', '.join(sorted(taken))}); hyperparameters "
+                                 "selected on a test set would make its results optimistic")
     convention = data.get("convention", "id_positive")
     if convention not in CONVENTIONS:
         raise BenchmarkError(f"{source}: convention {convention!r} is not one of {CONVENTIONS}")
@@ -196,7 +205,7 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
         num_classes=int(data["id"]["num_classes"]), ood=ood,
         backbones=tuple(_backbone(f"{source}: backbones #{i + 1}", b) for i, b in enumerate(data["backbones"])),
         methods=tuple(_method(f"{source}: methods #{i + 1}", m) for i, m in enumerate(method_items)),
-        seeds=tuple(seeds), convention=convention, batch_size=int(extraction.get("batch_size", 256)),
+        validation=validation, seeds=tuple(seeds), convention=convention, batch_size=int(extraction.get("batch_size", 256)),
         layers=tuple(extraction.get("layers", ())), activations_dtype=extraction.get("activations_dtype", "float32"),
         source=source)
 

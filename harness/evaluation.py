@@ -20,7 +20,7 @@ from extract.store import CachedSplit, CacheCorrupt, CacheMissing, FeatureStore,
 from harness.config import MethodRef
 from harness.resolution import Resolution, ResolvedBackbone
 from methods import Method, make_method
-from results.leaderboard import Leaderboard, build_leaderboard
+from results.leaderboard import LOWER_IS_BETTER, METRICS, Leaderboard, build_leaderboard
 from results.metrics import accuracy, ood_metrics
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,11 @@ class Evaluation:
 
     def scores(self, backbone: ResolvedBackbone, method_ref: MethodRef, entries: dict[str, CachedSplit],
                compute: bool = True) -> dict[str, Scored]:
-        """Per-sample scores of one method on every evaluated entry, from the score cache or computed.
+        """Per-sample scores of one method on the ID test, test OOD and validation OOD entries, from the
+        score cache or computed.
 
-        The method is fit on the ID fit entry only when some score is not cached yet.
+        The method is fit on the ID fit entry only when some score is not cached yet, and a fresh
+        instance is fit for every parameter setting: fitted state never outlives its parameters.
         """
         res = self.resolution
         method = make_method(method_ref.name, **method_ref.params)
@@ -81,7 +83,7 @@ class Evaluation:
         started = time.perf_counter()
         fitted: Method | None = None
         result = {}
-        for label in (res.id_test, *res.ood_labels):
+        for label in (res.id_test, *res.ood_labels, *([res.validation] if res.validation else [])):
             entry = entries[label]
             key = content_key("scores", method.name, method.get_params(), method.version, fit_entry.data_key,
                               entry.data_key)
@@ -146,6 +148,47 @@ class Evaluation:
             self.summary.lines.append(backbone.line())
         frame = pd.DataFrame(rows)
         frame.attrs["convention"] = res.convention
+        return frame
+
+    def sweep(self, method: str, points: list[dict], criterion: str = "auroc") -> pd.DataFrame:
+        """Every parameter setting of ``method`` scored from the cache, selected on the validation OOD set.
+
+        One row per (backbone, seed, setting): the parameters, the validation ``criterion`` (ID test
+        vs the validation OOD set) and the test results (mean over the test OOD sets, and per group
+        where the benchmark groups them). Per (backbone, seed), ``selected`` marks the setting with
+        the best validation value, the first in grid order on ties. The test sets play no part in
+        the choice.
+        """
+        res = self.resolution
+        if criterion not in METRICS:
+            raise ValueError(f"unknown selection criterion {criterion!r}; choose one of {', '.join(METRICS)}")
+        if res.validation is None:
+            reason = next((line for line in res.skipped if line.startswith("skipped validation")), None)
+            raise ValueError(f"benchmark {res.benchmark} has no validation OOD set to select on"
+                             + (f" ({reason})" if reason else "; name one under `validation:` in its file"))
+        rows = []
+        for backbone in res.backbones:
+            entries = self.open_entries(backbone)
+            first = len(rows)
+            for params in points:
+                ref = MethodRef(method, params)
+                scored = self.scores(backbone, ref, entries)
+                validation = ood_metrics(scored[res.id_test].scores, scored[res.validation].scores,
+                                         convention=res.convention)
+                test = pd.DataFrame(self.metric_rows(backbone, ref, scored, entries))
+                row = {"backbone": backbone.name, "seed": backbone.seed, "method": test["method"].iloc[0],
+                       **make_method(method, **params).get_params(), f"val_{criterion}": validation[criterion]}
+                for metric in ("fpr95", "auroc"):
+                    row[f"test_{metric}"] = test[metric].mean()
+                    for group, values in test[test["group"] != ""].groupby("group", sort=False):
+                        row[f"{group}_{metric}"] = values[metric].mean()
+                rows.append(row)
+            values = [row[f"val_{criterion}"] for row in rows[first:]]
+            best = first + int(np.argmin(values) if criterion in LOWER_IS_BETTER else np.argmax(values))
+            for i in range(first, len(rows)):
+                rows[i]["selected"] = i == best
+        frame = pd.DataFrame(rows)
+        frame.attrs.update(convention=res.convention, validation=res.validation, criterion=criterion)
         return frame
 
     def out_dir(self, backbone_name: str | None = None) -> Path:

@@ -51,21 +51,23 @@ class BenchmarkRun:
         started = time.perf_counter()
         for ref in (bench.id_fit, bench.id_test):
             sets[ref.label] = (ref, self._load(ref))  # the ID data is required: errors propagate
-        for ref in bench.ood:
+        validation = [bench.validation] if bench.validation else []
+        for ref in (*bench.ood, *validation):
             try:
                 images = self._load(ref)
             except DatasetUnavailable as err:
                 self.watched.update(err.searched)
                 lines = str(err).splitlines()  # first line and the "How to get it" line, not the search list
                 reason = " ".join([lines[0], *(line for line in lines[1:] if line.startswith("How to get it"))])
-                self.skipped.append(f"skipped OOD set {ref.label}: {reason}")
-                log.warning("skipped OOD set %s: %s", ref.label, reason)
+                what = "validation OOD set" if ref in validation else "OOD set"
+                self.skipped.append(f"skipped {what} {ref.label}: {reason}")
+                log.warning("skipped %s %s: %s", what, ref.label, reason)
                 continue
             if len(images) == 0:
                 raise ValueError(f"OOD set {ref.label!r} ({ref.dataset}/{ref.split}) has no samples; "
                                  "check its files or remove it from the benchmark")
             sets[ref.label] = (ref, images)
-        if len(sets) == 2:
+        if not any(ref in bench.ood for ref, _ in sets.values()):
             raise DatasetUnavailable(f"benchmark {bench.name}: none of its OOD sets is available "
                                      f"({'; '.join(self.skipped)})")
         for _, images in sets.values():
@@ -145,10 +147,11 @@ class BenchmarkRun:
                 backbones.append(ResolvedBackbone(
                     config.name, seed, backbone.key, backbone.info,
                     {label: str(entry.path.relative_to(self.store.root)) for label, entry in entries.items()}))
-        ids = {bench.id_fit.label, bench.id_test.label}
+        sets = self.datasets()
+        validation = bench.validation.label if bench.validation and bench.validation.label in sets else None
         resolution = Resolution(bench.name, bench.description, bench.convention, self.seeds, bench.methods,
                                 bench.id_fit.label, bench.id_test.label,
-                                {label: ref.group for label, (ref, _) in self.datasets().items() if label not in ids},
+                                {ref.label: ref.group for ref in bench.ood if ref.label in sets}, validation,
                                 self.skipped, backbones)
         source = Path(bench.source)
         if source.is_file():  # a benchmark parsed from a mapping has no file to key a record by

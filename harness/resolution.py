@@ -69,7 +69,8 @@ class Resolution:
     methods: tuple[MethodRef, ...]
     id_fit: str
     id_test: str
-    ood_groups: dict[str, str]  # OOD set label -> 'near', 'far' or '' (ungrouped), in benchmark order
+    ood_groups: dict[str, str]  # test OOD set label -> 'near', 'far' or '' (ungrouped), in benchmark order
+    validation: str | None  # the validation OOD set's label (sweeps select on it); None when absent
     skipped: list[str]  # one line per optional OOD set whose files are absent
     backbones: list[ResolvedBackbone]
 

@@ -10,6 +10,7 @@ never matters. A split is anything with the arrays the method declares in ``read
 from __future__ import annotations
 
 import inspect
+import itertools
 
 import numpy as np
 
@@ -92,6 +93,16 @@ def make_method(name: str, **params) -> Method:
     except ValueError as err:
         raise ValueError(f"method {name!r}: bad parameter value ({err})") from err
     return cls(**parsed)
+
+
+def parameter_grid(name: str, overrides: dict[str, list] | None = None) -> list[dict]:
+    """Every combination of a registered method's ``grid`` (the registry's sweep values), with
+    ``overrides`` replacing or adding axes; parameters are checked by ``make_method``."""
+    axes = {**make_method(name).grid, **(overrides or {})}
+    points = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    for point in points:
+        make_method(name, **point)
+    return points
 
 
 def check_fitted(method: Method, *attributes: str) -> None:

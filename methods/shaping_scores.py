@@ -245,6 +245,7 @@ class DICEReAct(DICE):
     behind the mask is computed from the UNCLIPPED fit features."""
 
     name = "dice_react"
+    grid = {"p": DICE_GRID, "react_p": REACT_GRID}
 
     def __init__(self, p: float = 10.0, react_p: float = 90.0):
         super().__init__(p)

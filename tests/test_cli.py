@@ -26,7 +26,10 @@ from methods import METHODS as REGISTERED_METHODS
 from harness.config import BENCHMARK_DIR
 
 METHODS = tuple(sorted(REGISTERED_METHODS))  # the digits benchmark runs every registered method
-H5_FILES = 1 + 5 + 4 * len(METHODS)  # head, 5 entries, every method's scores on the 4 evaluated sets
+# head, 6 entries (ID train and test, 3 test OOD sets, the validation set), every method's scores on
+# the 5 scored sets
+H5_FILES = 1 + 6 + 5 * len(METHODS)
+OTHER_FILES = 2  # the trained weights and the warm run's resolution record
 OOD_SETS = ("digits-6to9", "photo-patches", "gaussian")
 EXTRACT_FIRST = "run `oodbench extract digits` first"
 
@@ -109,7 +112,7 @@ def test_score_with_a_parameter_computes_new_cached_scores(cache_copy, tmp_path,
     assert forwards == []
     assert out.lstrip().startswith("energy(T=2) on digits ")
     new_files = score_files(cache_copy, "energy") - default_files
-    assert len(new_files) == 1 + len(OOD_SETS)  # ID test + each OOD set
+    assert len(new_files) == 1 + len(OOD_SETS) + 1  # ID test, each test OOD set, the validation set
     default_by_entry = {h5_meta(p)["entry"]: p for p in default_files}
     for path in new_files:
         meta = h5_meta(path)
@@ -217,7 +220,7 @@ def test_leaderboard_rerenders_from_cached_scores(warm, cache_copy, tmp_path, ca
 
 def test_leaderboard_with_missing_scores_names_the_score_command(cache_copy, tmp_path, capsys, forwards):
     code, out, err = oodbench(capsys, "cache", "rm", "*/scores/msp.*", "--cache-dir", cache_copy)
-    assert code == 0 and out.startswith("removed 4 files")
+    assert code == 0 and out.startswith("removed 5 files")
     code, _, err = oodbench(capsys, "leaderboard", "digits", "--cache-dir", cache_copy, "--out", tmp_path / "out",
                             "--quiet")
     assert code == 2
@@ -230,20 +233,22 @@ def test_leaderboard_with_missing_scores_names_the_score_command(cache_copy, tmp
 
 def test_cache_ls_lists_every_file(cache_copy, capsys):
     h5_files = sorted(str(p.relative_to(cache_copy)) for p in cache_copy.rglob("*.h5"))
-    assert len(h5_files) == H5_FILES  # head, 5 entries, every method x 4 evaluated sets
+    assert len(h5_files) == H5_FILES
     weights = sorted(str(p.relative_to(cache_copy)) for p in cache_copy.glob("weights/*.pt"))
     assert len(weights) == 1  # the trained digits-net
+    records = sorted(str(p.relative_to(cache_copy)) for p in cache_copy.glob("runs/*.json"))
+    assert len(records) == 1  # the warm run's resolution
     code, out, _ = oodbench(capsys, "cache", "ls", "--cache-dir", cache_copy)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0] == f"cache {cache_copy}: {H5_FILES + 1} files"
-    assert sorted(line.split()[-1] for line in lines[1:]) == sorted(h5_files + weights)
+    assert lines[0] == f"cache {cache_copy}: {H5_FILES + OTHER_FILES} files"
+    assert sorted(line.split()[-1] for line in lines[1:]) == sorted(h5_files + weights + records)
     kinds = [line.split()[0] for line in lines[1:]]
-    assert kinds.count("features") == 5 and kinds.count("head") == 1 and kinds.count("scores") == 4 * len(METHODS)
-    assert kinds.count("weights") == 1
+    assert kinds.count("features") == 6 and kinds.count("head") == 1 and kinds.count("scores") == 5 * len(METHODS)
+    assert kinds.count("weights") == 1 and kinds.count("record") == 1
     code, out, _ = oodbench(capsys, "cache", "ls", "*/scores/energy.*", "--cache-dir", cache_copy)
     assert code == 0
-    assert out.splitlines()[0] == f"cache {cache_copy}: 4 files"
+    assert out.splitlines()[0] == f"cache {cache_copy}: 5 files"
 
 
 def test_cache_verify_detects_a_flipped_byte(cache_copy, capsys):
@@ -298,19 +303,19 @@ def test_cache_rm(cache_copy, capsys):
     assert "cache rm needs at least one pattern" in err
     code, out, _ = oodbench(capsys, "cache", "rm", "*", "--cache-dir", cache_copy)
     assert code == 0
-    assert out.strip() == f"removed {H5_FILES + 1} files from {cache_copy}"
+    assert out.strip() == f"removed {H5_FILES + OTHER_FILES} files from {cache_copy}"
     code, out, _ = oodbench(capsys, "cache", "ls", "--cache-dir", cache_copy)
     assert code == 0
     assert out.strip() == f"cache {cache_copy}: 0 files"
     assert list(cache_copy.rglob("*.h5")) == [] and list(cache_copy.rglob("*.lock")) == []
-    assert list(cache_copy.rglob("*.pt")) == []
+    assert list(cache_copy.rglob("*.pt")) == [] and list(cache_copy.rglob("*.json")) == []
 
 
 def test_cache_dir_from_environment(cache_copy, monkeypatch, capsys):
     monkeypatch.setenv("OODBENCH_CACHE_DIR", str(cache_copy))
     code, out, _ = oodbench(capsys, "cache", "ls")
     assert code == 0
-    assert out.splitlines()[0] == f"cache {cache_copy}: {H5_FILES + 1} files"
+    assert out.splitlines()[0] == f"cache {cache_copy}: {H5_FILES + OTHER_FILES} files"
 
 
 # ---------------------------------------------------------------- list
@@ -360,15 +365,21 @@ def _unknown_backbone_arch(config):
     config["backbones"][0]["arch"] = "resnet-nope"
 
 
+def _validation_is_a_test_set(config):
+    config["validation"] = {"dataset": "gaussian", "params": {"seed": 5}}
+
+
 @pytest.mark.parametrize("mutate, messages", [
     (_unknown_key, ["missing keys [], unknown keys ['bogus']; allowed: ['backbones', 'convention', 'description', "
-                    "'extraction', 'id', 'methods', 'name', 'ood', 'seeds']"]),
+                    "'extraction', 'id', 'methods', 'name', 'ood', 'seeds', 'validation']"]),
     (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits", "gaussian, kmnist"]),
     (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),
     (_unknown_method_param, ["methods #1: method 'energy' has no parameter Q; its parameters: T (default 1.0)"]),
     (_unknown_dataset_param, ["dataset 'gaussian' has no parameters ['sigma']", "'n': 10000"]),
     (_unknown_backbone_arch, ["backbones #1: unknown backbone architecture 'resnet-nope'; registered: cnn28, "
                               "digits-net"]),
+    (_validation_is_a_test_set, ["the validation OOD set 'gaussian' must be disjoint from the ID set and every "
+                                 "test OOD set (digits, gaussian, photo-patches)"]),
 ])
 def test_benchmark_file_errors_name_the_valid_choices(tmp_path, capsys, forwards, mutate, messages):
     config = digits_config()

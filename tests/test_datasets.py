@@ -368,7 +368,7 @@ def test_textures_missing_and_too_small(tmp_path):
 
 # ---------------------------------------------------------------- synthetic sets
 
-@pytest.mark.parametrize("name", ["gaussian", "bernoulli", "blobs"])
+@pytest.mark.parametrize("name", ["gaussian", "bernoulli", "blobs", "uniform"])
 def test_synthetic_deterministic_and_shaped(name):
     a = load_dataset(name, n=300, seed=7)
     b = load_dataset(name, n=300, seed=7)
@@ -395,6 +395,14 @@ def test_bernoulli_statistics():
     images = load_dataset("bernoulli", n=2000).images
     assert set(np.unique(images)) == {0.0, 1.0}
     assert abs(images.mean() - 0.5) < 0.005
+
+
+def test_uniform_statistics():
+    images = load_dataset("uniform", n=2000).images
+    assert 0.0 <= images.min() < 1e-4 and 1 - 1e-4 < images.max() < 1.0
+    assert abs(images.mean() - 0.5) < 0.005
+    assert abs(images.var() - 1 / 12) < 0.001  # the variance of U[0,1]
+    assert abs((images < 0.25).mean() - 0.25) < 0.005
 
 
 def test_blobs_follow_the_outlier_exposure_recipe():
@@ -520,7 +528,7 @@ def test_photo_patches_grayscale_is_luma():
 def test_registry_names():
     assert set(DATASETS) == {
         "fashion-mnist", "mnist", "notmnist", "kmnist", "animal-mnist", "textures", "digits28",
-        "photo-patches", "gaussian", "bernoulli", "blobs", "digits",
+        "photo-patches", "gaussian", "bernoulli", "blobs", "uniform", "digits",
     }
     assert DATASETS["gaussian"].defaults == {"n": 10000, "size": 28, "seed": 0}
     assert DATASETS["digits"].splits == ("train", "test", "ood")

@@ -147,9 +147,9 @@ def test_cached_scores_are_the_method_math_and_cache_only_mode_never_computes(wa
     evaluation = Evaluation(resolution, run.store, tmp_path)
     [backbone] = resolution.backbones
     entries = evaluation.open_entries(backbone)
-    assert set(entries) == {"digits-train", "digits-test", *OOD_SETS}
+    assert set(entries) == {"digits-train", "digits-test", *OOD_SETS, "uniform"}
     scored = evaluation.scores(backbone, MethodRef("energy"), entries, compute=False)
-    assert set(scored) == {"digits-test", *OOD_SETS}
+    assert set(scored) == {"digits-test", *OOD_SETS, "uniform"}
     for label, result in scored.items():
         logits = entries[label].logits.astype(np.float64)
         np.testing.assert_allclose(result.scores, logsumexp(logits, axis=1), rtol=1e-12)

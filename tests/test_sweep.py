@@ -1,0 +1,114 @@
+"""Hyperparameter sweeps from the cache (`oodbench sweep`, Evaluation.sweep): selection on the
+validation OOD set only, values rederived with numpy and sklearn, and every swept parameter
+refits and changes the scores (OpenOOD and pytorch-ood both shipped sweeps where it did not)."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import logsumexp
+from sklearn.metrics import roc_auc_score
+
+from harness.config import BENCHMARK_DIR, MethodRef, load_benchmark
+from harness.evaluation import Evaluation
+from harness.pipeline import BenchmarkRun
+from harness.resolution import RunOptions
+from methods import METHODS, make_method, parameter_grid
+from tests.conftest import oodbench
+
+TEST_SETS = {"digits-6to9": "digits.ood", "photo-patches": "photo-patches.test", "gaussian": "gaussian.test"}
+
+
+def cached_logits(cache, stem) -> np.ndarray:
+    [path] = cache.rglob(f"{stem}.*.h5")
+    with h5py.File(path, "r") as h5:
+        return h5["logits"][()].astype(np.float64)
+
+
+def id_auroc(id_scores, ood_scores) -> float:
+    return roc_auc_score(np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))], np.r_[id_scores, ood_scores])
+
+
+def test_sweep_selects_on_the_validation_set_and_reports_test_results(warm, cache_copy, tmp_path, capsys, forwards):
+    out = tmp_path / "out"
+    code, stdout, err = oodbench(capsys, "sweep", "digits", "--method", "energy", "--grid", "T=0.5,1,20",
+                                 "--cache-dir", cache_copy, "--out", out, "--quiet")
+    assert code == 0, err
+    assert forwards == []
+    assert stdout.startswith("energy sweep on digits: 3 settings, selected by auroc on the validation OOD set uniform")
+    table = pd.read_csv(out / "digits" / "sweeps" / "energy.csv")
+    assert list(table["T"]) == [0.5, 1.0, 20.0]
+    energy = {T: (lambda logits, T=T: T * logsumexp(logits / T, axis=1)) for T in table["T"]}
+    id_logits = cached_logits(cache_copy, "digits.test")
+    for _, row in table.iterrows():
+        score = energy[row["T"]]
+        assert row["val_auroc"] == pytest.approx(id_auroc(score(id_logits), score(cached_logits(cache_copy,
+                                                                                             "uniform.test"))), abs=1e-9)
+        test = [id_auroc(score(id_logits), score(cached_logits(cache_copy, stem))) for stem in TEST_SETS.values()]
+        assert row["test_auroc"] == pytest.approx(np.mean(test), abs=1e-9)
+        assert row["far_auroc"] == pytest.approx(np.mean(test[1:]), abs=1e-9)
+    assert table["selected"].tolist() == [i == table["val_auroc"].idxmax() for i in range(3)]
+    board = pd.read_csv(warm.out / "digits/digits-net/leaderboard.csv", index_col="method")
+    assert table.loc[1, "test_auroc"] == pytest.approx(board.loc["energy", "avg/auroc"], abs=1e-12)
+    chosen = table[table["selected"]].iloc[0]
+    assert (f"selected for digits-net seed 0: {chosen['method']} (validation auroc {100 * chosen['val_auroc']:.2f}) "
+            f"-> test FPR@95 {100 * chosen['test_fpr95']:.2f}, AUROC {100 * chosen['test_auroc']:.2f}") in stdout
+
+
+def test_fpr_criterion_is_minimised(cache_copy, tmp_path, capsys):
+    code, _, err = oodbench(capsys, "sweep", "digits", "--method", "react", "--criterion", "fpr95",
+                            "--cache-dir", cache_copy, "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "digits" / "sweeps" / "react.csv")
+    assert list(table["p"]) == make_method("react").grid["p"]  # the registry's grid by default
+    assert table["selected"].tolist() == [i == table["val_fpr95"].idxmin() for i in range(len(table))]
+
+
+def test_every_swept_parameter_refits_and_changes_the_scores(warm, tmp_path):
+    """For every method and grid axis, the first two grid values: the cached sweep scores equal a
+    freshly fitted instance's, and differ between the two values."""
+    run = BenchmarkRun(load_benchmark("digits"), RunOptions(cache_dir=warm.cache, out_dir=tmp_path, progress=False))
+    evaluation = Evaluation(run.resolve(compute=False), run.store, tmp_path)
+    [backbone] = evaluation.resolution.backbones
+    entries = evaluation.open_entries(backbone)
+    fit, test = entries["digits-train"], entries["digits-test"]
+    checked = []
+    for name, cls in sorted(METHODS.items()):
+        for axis, values in cls.grid.items():
+            if len(values) < 2:
+                continue
+            scores = []
+            for value in values[:2]:
+                cached = evaluation.scores(backbone, MethodRef(name, {axis: value}), entries)["digits-test"].scores
+                fresh = make_method(name, **{axis: value}).fit(fit).score(test)
+                np.testing.assert_allclose(cached, fresh, rtol=1e-12, atol=1e-12, err_msg=f"{name} {axis}={value}")
+                scores.append(cached)
+            assert not np.allclose(*scores), f"{name}: {axis} = {values[0]} and {values[1]} score alike"
+            checked.append(f"{name}.{axis}")
+    assert checked == ["ash_b.p", "ash_p.p", "ash_rand.p", "ash_s.p", "clipped_v.k", "dice.p", "dice_react.p",
+                       "dice_react.react_p", "energy.T", "gradnorm_u_clipped_v.k", "knn.k", "react.p", "rg.k", "rg.T",
+                       "rg_add.gamma"]
+
+
+def test_parameter_grid_expands_the_registry_grid_with_overrides():
+    assert parameter_grid("msp") == [{}]
+    assert parameter_grid("energy") == [{"T": T} for T in METHODS["energy"].grid["T"]]
+    rg = parameter_grid("rg", {"T": ["1", "2"]})
+    assert rg == [{"k": k, "T": T} for k in METHODS["rg"].grid["k"] for T in ("1", "2")]
+    with pytest.raises(ValueError, match="method 'energy' has no parameter Q"):
+        parameter_grid("energy", {"Q": ["1"]})
+
+
+def test_sweep_errors(cache_copy, tmp_path, capsys):
+    config = (BENCHMARK_DIR / "digits.yaml").read_text()
+    no_validation = tmp_path / "digits.yaml"
+    no_validation.write_text("\n".join(line for line in config.splitlines() if not line.startswith("validation:")))
+    code, _, err = oodbench(capsys, "sweep", no_validation, "--method", "energy", "--cache-dir", cache_copy,
+                            "--out", tmp_path, "--quiet")
+    assert code == 2
+    assert err.startswith("error: benchmark digits has no validation OOD set to select on; name one under "
+                          "`validation:` in its file")
+    code, _, err = oodbench(capsys, "sweep", "digits", "--method", "energy", "--grid", "T=1,x",
+                            "--cache-dir", cache_copy, "--quiet")
+    assert code == 2 and "method 'energy': bad parameter value" in err
