@@ -153,7 +153,8 @@ class Evaluation:
     def sweep(self, method: str, points: list[dict], criterion: str = "auroc") -> pd.DataFrame:
         """Every parameter setting of ``method`` scored from the cache, selected on the validation OOD set.
 
-        One row per (backbone, seed, setting): the parameters, the validation ``criterion`` (ID test
+        One row per (backbone, seed, setting): the parameters (``param_<name>``, apart from the
+        backbone's ``seed``), the validation ``criterion`` (ID test
         vs the validation OOD set) and the test results (mean over the test OOD sets, and per group
         where the benchmark groups them). Per (backbone, seed), ``selected`` marks the setting with
         the best validation value, the first in grid order on ties. The test sets play no part in
@@ -177,7 +178,8 @@ class Evaluation:
                                          convention=res.convention)
                 test = pd.DataFrame(self.metric_rows(backbone, ref, scored, entries))
                 row = {"backbone": backbone.name, "seed": backbone.seed, "method": test["method"].iloc[0],
-                       **make_method(method, **params).get_params(), f"val_{criterion}": validation[criterion]}
+                       **{f"param_{k}": v for k, v in make_method(method, **params).get_params().items()},
+                       f"val_{criterion}": validation[criterion]}
                 for metric in ("fpr95", "auroc"):
                     row[f"test_{metric}"] = test[metric].mean()
                     for group, values in test[test["group"] != ""].groupby("group", sort=False):

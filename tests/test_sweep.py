@@ -38,11 +38,11 @@ def test_sweep_selects_on_the_validation_set_and_reports_test_results(warm, cach
     assert forwards == []
     assert stdout.startswith("energy sweep on digits: 3 settings, selected by auroc on the validation OOD set uniform")
     table = pd.read_csv(out / "digits" / "sweeps" / "energy.csv")
-    assert list(table["T"]) == [0.5, 1.0, 20.0]
-    energy = {T: (lambda logits, T=T: T * logsumexp(logits / T, axis=1)) for T in table["T"]}
+    assert list(table["param_T"]) == [0.5, 1.0, 20.0]
+    energy = {T: (lambda logits, T=T: T * logsumexp(logits / T, axis=1)) for T in table["param_T"]}
     id_logits = cached_logits(cache_copy, "digits.test")
     for _, row in table.iterrows():
-        score = energy[row["T"]]
+        score = energy[row["param_T"]]
         assert row["val_auroc"] == pytest.approx(id_auroc(score(id_logits), score(cached_logits(cache_copy,
                                                                                              "uniform.test"))), abs=1e-9)
         test = [id_auroc(score(id_logits), score(cached_logits(cache_copy, stem))) for stem in TEST_SETS.values()]
@@ -61,7 +61,8 @@ def test_fpr_criterion_is_minimised(cache_copy, tmp_path, capsys):
                             "--cache-dir", cache_copy, "--out", tmp_path, "--quiet")
     assert code == 0, err
     table = pd.read_csv(tmp_path / "digits" / "sweeps" / "react.csv")
-    assert list(table["p"]) == make_method("react").grid["p"]  # the registry's grid by default
+    assert list(table["param_p"]) == make_method("react").grid["p"]  # the registry's grid by default
+    assert set(table["param_source"]) == {"train"}  # parameters not swept show their value
     assert table["selected"].tolist() == [i == table["val_fpr95"].idxmin() for i in range(len(table))]
 
 
@@ -98,6 +99,14 @@ def test_parameter_grid_expands_the_registry_grid_with_overrides():
     assert rg == [{"k": k, "T": T} for k in METHODS["rg"].grid["k"] for T in ("1", "2")]
     with pytest.raises(ValueError, match="method 'energy' has no parameter Q"):
         parameter_grid("energy", {"Q": ["1"]})
+
+
+def test_a_method_parameter_named_seed_does_not_hide_the_backbone_seed(cache_copy, tmp_path, capsys):
+    code, _, err = oodbench(capsys, "sweep", "digits", "--method", "knn", "--grid", "k=1,5", "--grid", "seed=3",
+                            "--cache-dir", cache_copy, "--out", tmp_path, "--quiet")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "digits" / "sweeps" / "knn.csv")
+    assert list(table["seed"]) == [0, 0] and list(table["param_seed"]) == [3, 3]
 
 
 def test_sweep_errors(cache_copy, tmp_path, capsys):
