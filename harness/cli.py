@@ -123,6 +123,13 @@ def _resolve(options: RunOptions, benchmark: str, summary: RunSummary, compute: 
     return BenchmarkRun(load_benchmark(benchmark), options, summary).resolve(compute=compute)
 
 
+def _evaluation(args, compute: bool) -> Evaluation:
+    """The benchmark of ``args`` resolved (``_resolve``) and ready to score from the cache."""
+    options, summary = _options(args), RunSummary()
+    resolution = _resolve(options, args.benchmark, summary, compute=compute)
+    return Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary)
+
+
 def _print_summary(summary: RunSummary, resolution: Resolution, started: float) -> None:
     print()
     for line in summary.lines + resolution.skipped:
@@ -140,15 +147,13 @@ def cmd_run(args, compute: bool = True) -> int:
         methods = tuple(MethodRef(name.strip()) for name in args.methods.split(","))
         for ref in methods:
             make_method(ref.name)
-    options, summary = _options(args), RunSummary()
-    resolution = _resolve(options, args.benchmark, summary, compute=compute)
-    evaluation = Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary)
+    evaluation = _evaluation(args, compute=compute)
     metrics = evaluation.evaluate(methods, compute_scores=compute)
     boards = evaluation.write_leaderboards(metrics)
     for board in boards.values():
         print()
         print(board.to_text())
-    _print_summary(summary, resolution, started)
+    _print_summary(evaluation.summary, evaluation.resolution, started)
     return 0
 
 
@@ -169,9 +174,8 @@ def cmd_score(args) -> int:
     started = time.perf_counter()
     ref = MethodRef(args.method, dict(args.param))
     make_method(ref.name, **ref.params)
-    options, summary = _options(args), RunSummary()
-    resolution = _resolve(options, args.benchmark, summary, compute=False)
-    evaluation = Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary)
+    evaluation = _evaluation(args, compute=False)
+    resolution = evaluation.resolution
     metrics = evaluation.evaluate((ref,), compute_scores=True, plot=False)
     columns = ["seed", "backbone", "ood_set", "fpr95", "auroc", "aupr_in", "aupr_out", "id_acc"]
     table = metrics[columns].copy()
@@ -180,7 +184,7 @@ def cmd_score(args) -> int:
     print(table.to_string(index=False))
     means = table.groupby(["backbone", "seed"])[columns[3:]].mean().round(2)
     print("\naverage over OOD sets:\n" + means.to_string())
-    _print_summary(summary, resolution, started)
+    _print_summary(evaluation.summary, resolution, started)
     return 0
 
 
@@ -188,9 +192,8 @@ def cmd_sweep(args) -> int:
     """A method's grid scored from the cache alone; the setting is chosen on the validation OOD set."""
     started = time.perf_counter()
     points = parameter_grid(args.method, dict(args.grid))
-    options, summary = _options(args), RunSummary()
-    resolution = _resolve(options, args.benchmark, summary, compute=False)
-    evaluation = Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary)
+    evaluation = _evaluation(args, compute=False)
+    resolution = evaluation.resolution
     table = evaluation.sweep(args.method, points, args.criterion)
     val = f"val_{args.criterion}"
     print(f"{args.method} sweep on {resolution.benchmark}: {len(points)} settings, selected by {args.criterion} "
@@ -202,12 +205,13 @@ def cmd_sweep(args) -> int:
     print(shown.to_string(index=False))
     for _, row in table[table["selected"]].iterrows():
         print(f"\nselected for {row['backbone']} seed {row['seed']}: {row['method']} (validation {args.criterion} "
-              f"{100 * row[val]:.2f}) -> test FPR@95 {100 * row['test_fpr95']:.2f}, AUROC {100 * row['test_auroc']:.2f}")
+              f"{100 * row[val]:.2f}) -> test FPR@95 {100 * row['test_fpr95']:.2f}, "
+              f"AUROC {100 * row['test_auroc']:.2f}")
     path = evaluation.out_dir() / "sweeps" / f"{args.method}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(path, index=False)
-    summary.outputs.append(path)
-    _print_summary(summary, resolution, started)
+    evaluation.summary.outputs.append(path)
+    _print_summary(evaluation.summary, resolution, started)
     return 0
 
 

@@ -1,9 +1,10 @@
 """Benchmark definitions: YAML files in ``benchmarks/`` parsed into small dataclasses, validated once.
 
 A benchmark names its ID dataset (fit and test splits, class count), its OOD sets grouped
-near/far, the validation OOD set that sweeps select hyperparameters on, the seeds, the metric convention, the methods (default: every registered one), the
-backbones (a registry architecture with a training recipe, or ``module:factory`` + checkpoint)
-and what extraction caches. Every unknown key or name is an error that lists the valid ones.
+near/far, the validation OOD set that sweeps select hyperparameters on, the seeds, the metric
+convention, the methods (default: every registered one), the backbones (a registry
+architecture with a training recipe, or ``module:factory`` + checkpoint) and what extraction
+caches. Every unknown key or name is an error that lists the valid ones.
 """
 from __future__ import annotations
 
@@ -205,7 +206,8 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
         num_classes=int(data["id"]["num_classes"]), ood=ood,
         backbones=tuple(_backbone(f"{source}: backbones #{i + 1}", b) for i, b in enumerate(data["backbones"])),
         methods=tuple(_method(f"{source}: methods #{i + 1}", m) for i, m in enumerate(method_items)),
-        validation=validation, seeds=tuple(seeds), convention=convention, batch_size=int(extraction.get("batch_size", 256)),
+        validation=validation, seeds=tuple(seeds), convention=convention,
+        batch_size=int(extraction.get("batch_size", 256)),
         layers=tuple(extraction.get("layers", ())), activations_dtype=extraction.get("activations_dtype", "float32"),
         source=source)
 

@@ -121,7 +121,8 @@ def test_an_edited_benchmark_file_is_another_record(cache_copy, tmp_path):
     before = options.record_path(bench)
     bench.write_text(bench.read_text() + "\n# a comment is an edit too\n")
     assert options.record_path(bench) != before
-    assert options.record_path(bench) != RunOptions(cache_dir=cache_copy, out_dir=tmp_path, seeds=(1,)).record_path(bench)
+    other_seeds = RunOptions(cache_dir=cache_copy, out_dir=tmp_path, seeds=(1,))
+    assert options.record_path(bench) != other_seeds.record_path(bench)
 
 
 def test_score_from_a_record_whose_entry_was_removed_asks_for_extract(cache_copy, tmp_path, capsys, forwards):

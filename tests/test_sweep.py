@@ -43,8 +43,8 @@ def test_sweep_selects_on_the_validation_set_and_reports_test_results(warm, cach
     id_logits = cached_logits(cache_copy, "digits.test")
     for _, row in table.iterrows():
         score = energy[row["param_T"]]
-        assert row["val_auroc"] == pytest.approx(id_auroc(score(id_logits), score(cached_logits(cache_copy,
-                                                                                             "uniform.test"))), abs=1e-9)
+        validation = score(cached_logits(cache_copy, "uniform.test"))
+        assert row["val_auroc"] == pytest.approx(id_auroc(score(id_logits), validation), abs=1e-9)
         test = [id_auroc(score(id_logits), score(cached_logits(cache_copy, stem))) for stem in TEST_SETS.values()]
         assert row["test_auroc"] == pytest.approx(np.mean(test), abs=1e-9)
         assert row["far_auroc"] == pytest.approx(np.mean(test[1:]), abs=1e-9)
