@@ -45,7 +45,7 @@ def array_digest(array: np.ndarray) -> str:
     """sha256 of an array's dtype, shape and bytes."""
     array = np.ascontiguousarray(array)
     digest = hashlib.sha256(f"{array.dtype.str}|{array.shape}|".encode())
-    digest.update(array.tobytes())
+    digest.update(array.reshape(-1).view(np.uint8))  # the buffer itself, not a copy of its bytes
     return digest.hexdigest()
 
 

@@ -1,31 +1,38 @@
-"""Throughput benchmark (``make perf`` / ``python -m harness.perf``): measured ratios, not timed tests.
+"""Throughput benchmark (``make perf`` / ``python -m harness.perf``): measured figures, not timed tests.
 
-1. Extraction vs a bare forward pass: the same backbone over the same images, once as the
-   minimal loop a user would write (preprocess + forward, outputs discarded) and once as
-   ``extract()`` into an empty store (hooks, chunk files, HDF5 assembly with checksums).
-2. Cache-only scoring vs re-inference: the energy score from the cached entry (open, verify,
-   read logits, score) against running the network again to get the logits.
+Three parts (``--parts``, all by default), printed and written as JSON:
 
-The backbone is the default benchmark's architecture with seeded random weights (throughput
-does not depend on the weights); the images are the Fashion-MNIST test set when present, else
-seeded Gaussian noise of the same shape. Results are printed and written as JSON.
+1. ``extraction``: extraction vs a bare forward pass - the same backbone over the same images,
+   once as the minimal loop a user would write (preprocess + forward, outputs discarded) and once
+   as ``extract()`` into an empty store (hooks, chunk files, HDF5 assembly with checksums); and
+   energy from the cached entry vs running the network again for the logits. The backbone is the
+   default benchmark's architecture with seeded random weights (throughput does not depend on
+   the weights); the images are the Fashion-MNIST test set, else seeded noise of that shape.
+2. ``scale``: every registered method on an ImageNet-shaped synthetic cache (2048-d features,
+   1000 classes; fit split 100,000; ID test 50,000; four OOD sets of 10,000): fit time, time to
+   score the 90,000 test samples, and peak resident memory, each method in a fresh process
+   reading the cache files as ``oodbench score`` does.
+3. ``reinference``: the default benchmark (fashion-mnist), every registered method evaluated
+   (fit, score, metrics) from the warm cache vs the same evaluation where each method re-runs
+   the network over the data it needs, as OpenOOD does.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-import torch
 
-from extract.backbones import get_backbone_spec, registered_backbone
-from extract.datasets import DatasetUnavailable, ImageSet, load_dataset
-from extract.extraction import extract, resolve_device
-from extract.store import CachedSplit, FeatureStore
-from methods import make_method
+from extract.store import CachedSplit, FeatureStore, content_key, write_h5_atomic
+from methods import METHODS, Method, make_method
+from results.metrics import accuracy, ood_metrics
+
+PARTS = ("extraction", "scale", "reinference")
 
 
 def interleaved_best(repeats: int, **functions) -> dict[str, float]:
@@ -45,7 +52,15 @@ def interleaved_best(repeats: int, **functions) -> dict[str, float]:
     return {name: min(values) for name, values in times.items()}
 
 
-def measure(n: int, batch_size: int, device: str, repeats: int) -> dict:
+# ---------------------------------------------------------------- 1. extraction vs a bare forward pass
+
+def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> dict:
+    import torch
+
+    from extract.backbones import get_backbone_spec, registered_backbone
+    from extract.datasets import DatasetUnavailable, ImageSet, load_dataset
+    from extract.extraction import extract, resolve_device
+
     torch.manual_seed(0)
     spec = get_backbone_spec("cnn28")
     backbone = registered_backbone(spec, spec.build(num_classes=10).state_dict(), "cnn28-random", 10)
@@ -72,7 +87,7 @@ def measure(n: int, batch_size: int, device: str, repeats: int) -> dict:
     def reinference():
         logits = [model(backbone.preprocessing(images.images[s:s + batch_size]).to(torch_device)).cpu().numpy()
                   for s in range(0, len(images), batch_size)]
-        energy.score(type("Split", (), {"logits": np.concatenate(logits)})())
+        energy.score(SimpleNamespace(logits=np.concatenate(logits)))
 
     with tempfile.TemporaryDirectory() as root:
         path = extract(backbone, images, FeatureStore(root), batch_size=batch_size, device=device,
@@ -80,33 +95,267 @@ def measure(n: int, batch_size: int, device: str, repeats: int) -> dict:
         best = interleaved_best(repeats, bare=bare_forward, extraction=extraction, rerun=reinference,
                                 cache=lambda: energy.score(CachedSplit(path)))
     bare, extracted, rerun, from_cache = best["bare"], best["extraction"], best["rerun"], best["cache"]
-    return {
+    result = {
         "images": len(images), "dataset": images.name, "batch_size": batch_size, "device": str(torch_device),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "repeats": repeats,
         "bare_forward_img_per_s": len(images) / bare, "extraction_img_per_s": len(images) / extracted,
         "extraction_over_bare_forward": extracted / bare,
         "score_from_cache_s": from_cache, "score_by_reinference_s": rerun,
         "reinference_over_cache_scoring": rerun / from_cache,
     }
+    print(f"{result['images']} {result['dataset']} images, batch {batch_size}, {result['device']} "
+          f"({result['threads']} threads), best of {repeats}")
+    print(f"  bare forward pass     : {result['bare_forward_img_per_s']:9.0f} img/s")
+    print(f"  extraction            : {result['extraction_img_per_s']:9.0f} img/s "
+          f"({result['extraction_over_bare_forward']:.2f}x the bare forward time)")
+    print(f"  energy from the cache : {from_cache * 1e3:9.1f} ms")
+    print(f"  energy by re-inference: {rerun * 1e3:9.1f} ms ({result['reinference_over_cache_scoring']:.0f}x)")
+    return result
+
+
+# ---------------------------------------------------------------- 2. every method at ImageNet scale
+
+IMAGENET_SHAPE = {"features": 2048, "classes": 1000, "fit": 100_000, "id_test": 50_000, "ood": (10_000,) * 4}
+# knn at ImageNet scale runs with the KNN paper's ImageNet settings instead of the registry
+# default (k = 50, CIFAR): k = 1000 on the whole bank, and k = 10 on a 1% bank
+SCALE_KNN_SETTINGS = ({"k": 1000}, {"k": 10, "fit_fraction": 0.01})
+
+
+def scaled_shape(fraction: float) -> dict:
+    """IMAGENET_SHAPE with every sample count multiplied by ``fraction`` (1 = the full size)."""
+    def count(n):
+        return max(IMAGENET_SHAPE["classes"], int(round(n * fraction)))
+    return {**IMAGENET_SHAPE, "fit": count(IMAGENET_SHAPE["fit"]), "id_test": count(IMAGENET_SHAPE["id_test"]),
+            "ood": tuple(count(n) for n in IMAGENET_SHAPE["ood"])}
+
+
+def write_synthetic_cache(root: Path, shape: dict, seed: int = 0) -> tuple[Path, list[Path]]:
+    """An ImageNet-shaped cache in the store's format: a head, a fit entry and the test entries.
+
+    Features are post-ReLU-like, relu(centre_y - 0.5 + noise) with one random non-negative centre
+    per class (every class in the fit split); OOD rows mix two class centres with more noise.
+    Logits are W v + b with a random head, as an extraction would store them. Returns the fit
+    entry and the test entries (ID test first).
+    """
+    rng = np.random.default_rng(seed)
+    n_features, n_classes = shape["features"], shape["classes"]
+    weight = rng.standard_normal((n_classes, n_features), dtype=np.float32) / np.float32(np.sqrt(n_features))
+    bias = rng.standard_normal(n_classes, dtype=np.float32) * np.float32(0.1)
+    centres = np.abs(rng.standard_normal((n_classes, n_features), dtype=np.float32))
+    store = FeatureStore(root)
+    key = "synthetic-imagenet"
+    write_h5_atomic(store.head_path(key), {"W": weight, "b": bias}, {"kind": "head", "backbone": {"name": key}})
+
+    def entry(name: str, n: int, ood: bool) -> Path:
+        labels = rng.permutation(np.arange(n) % n_classes)
+        features = np.empty((n, n_features), dtype=np.float32)
+        for start in range(0, n, 10_000):
+            rows = labels[start:start + 10_000]
+            mean = (centres[rows] + centres[rng.permutation(rows)]) / 2 if ood else centres[rows]
+            noise = rng.standard_normal(mean.shape, dtype=np.float32) * np.float32(1.5 if ood else 1.0)
+            features[start:start + 10_000] = np.maximum(mean - 0.5 + noise, 0.0)
+        data_key = content_key("synthetic", name, n, seed)
+        meta = {"kind": "features", "dataset": name, "split": "test", "data_key": data_key, "layers": [],
+                "n": n, "num_classes": n_classes, "feature_dim": n_features, "what": f"synthetic {name}"}
+        return write_h5_atomic(store.entry_path(key, name, "test", data_key),
+                               {"logits": features @ weight.T + bias, "features": features,
+                                "labels": labels.astype(np.int64)}, meta)
+
+    fit = entry("id-fit", shape["fit"], ood=False)
+    tests = [entry("id-test", shape["id_test"], ood=False)]
+    tests += [entry(f"ood-{i}", n, ood=True) for i, n in enumerate(shape["ood"])]
+    return fit, tests
+
+
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+MEMORY_BUDGET = 8 * 2 ** 30  # the issue's peak-memory target, touched once before timing
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory since the last ``reset_peak_resident``: VmHWM from
+    /proc/self/status (Linux), else ru_maxrss (the peak of the process's whole life)."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux and the BSDs
+
+
+def reset_peak_resident() -> bool:
+    """Reset VmHWM to the current resident size (Linux >= 4.0: '5' to /proc/self/clear_refs)."""
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def touch_memory(n_bytes: int) -> float:
+    """Allocate, write and free ``n_bytes``; returns the seconds it took.
+
+    A virtual machine may back its memory lazily (this project's development VM does: the first
+    write to a page it has not used costs about 4 s per GiB, later writes about 0.15 s per GiB).
+    Touching the budget once before timing keeps that one-off cost out of the method figures,
+    which otherwise depend on which method happens to run first.
+    """
+    started = time.perf_counter()
+    block = np.ones(n_bytes // 8)
+    del block
+    return time.perf_counter() - started
+
+
+def time_method(name: str, params: dict, fit_path: Path, test_paths: list[Path]) -> dict:
+    """Fit one method on the fit entry, then score (and predict) every test entry, both read from
+    the cache files as ``oodbench score`` does; with the peak resident memory in between."""
+    method = make_method(name, **params)
+    reset_peak_resident()
+    started = time.perf_counter()
+    method.fit(CachedSplit(fit_path))
+    fitted = time.perf_counter()
+    for path in test_paths:
+        method.score_and_predict(CachedSplit(path))
+    scored = time.perf_counter()
+    return {"method": method.label(), "fit_s": fitted - started, "score_s": scored - fitted,
+            "peak_rss_bytes": peak_resident_bytes()}
+
+
+def scale_methods() -> list[tuple[str, dict]]:
+    """Every registered method with its defaults, knn with its ImageNet settings."""
+    return [(name, params) for name in sorted(METHODS)
+            for params in (SCALE_KNN_SETTINGS if name == "knn" else ({},))]
+
+
+def scale_worker(methods: list[tuple[str, dict]], fit_path: Path, test_paths: list[Path],
+                 touch_bytes: int) -> dict:
+    """The methods one after another in this (fresh, torch-free) process, after touching memory."""
+    touched = touch_memory(touch_bytes)
+    print(f"  (touched {touch_bytes / 2 ** 30:.0f} GiB of memory first: {touched:.1f} s)", flush=True)
+    rows = []
+    for name, params in methods:
+        row = time_method(name, params, fit_path, test_paths)
+        print(f"  {row['method']:30s} fit {row['fit_s']:7.2f} s   score {row['score_s']:7.2f} s   "
+              f"peak {row['peak_rss_bytes'] / 2 ** 30:5.2f} GiB", flush=True)
+        rows.append(row)
+    return {"methods": rows, "touch_s": touched, "peak_reset": reset_peak_resident()}
+
+
+def measure_scale(shape: dict, workdir: Path | None, touch_bytes: int = MEMORY_BUDGET) -> dict:
+    with tempfile.TemporaryDirectory(dir=workdir) as root:
+        started = time.perf_counter()
+        fit_path, test_paths = write_synthetic_cache(Path(root), shape)
+        built = time.perf_counter() - started
+        n_test = shape["id_test"] + sum(shape["ood"])
+        print(f"synthetic cache: {shape['features']}-d features, {shape['classes']} classes, fit {shape['fit']}, "
+              f"{n_test} test samples (built in {built:.0f} s)", flush=True)
+        # a fresh interpreter that never imports torch, as `oodbench score` runs
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            worker = pool.apply(scale_worker, (scale_methods(), fit_path, test_paths, touch_bytes))
+    return {"shape": {**shape, "ood": list(shape["ood"])}, "test_samples": n_test, "cache_build_s": built,
+            **worker}
+
+
+# ---------------------------------------------------------------- 3. warm cache vs re-inference per method
+
+def evaluate_method(name: str, split, fit_label: str, test_label: str, ood_labels: list[str]) -> dict[str, float]:
+    """What a leaderboard row costs: fit (methods with state only), score and predict the ID test
+    split, score every OOD split, compute the metrics. ``split(label)`` supplies the arrays.
+    Returns the ID accuracy and every OOD set's AUROC and FPR@95."""
+    method = make_method(name)
+    if type(method).fit is not Method.fit:
+        method.fit(split(fit_label))
+    test = split(test_label)
+    id_scores, predictions = method.score_and_predict(test)
+    values = {"id_acc": accuracy(predictions, test.labels)}
+    for label in ood_labels:
+        metrics = ood_metrics(id_scores, method.score(split(label)))
+        values.update({f"{label}/auroc": metrics["auroc"], f"{label}/fpr95": metrics["fpr95"]})
+    return values
+
+
+def measure_reinference(benchmark_name: str, options) -> dict:
+    from extract.extraction import forward_rows, resolve_device
+    from harness.config import load_benchmark
+    from harness.pipeline import BenchmarkRun
+
+    benchmark = load_benchmark(benchmark_name)
+    run = BenchmarkRun(benchmark, options)
+    resolution = run.resolve(compute=True)  # trains and extracts first when the cache is cold
+    resolved = resolution.backbones[0]
+    config = next(c for c in benchmark.backbones if c.name == resolved.name)
+    backbone = run.backbone(config, resolved.seed)
+    head = backbone.head_parameters()
+    sets = run.datasets()
+    device = resolve_device(options.device)
+    labels = (resolution.id_fit, resolution.id_test, *resolution.ood_labels)
+
+    def cached(label):
+        return CachedSplit(run.store.root / resolved.entries[label])
+
+    def rerun(label):  # the network again, as OpenOOD runs it for every method
+        images = sets[label][1]
+        outputs = forward_rows(backbone, images.images, (), benchmark.batch_size, device)
+        return SimpleNamespace(logits=outputs["logits"], features=outputs["features"], labels=images.labels,
+                               head=head, name=f"{images.name}/{images.split}")
+
+    rows = []
+    for name in sorted(METHODS):
+        times, values = {}, {}
+        for source, split in (("cache", cached), ("rerun", rerun)):
+            started = time.perf_counter()
+            values[source] = evaluate_method(name, split, resolution.id_fit, resolution.id_test,
+                                             list(resolution.ood_labels))
+            times[source] = time.perf_counter() - started
+        # the two paths must compute the same table, or the comparison would be meaningless
+        difference = max(abs(values["cache"][k] - values["rerun"][k]) for k in values["cache"])
+        rows.append({"method": name, "cache_s": times["cache"], "reinference_s": times["rerun"],
+                     "max_metric_difference": difference})
+        print(f"  {name:22s} cache {times['cache']:7.2f} s   re-inference {times['rerun']:7.2f} s", flush=True)
+    cache_total = sum(r["cache_s"] for r in rows)
+    rerun_total = sum(r["reinference_s"] for r in rows)
+    print(f"  every method: cache {cache_total:.1f} s, re-inference {rerun_total:.1f} s "
+          f"({rerun_total / cache_total:.0f}x)")
+    return {"benchmark": benchmark_name, "backbone": resolved.name, "sets": list(labels),
+            "images": {label: len(sets[label][1]) for label in labels}, "methods": rows,
+            "cache_total_s": cache_total, "reinference_total_s": rerun_total,
+            "reinference_over_cache": rerun_total / cache_total}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from extract.datasets import default_data_root
+    from harness.cli import default_cache_dir
+    from harness.resolution import RunOptions
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10000, help="number of images (default 10000)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--n", type=int, default=10000, help="extraction: number of images (default 10000)")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="extraction: interleaved rounds (best of)")
+    parser.add_argument("--scale-fraction", type=float, default=1.0,
+                        help="scale: multiply the synthetic sample counts (default 1: ImageNet-sized)")
+    parser.add_argument("--workdir", type=Path, default=None, help="scale: where the synthetic cache goes")
+    parser.add_argument("--benchmark", default="fashion-mnist", help="reinference: the benchmark (default fashion-mnist)")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("out/perf.json"))
     args = parser.parse_args(argv)
-    result = measure(args.n, args.batch_size, args.device, args.repeats)
-    print(f"{result['images']} {result['dataset']} images, batch {result['batch_size']}, {result['device']} "
-          f"({result['threads']} threads), best of {args.repeats}")
-    print(f"bare forward pass : {result['bare_forward_img_per_s']:9.0f} img/s")
-    print(f"extraction        : {result['extraction_img_per_s']:9.0f} img/s "
-          f"({result['extraction_over_bare_forward']:.2f}x the bare forward time)")
-    print(f"energy from cache : {result['score_from_cache_s'] * 1e3:9.1f} ms")
-    print(f"energy by re-inference: {result['score_by_reinference_s'] * 1e3:9.1f} ms "
-          f"({result['reinference_over_cache_scoring']:.0f}x the cache-only time)")
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    result = {}
+    if "extraction" in parts:
+        result["extraction"] = measure_extraction(args.n, args.batch_size, args.device, args.repeats)
+    if "scale" in parts:
+        result["scale"] = measure_scale(scaled_shape(args.scale_fraction), args.workdir)
+    if "reinference" in parts:
+        options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
+                             data_root=args.data_root or default_data_root(), device=args.device, progress=False)
+        result["reinference"] = measure_reinference(args.benchmark, options)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from scipy.special import softmax
-
-from methods.base import Method, check_fitted, finite_features, finite_logits, register, split_name
+from methods.base import (Method, check_fitted, finite_features, finite_logits, register, rowwise_apply,
+                          softmax_rows, split_name)
 from methods.logit_scores import energy
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ def gradnorm_u(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
     """GradNorm's U term (Huang et al. 2021; RG paper's "GN-U"): U = sum_c |1/C - p_c|,
     p = softmax(f / T)."""
     n_classes = logits.shape[1]
-    return np.abs(1.0 / n_classes - softmax(logits / T, axis=1)).sum(axis=1)
+    return np.abs(1.0 / n_classes - softmax_rows(logits / T)).sum(axis=1)
 
 
 def gradnorm(logits: np.ndarray, features: np.ndarray, T: float = 1.0) -> np.ndarray:
@@ -45,7 +44,7 @@ def gradnorm(logits: np.ndarray, features: np.ndarray, T: float = 1.0) -> np.nda
     S = (1/T) * [sum_c |C p_c - 1|] * [sum_j |v_j|] = (C/T) * U * V, p = softmax(f/T).
     The constant C/T is kept so the values equal the official (batch size 1) code."""
     n_classes = logits.shape[1]
-    p = softmax(logits / T, axis=1)
+    p = softmax_rows(logits / T)
     return np.abs(n_classes * p - 1.0).sum(axis=1) * feature_l1(features) / T
 
 
@@ -83,14 +82,15 @@ def gradnorm_u_clipped_v(logits: np.ndarray, features: np.ndarray, k: float = 1.
 
 def nonpositive_lse_fraction(logits: np.ndarray, T: float = 1.0) -> float:
     """Fraction of samples with LSE_T(f) <= 0, where a multiplicative LSE * V score misranks (RG 1.10)."""
-    return float(np.mean(energy(logits, T) <= 0)) if len(logits) else 0.0
+    return float(np.mean(rowwise_apply(lambda f: energy(f, T), logits) <= 0)) if len(logits) else 0.0
 
 
 # ---------------------------------------------------------------- validation helpers
 
 def _logits_and_features(split) -> tuple[np.ndarray, np.ndarray]:
-    logits = finite_logits(split)
-    return logits, finite_features(split, len(logits))
+    """Logits and features as stored (checked), for ``rowwise_apply``."""
+    logits = finite_logits(split, dtype=None)
+    return logits, finite_features(split, len(logits), dtype=None)
 
 
 def _check_positive(method: str, name: str, value: float) -> None:
@@ -122,7 +122,7 @@ class GradNorm(Method):
 
     def score(self, split) -> np.ndarray:
         _check_positive(self.name, "temperature T", self.T)
-        return gradnorm(*_logits_and_features(split), self.T)
+        return rowwise_apply(lambda f, v: gradnorm(f, v, self.T), *_logits_and_features(split))
 
 
 @register
@@ -147,7 +147,7 @@ class RG(Method):
         logits, features = _logits_and_features(split)
         self.last_nonpositive_lse_fraction_ = nonpositive_lse_fraction(logits, self.T)
         _log_nonpositive_lse(self.name, split, self.last_nonpositive_lse_fraction_)
-        return rg_multiplicative(logits, features, self.k, self.T)
+        return rowwise_apply(lambda f, v: rg_multiplicative(f, v, self.k, self.T), logits, features)
 
 
 @register
@@ -181,14 +181,13 @@ class RGAdditive(Method):
         if n > self.n_fit:
             rows = np.random.default_rng(self.seed).choice(n, size=int(self.n_fit), replace=False)
             logits, features = logits[rows], features[rows]
-        self.alpha_s_ = rg_alpha_s(logits, features, self.k)
+        self.alpha_s_ = rg_alpha_s(np.asarray(logits, np.float64), np.asarray(features, np.float64), self.k)
         self.alpha_ = self.gamma * self.alpha_s_
         return self
 
     def score(self, split) -> np.ndarray:
         check_fitted(self, "alpha_")
-        logits, features = _logits_and_features(split)
-        return rg_additive(logits, features, self.k, self.alpha_)
+        return rowwise_apply(lambda f, v: rg_additive(f, v, self.k, self.alpha_), *_logits_and_features(split))
 
 
 @register
@@ -205,7 +204,7 @@ class Igoe(Method):
         logits, features = _logits_and_features(split)
         self.last_nonpositive_lse_fraction_ = nonpositive_lse_fraction(logits, 1.0)
         _log_nonpositive_lse(self.name, split, self.last_nonpositive_lse_fraction_)
-        return igoe(logits, features)
+        return rowwise_apply(igoe, logits, features)
 
 
 @register
@@ -221,7 +220,7 @@ class GradNormUClippedV(Method):
 
     def score(self, split) -> np.ndarray:
         _check_positive(self.name, "clip value k", self.k)
-        return gradnorm_u_clipped_v(*_logits_and_features(split), self.k)
+        return rowwise_apply(lambda f, v: gradnorm_u_clipped_v(f, v, self.k), *_logits_and_features(split))
 
 
 @register
@@ -238,4 +237,4 @@ class ClippedV(Method):
     def score(self, split) -> np.ndarray:
         _check_positive(self.name, "clip value k", self.k)
         _, features = _logits_and_features(split)
-        return clipped_feature_sum(features, self.k)
+        return rowwise_apply(lambda v: clipped_feature_sum(v, self.k), features)

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import logsumexp, softmax
-
-from methods.base import Method, finite_logits, register
+from methods.base import Method, finite_logits, log_sum_exp, register, rowwise_apply, softmax_rows
 
 
 def msp(logits: np.ndarray) -> np.ndarray:
     """Maximum softmax probability (Hendrycks & Gimpel 2017): S = max_c softmax(f)_c."""
-    return softmax(logits, axis=1).max(axis=1)
+    return softmax_rows(logits).max(axis=1)
 
 
 def max_logit(logits: np.ndarray) -> np.ndarray:
@@ -19,7 +17,7 @@ def max_logit(logits: np.ndarray) -> np.ndarray:
 
 def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
     """Negative energy (Liu et al. 2020): S = -E(x) = T * log sum_c exp(f_c / T), computed stably."""
-    return T * logsumexp(logits / T, axis=1)
+    return T * log_sum_exp(np.asarray(logits, np.float64) / T)
 
 
 @register
@@ -29,7 +27,7 @@ class MSP(Method):
     name = "msp"
 
     def score(self, split) -> np.ndarray:
-        return msp(finite_logits(split))
+        return rowwise_apply(msp, finite_logits(split, dtype=None))
 
 
 @register
@@ -39,7 +37,7 @@ class MaxLogit(Method):
     name = "maxlogit"
 
     def score(self, split) -> np.ndarray:
-        return max_logit(finite_logits(split))
+        return rowwise_apply(max_logit, finite_logits(split, dtype=None))
 
 
 @register
@@ -55,4 +53,4 @@ class Energy(Method):
     def score(self, split) -> np.ndarray:
         if not self.T > 0:
             raise ValueError(f"energy: temperature T must be > 0, got {self.T}")
-        return energy(finite_logits(split), self.T)
+        return rowwise_apply(lambda logits: energy(logits, self.T), finite_logits(split, dtype=None))

@@ -8,11 +8,9 @@ All arithmetic is float64 and per sample, and no function modifies its inputs.
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from methods.base import (Method, check_fitted, finite_features, finite_head,
+from methods.base import (MATMUL_ROWS, Method, check_fitted, finite_features, finite_head,
                           finite_logits, register, rowwise_matmul)
 from methods.logit_scores import energy
 
@@ -120,25 +118,44 @@ def ash_s(features: np.ndarray, p: float = 90.0) -> np.ndarray:
     return np.where(keep, x * scale, 0.0)
 
 
-def _row_generator(row: np.ndarray, seed: int) -> np.random.Generator:
-    """A generator determined by (seed, the row's float64 bytes) only: default_rng([seed, h0..h3])
-    with h the first 16 bytes of blake2b(row) as four uint32 words."""
-    digest = hashlib.blake2b(np.ascontiguousarray(row, dtype=np.float64).tobytes(), digest_size=16).digest()
-    words = np.frombuffer(digest, dtype="<u4").tolist()
-    return np.random.default_rng([int(seed), *words])
+_GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment, 2^64 / golden ratio
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele, Lea & Flood 2014) on a uint64 array, wrapping arithmetic:
+    a bijective mix whose outputs for consecutive multiples of the golden increment are uniform."""
+    x = x ^ (x >> 30)
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> 27)
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> 31)
+
+
+def _row_keys(x: np.ndarray, seed: int) -> np.ndarray:
+    """One 64-bit key per row, a function of (seed, the row's float64 bytes) only: the row's bits
+    folded as sum_j bits_j * a_j mod 2^64 with odd per-column constants a_j (a multiplicative hash),
+    then mixed with the seed."""
+    bits = np.ascontiguousarray(x, np.float64).view(np.uint64)
+    columns = np.arange(1, bits.shape[1] + 1, dtype=np.uint64)
+    coefficients = _splitmix64(columns * np.uint64(_GOLDEN)) | np.uint64(1)
+    folded = (bits * coefficients).sum(axis=1, dtype=np.uint64)
+    seed_key = _splitmix64(np.array([int(seed) % 2**64], dtype=np.uint64))
+    return _splitmix64(folded ^ seed_key)
 
 
 def ash_rand(features: np.ndarray, p: float = 65.0, seed: int = 0) -> np.ndarray:
     """ASH-RAND (Djurisic et al. 2023): kept top-k entries are replaced by U(0, 10) draws, the rest 0.
-    For batch independence each sample's draws come from its own generator, seeded by ``seed`` and a
-    hash of the sample's float64 bytes (``_row_generator``): the same sample gets the same values in
-    any batch, order or split. k = 0 gives all zeros."""
+    For batch independence the draws are a counter-based stream per sample: entry j of a row draws
+    splitmix64(key + (j + 1) * golden), with the key a hash of (``seed``, the row's float64 bytes)
+    (``_row_keys``), so the same sample gets the same values in any batch, order or split; the top
+    53 bits give the uniform. k = 0 gives all zeros."""
     x, keep, k = _ash_top(features, p)
     out = np.zeros_like(x)
-    if k == 0:
+    if k == 0 or not len(x):
         return out
-    for i in range(len(x)):
-        out[i, keep[i]] = _row_generator(x[i], seed).uniform(0.0, 10.0, size=k)
+    rows, columns = np.nonzero(keep)
+    draws = _splitmix64(_row_keys(x, seed)[rows] + (columns + 1).astype(np.uint64) * np.uint64(_GOLDEN))
+    out[rows, columns] = (draws >> 11) * (10.0 / 2**53)
     return out
 
 
@@ -160,29 +177,47 @@ ASH_VARIANTS = {"p": ash_p, "b": ash_b, "s": ash_s}
 # ---------------------------------------------------------------- split helpers
 
 def _features_and_head(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features and head, after checking the cached logits (NaN there gets the usual clear message)."""
-    finite_logits(split)
-    features = finite_features(split)
+    """Features (as stored) and head, after checking the cached logits (NaN there gets the usual
+    clear message)."""
+    finite_logits(split, dtype=None)
+    features = finite_features(split, dtype=None)
     return (features, *finite_head(split, features.shape[1]))
 
 
 class _Shaping(Method):
-    """Shared score/predict: subclasses implement ``_logits(split)`` (the shaped logits)."""
+    """Shared score/predict: subclasses implement ``_block_logits(features, W, b)``, the shaped
+    logits of a float64 block of rows; splits are shaped ``MATMUL_ROWS`` rows at a time, so the
+    temporaries stay block-sized however large the split."""
 
     reads = ("features", "head")
 
-    def _logits(self, split) -> np.ndarray:
+    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _blocks(self, split):
+        """(rows, shaped logits of those rows) for every block of the split."""
+        features, W, b = _features_and_head(split)
+        for start in range(0, len(features), MATMUL_ROWS):
+            rows = slice(start, start + MATMUL_ROWS)
+            yield rows, self._block_logits(np.asarray(features[rows], np.float64), W, b)
+
+    def _logits(self, split) -> np.ndarray:
+        """The shaped logits of the whole split (N, C)."""
+        blocks = [logits for _, logits in self._blocks(split)]
+        return np.concatenate(blocks) if blocks else np.empty((0, len(split.head[1])))
+
     def score(self, split) -> np.ndarray:
-        return energy(self._logits(split), 1.0)
+        return self.score_and_predict(split)[0]
 
     def predict(self, split) -> np.ndarray:
-        return self._logits(split).argmax(axis=1)
+        return self.score_and_predict(split)[1]
 
     def score_and_predict(self, split) -> tuple[np.ndarray, np.ndarray]:
-        logits = self._logits(split)  # shaped once for both
-        return energy(logits, 1.0), logits.argmax(axis=1)
+        n = len(split.features)
+        scores, predictions = np.empty(n), np.empty(n, dtype=np.int64)
+        for rows, logits in self._blocks(split):  # shaped once for both
+            scores[rows], predictions[rows] = energy(logits, 1.0), logits.argmax(axis=1)
+        return scores, predictions
 
 
 # ---------------------------------------------------------------- methods
@@ -209,9 +244,9 @@ class ReAct(_Shaping):
         self.c_ = react_threshold(finite_features(split), self.p)
         return self
 
-    def _logits(self, split) -> np.ndarray:
+    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
         check_fitted(self, "c_")
-        return react_logits(*_features_and_head(split), self.c_)
+        return react_logits(features, W, b, self.c_)
 
 
 @register
@@ -233,9 +268,9 @@ class DICE(_Shaping):
         self.mask_ = dice_mask(W, self.v_bar_, self.p)
         return self
 
-    def _logits(self, split) -> np.ndarray:
+    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
         check_fitted(self, "mask_")
-        return dice_logits(*_features_and_head(split), self.mask_)
+        return dice_logits(features, W, b, self.mask_)
 
 
 @register
@@ -257,9 +292,9 @@ class DICEReAct(DICE):
         self.c_ = react_threshold(finite_features(split), self.react_p)
         return self
 
-    def _logits(self, split) -> np.ndarray:
+    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
         check_fitted(self, "mask_", "c_")
-        return dice_react_logits(*_features_and_head(split), self.mask_, self.c_)
+        return dice_react_logits(features, W, b, self.mask_, self.c_)
 
 
 class _ASH(_Shaping):
@@ -271,9 +306,8 @@ class _ASH(_Shaping):
     def __init__(self, p: float = 65.0):
         self.p = p
 
-    def _logits(self, split) -> np.ndarray:
+    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
         _check_percentile(self.name, "p", self.p)
-        features, W, b = _features_and_head(split)
         return ash_logits(features, W, b, self.variant, self.p, getattr(self, "seed", 0))
 
 

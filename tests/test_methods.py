@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from methods import METHODS, make_method
+from methods.base import MATMUL_ROWS
 from methods.logit_scores import energy, msp
 
 LOGITS = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
@@ -103,3 +104,27 @@ def test_non_finite_logits_get_one_clear_error(bad):
     for name in ("msp", "maxlogit", "energy"):
         with pytest.raises(ValueError, match="toy/test: 1 of 2 samples have NaN or infinite logits \\(first row 1\\)"):
             make_method(name).score(split(logits))
+
+
+def head_split(features, logits, W, b, labels=None):
+    return SimpleNamespace(features=features, logits=logits, head=(W, b), name="toy/split",
+                           labels=logits.argmax(axis=1) if labels is None else labels)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_is_the_same_on_a_split_of_many_row_blocks_and_on_its_pieces(name):
+    """Scores of a split spanning several MATMUL_ROWS blocks (the unit of rowwise_apply, the shaping
+    passes and every product) equal those of the split reversed and cut at block-misaligned rows."""
+    rng = np.random.default_rng(5)
+    W, b = rng.normal(size=(4, 12)), rng.normal(size=4)
+    fit_features = np.maximum(rng.normal(1, 1, size=(300, 12)), 0)
+    fit = head_split(fit_features, fit_features @ W.T + b, W, b, labels=np.arange(300) % 4)
+    features = np.maximum(rng.normal(1, 1.5, size=(2 * MATMUL_ROWS + 77, 12)), 0)
+    logits = features @ W.T + b  # once: the pieces below are rows of the same arrays
+    method = make_method(name).fit(fit)
+    whole = method.score(head_split(features, logits, W, b))
+    reversed_ = method.score(head_split(features[::-1].copy(), logits[::-1].copy(), W, b))
+    pieces = [method.score(head_split(f, lg, W, b))
+              for f, lg in zip(np.split(features, [5, 1500]), np.split(logits, [5, 1500]))]
+    np.testing.assert_array_equal(reversed_[::-1], whole)
+    np.testing.assert_array_equal(np.concatenate(pieces), whole)

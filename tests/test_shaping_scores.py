@@ -179,10 +179,10 @@ def test_score_and_predict_shapes_once_and_equals_the_separate_calls(name, monke
     method = make_method(name).fit(fit)
     expected = method.score(test), method.predict(test)
     calls = []
-    original = type(method)._logits
-    monkeypatch.setattr(type(method), "_logits", lambda self, split: calls.append(1) or original(self, split))
+    original = type(method)._blocks
+    monkeypatch.setattr(type(method), "_blocks", lambda self, split: calls.append(1) or original(self, split))
     scores, predictions = method.score_and_predict(test)
-    assert len(calls) == 1
+    assert len(calls) == 1  # one shaping pass over the split
     np.testing.assert_array_equal(scores, expected[0])
     np.testing.assert_array_equal(predictions, expected[1])
 
