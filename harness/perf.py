@@ -234,13 +234,14 @@ def scale_worker(methods: list[tuple[str, dict]], fit_path: Path, test_paths: li
     """The methods one after another in this (fresh, torch-free) process, after touching memory."""
     touched = touch_memory(touch_bytes)
     print(f"  (touched {touch_bytes / 2 ** 30:.0f} GiB of memory first: {touched:.1f} s)", flush=True)
+    resettable = reset_peak_resident()  # else each peak is the process's whole-life peak
     rows = []
     for name, params in methods:
         row = time_method(name, params, fit_path, test_paths)
         print(f"  {row['method']:30s} fit {row['fit_s']:7.2f} s   score {row['score_s']:7.2f} s   "
               f"peak {row['peak_rss_bytes'] / 2 ** 30:5.2f} GiB", flush=True)
         rows.append(row)
-    return {"methods": rows, "touch_s": touched, "peak_reset": reset_peak_resident()}
+    return {"methods": rows, "touch_s": touched, "peak_reset": resettable}
 
 
 def measure_scale(shape: dict, workdir: Path | None, touch_bytes: int = MEMORY_BUDGET) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+
 from methods.base import (Method, check_fitted, finite_features, finite_logits, register, rowwise_apply,
                           softmax_rows, split_name)
 from methods.logit_scores import energy
