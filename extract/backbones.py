@@ -79,19 +79,20 @@ class BackboneSpec:
     head: str
     layers: tuple[str, ...] = ()
     description: str = ""
-    kwargs: dict = field(default_factory=dict)
+    shaping_layer: str = ""  # where inner-layer activation shaping goes by default (ASH's "last block")
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
 
 
-def register_backbone(name: str, *, preprocessing: Preprocessing, head: str, layers=(), description=""):
+def register_backbone(name: str, *, preprocessing: Preprocessing, head: str, layers=(), description="",
+                      shaping_layer=""):
     """Decorator adding a model factory to ``BACKBONES`` under ``name``."""
 
     def add(build):
         if name in BACKBONES:
             raise ValueError(f"backbone {name!r} is registered twice")
-        BACKBONES[name] = BackboneSpec(name, build, preprocessing, head, tuple(layers), description)
+        BACKBONES[name] = BackboneSpec(name, build, preprocessing, head, tuple(layers), description, shaping_layer)
         return build
 
     return add
@@ -141,15 +142,17 @@ class DigitsNet(nn.Module):
 FASHION_MNIST_NORM = Preprocessing(input_size=28, channels=1, mean=(0.2860,), std=(0.3530,))
 
 
+# shaping_layer: the last conv block's batch norm output, before its final ReLU (ASH's placement
+# in the last residual block of a ResNet, where values can be negative)
 @register_backbone("cnn28", preprocessing=FASHION_MNIST_NORM, head="fc",
-                   layers=("block1", "block2", "block3"),
+                   layers=("block1", "block2", "block3"), shaping_layer="block3.1",
                    description="small CNN for 28x28 grayscale (5 conv layers, 64-d GAP feature)")
 def cnn28(num_classes: int = 10) -> nn.Module:
     return SmallCNN(in_channels=1, num_classes=num_classes, width=16)
 
 
 @register_backbone("digits-net", preprocessing=Preprocessing(8, 1, (0.3,), (0.4,)), head="fc",
-                   layers=("block1", "block2"),
+                   layers=("block1", "block2"), shaping_layer="block2.1",
                    description="tiny CNN for 8x8 digits (2 conv layers, 32-d GAP feature)")
 def digits_net(num_classes: int = 6) -> nn.Module:
     return DigitsNet(num_classes=num_classes)
@@ -241,11 +244,12 @@ class Backbone:
     layers: tuple[str, ...]
     architecture: dict
     info: dict = field(default_factory=dict)
+    shaping_layer: str = ""  # the default inner layer of activation shaping (``extract.network.LAST_BLOCK``)
 
     def __post_init__(self):
         self.model.eval()
         modules = dict(self.model.named_modules())
-        for layer in (self.head, *self.layers):
+        for layer in (self.head, *self.layers, *([self.shaping_layer] if self.shaping_layer else [])):
             if layer not in modules:
                 raise ValueError(f"backbone {self.name!r} has no module named {layer!r}; "
                                  f"modules: {', '.join(n for n in modules if n)}")
@@ -268,7 +272,7 @@ class Backbone:
     def describe(self) -> dict:
         return {"name": self.name, "key": self.key, "architecture": self.architecture,
                 "preprocessing": self.preprocessing.describe(), "head": self.head,
-                "layers": list(self.layers), **self.info}
+                "layers": list(self.layers), "shaping_layer": self.shaping_layer, **self.info}
 
 
 def registered_backbone(spec: BackboneSpec, state: dict[str, torch.Tensor], name: str,
@@ -277,17 +281,17 @@ def registered_backbone(spec: BackboneSpec, state: dict[str, torch.Tensor], name
     model = spec.build(num_classes=num_classes)
     load_state_dict_strict(model, state, source=name)
     return Backbone(name, model, spec.preprocessing, spec.head, spec.layers,
-                    {"registry": spec.name, "num_classes": num_classes}, info or {})
+                    {"registry": spec.name, "num_classes": num_classes}, info or {}, spec.shaping_layer)
 
 
 def checkpoint_backbone(name: str, factory: str, checkpoint: str | Path, preprocessing: Preprocessing,
-                        head: str, layers=(), kwargs: dict | None = None) -> Backbone:
+                        head: str, layers=(), kwargs: dict | None = None, shaping_layer: str = "") -> Backbone:
     """A user model: ``factory`` ('module:function') builds it, ``checkpoint`` supplies the weights."""
     kwargs = dict(kwargs or {})
     model = import_factory(factory)(**kwargs)
     load_state_dict_strict(model, read_state_dict(checkpoint), source=str(checkpoint))
     return Backbone(name, model, preprocessing, head, tuple(layers),
-                    {"factory": factory, "kwargs": kwargs}, {"checkpoint": str(checkpoint)})
+                    {"factory": factory, "kwargs": kwargs}, {"checkpoint": str(checkpoint)}, shaping_layer)
 
 
 def preprocessing_from_config(config: dict) -> Preprocessing:
@@ -302,5 +306,5 @@ def preprocessing_from_config(config: dict) -> Preprocessing:
 
 def spec_summary(spec: BackboneSpec) -> dict:
     """What the registry says about one architecture (for the CLI listing)."""
-    return {"name": spec.name, "head": spec.head, "layers": list(spec.layers),
+    return {"name": spec.name, "head": spec.head, "layers": list(spec.layers), "shaping_layer": spec.shaping_layer,
             "preprocessing": asdict(spec.preprocessing), "description": spec.description}

@@ -103,6 +103,36 @@ def _load_chunk(path: Path, names: tuple[str, ...], rows: int) -> dict[str, np.n
     return chunk if all(len(array) == rows for array in chunk.values()) else None
 
 
+def partial_folder(path: Path) -> Path:
+    """Where the completed chunks of the entry at ``path`` wait until it is assembled."""
+    return path.with_name(path.name + ".partial")
+
+
+def compute_in_chunks(path: Path, n: int, names: tuple[str, ...], rows_per_chunk: int, tag: str, compute,
+                      description: str, progress: bool) -> list[dict[str, np.ndarray]]:
+    """Rows [0, n) in chunks of ``rows_per_chunk``: ``compute(start, stop)`` returns the arrays
+    ``names`` for those rows, saved atomically under the entry's partial folder, so a run that is
+    interrupted (SIGKILL included) resumes from the chunks already on disk. ``tag`` names whatever
+    else fixes a chunk's contents (the batch size), so a run with other settings never reuses them.
+    The caller holds the entry's lock, assembles the chunks and removes the folder."""
+    partial = partial_folder(path)
+    partial.mkdir(parents=True, exist_ok=True)
+    starts = range(0, n, rows_per_chunk)
+    chunks = []
+    bar = tqdm(total=n, desc=description, unit="img", disable=None if progress else True, leave=False)
+    for index, start in enumerate(starts):
+        chunk_path = partial / f"chunk-{index:06d}-of-{len(starts):06d}-rows{rows_per_chunk}-{tag}.npz"
+        rows = min(rows_per_chunk, n - start)
+        chunk = _load_chunk(chunk_path, names, rows) if chunk_path.exists() else None
+        if chunk is None:
+            chunk = compute(start, start + rows)
+            _save_chunk(chunk_path, chunk, names)
+        chunks.append(chunk)
+        bar.update(rows)
+    bar.close()
+    return chunks
+
+
 def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers: tuple[str, ...] = (),
             batch_size: int = 256, chunk_batches: int = 16, device: str = "cpu",
             activations_dtype: str = "float32", progress: bool = True) -> CachedSplit:
@@ -133,24 +163,11 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
         cached = store.open_entry(path)  # another process may have finished it while we waited
         if cached is not None:
             return cached
-        partial = path.with_name(path.name + ".partial")
-        partial.mkdir(parents=True, exist_ok=True)
-        rows_per_chunk = batch_size * chunk_batches
-        starts = range(0, len(images), rows_per_chunk)
-        chunks = []
-        bar = tqdm(total=len(images), desc=f"extract {backbone.name} {images.name}/{images.split}",
-                   unit="img", disable=None if progress else True, leave=False)
         names = ("logits", "features", *layers)
-        for index, start in enumerate(starts):
-            chunk_path = partial / f"chunk-{index:06d}-of-{len(starts):06d}-rows{rows_per_chunk}-bs{batch_size}.npz"
-            rows = min(rows_per_chunk, len(images) - start)
-            chunk = _load_chunk(chunk_path, names, rows) if chunk_path.exists() else None
-            if chunk is None:
-                chunk = forward_rows(backbone, images.images[start:start + rows], layers, batch_size, torch_device)
-                _save_chunk(chunk_path, chunk, names)
-            chunks.append(chunk)
-            bar.update(rows)
-        bar.close()
+        chunks = compute_in_chunks(
+            path, len(images), names, batch_size * chunk_batches, f"bs{batch_size}",
+            lambda start, stop: forward_rows(backbone, images.images[start:stop], layers, batch_size, torch_device),
+            f"extract {backbone.name} {images.name}/{images.split}", progress)
         arrays = {"logits": np.concatenate([c["logits"] for c in chunks]).astype(np.float32),
                   "features": np.concatenate([c["features"] for c in chunks]).astype(np.float32),
                   "labels": np.asarray(images.labels, dtype=np.int64)}
@@ -163,5 +180,5 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
                 "feature_dim": int(arrays["features"].shape[1]),
                 "what": f"{images.name}/{images.split}"}
         write_h5_atomic(path, arrays, meta)
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(partial_folder(path), ignore_errors=True)
     return CachedSplit(path)

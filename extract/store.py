@@ -7,6 +7,10 @@ Layout under the cache root::
         logits (N,C) float32, features (N,D) float32, labels (N,) int64,
         activations/<layer> (N,...) for configured layers
         attrs: meta (JSON: backbone, dataset, split, fingerprint, layers, ...), format_version
+    <root>/<backbone_key>/derived/<dataset>.<split>.<method>.<derived_key>.h5
+        a network method's outputs on that entry's images (ASH at an inner layer, ODIN, ...):
+        logits, features, labels (+ predictions where the method classifies from another pass),
+        keyed by the entry's data_key, the method and the parameters of its network pass
     <root>/<backbone_key>/scores/<method>.<score_key>.h5  per-sample scores and predictions
     <root>/weights/                                      trained weights (extract.training)
 
@@ -31,6 +35,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 HEAD_FILE = "head.h5"
+DERIVED_DIR = "derived"
 
 
 class CacheCorrupt(RuntimeError):
@@ -214,7 +219,8 @@ class CachedSplit:
 
     @property
     def head(self) -> tuple[np.ndarray, np.ndarray]:
-        head_path = self.path.parent / HEAD_FILE
+        folder = self.path.parent.parent if self.meta.get("kind") == "derived" else self.path.parent
+        head_path = folder / HEAD_FILE
         return read_verified(head_path, "W"), read_verified(head_path, "b")
 
     def activations(self, layer: str) -> np.ndarray:
@@ -222,6 +228,20 @@ class CachedSplit:
             raise CacheMissing(f"{self.path} has no activations for layer {layer!r} (cached layers: "
                                f"{self.meta['layers'] or 'none'}); add it to the benchmark's extraction layers")
         return self._read(f"activations/{layer}")
+
+    def array(self, name: str) -> np.ndarray:
+        """Any other array of the entry by name (e.g. a derived entry's ``predictions``)."""
+        return self._read(name)
+
+    def derived_key(self, method: str, network_key: dict) -> str:
+        """Content key of a network method's outputs on this entry's images (``network_key``: what
+        its network pass depends on)."""
+        return content_key("derived", self.data_key, method, network_key)
+
+    def derived_path(self, method: str, network_key: dict) -> Path:
+        """Where those outputs are cached: in ``derived/`` beside this entry."""
+        key = self.derived_key(method, network_key)
+        return self.path.parent / DERIVED_DIR / f"{self.meta['dataset']}.{self.meta['split']}.{method}.{key}.h5"
 
     @property
     def data_key(self) -> str:

@@ -108,26 +108,42 @@ def _options(args) -> RunOptions:
                       download=args.download, progress=not args.quiet)
 
 
-def _resolve(options: RunOptions, benchmark: str, summary: RunSummary, compute: bool) -> Resolution:
+class _LazyRun:
+    """The benchmark's ``harness.pipeline.BenchmarkRun``, created (importing torch) on first use."""
+
+    def __init__(self, options: RunOptions, benchmark: str, summary: RunSummary):
+        self.options, self.benchmark, self.summary = options, benchmark, summary
+        self.run = None
+
+    def __call__(self):
+        if self.run is None:
+            from harness.pipeline import BenchmarkRun  # imports torch
+
+            self.run = BenchmarkRun(load_benchmark(self.benchmark), self.options, self.summary)
+        return self.run
+
+
+def _resolve(run: _LazyRun, compute: bool) -> Resolution:
     """The benchmark resolved to its cache entries: from its record when nothing it came from has
     changed (no torch, no images), else in full - training and extracting what is missing when
     ``compute``, else raising ``CacheMissing`` for anything not cached."""
     if not compute:
         started = time.perf_counter()
-        resolution = load_record(options.record_path(benchmark_path(benchmark)))
+        resolution = load_record(run.options.record_path(benchmark_path(run.benchmark)))
         if resolution is not None:
-            summary.add_time("read record", time.perf_counter() - started)
+            run.summary.add_time("read record", time.perf_counter() - started)
             return resolution
-    from harness.pipeline import BenchmarkRun  # imports torch
-
-    return BenchmarkRun(load_benchmark(benchmark), options, summary).resolve(compute=compute)
+    return run().resolve(compute=compute)
 
 
-def _evaluation(args, compute: bool) -> Evaluation:
-    """The benchmark of ``args`` resolved (``_resolve``) and ready to score from the cache."""
+def _evaluation(args, compute: bool, network: bool = True) -> Evaluation:
+    """The benchmark of ``args`` resolved (``_resolve``) and ready to score from the cache; with
+    ``network``, missing outputs of network methods are computed through the network."""
     options, summary = _options(args), RunSummary()
-    resolution = _resolve(options, args.benchmark, summary, compute=compute)
-    return Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary)
+    run = _LazyRun(options, args.benchmark, summary)
+    resolution = _resolve(run, compute=compute)
+    return Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary,
+                      network=run if network else None)
 
 
 def _print_summary(summary: RunSummary, resolution: Resolution, started: float) -> None:
@@ -160,7 +176,7 @@ def cmd_run(args, compute: bool = True) -> int:
 def cmd_extract(args) -> int:
     started = time.perf_counter()
     summary = RunSummary()
-    resolution = _resolve(_options(args), args.benchmark, summary, compute=True)
+    resolution = _resolve(_LazyRun(_options(args), args.benchmark, summary), compute=True)
     for backbone in resolution.backbones:
         for label, path in backbone.entries.items():
             print(f"{backbone.name} seed {backbone.seed} {label}: {path}")

@@ -56,6 +56,7 @@ class BackboneConfig:
     head: str = ""
     layers: tuple[str, ...] = ()
     preprocessing: dict = field(default_factory=dict)
+    shaping_layer: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def _backbone(where: str, item: dict) -> BackboneConfig:
     from extract.training import Recipe
 
     _check_keys(where, item, {"name"}, {"arch", "train", "factory", "checkpoint", "kwargs", "head", "layers",
-                                         "preprocessing"})
+                                         "preprocessing", "shaping_layer"})
     if bool(item.get("arch")) == bool(item.get("factory")):
         raise BenchmarkError(f"{where}: give either 'arch' (a registry architecture trained from 'train') or "
                              "'factory' + 'checkpoint' (a user model)")
@@ -148,7 +149,8 @@ def _backbone(where: str, item: dict) -> BackboneConfig:
         raise BenchmarkError(f"{where}: {err}") from err
     return BackboneConfig(item["name"], factory=item["factory"], checkpoint=str(item["checkpoint"]),
                           kwargs=dict(item.get("kwargs", {})), head=item["head"],
-                          layers=tuple(item.get("layers", ())), preprocessing=dict(item["preprocessing"]))
+                          layers=tuple(item.get("layers", ())), preprocessing=dict(item["preprocessing"]),
+                          shaping_layer=str(item.get("shaping_layer", "")))
 
 
 def _method(where: str, item) -> MethodRef:

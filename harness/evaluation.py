@@ -49,11 +49,15 @@ class RunSummary:
 class Evaluation:
     """Scores, metrics and leaderboards of one resolved benchmark, from the cache."""
 
-    def __init__(self, resolution: Resolution, store: FeatureStore, out_dir: Path, summary: RunSummary | None = None):
+    def __init__(self, resolution: Resolution, store: FeatureStore, out_dir: Path, summary: RunSummary | None = None,
+                 network=None):
+        """``network``: a callable returning what computes a network method's derived entries
+        (``harness.pipeline.BenchmarkRun``), called only when one is missing; None: never run a network."""
         self.resolution = resolution
         self.store = store
         self.out_root = Path(out_dir)
         self.summary = summary or RunSummary()
+        self.network = network
 
     def open_entries(self, backbone: ResolvedBackbone) -> dict[str, CachedSplit]:
         """Every entry of ``backbone``, verified; a missing or corrupt one is an error naming the fix."""
@@ -83,10 +87,11 @@ class Evaluation:
         started = time.perf_counter()
         fitted: Method | None = None
         result = {}
+        through_network = "network" in method.reads
         for label in (res.id_test, *res.ood_labels, *([res.validation] if res.validation else [])):
             entry = entries[label]
-            key = content_key("scores", method.name, method.get_params(), method.version, fit_entry.data_key,
-                              entry.data_key)
+            data_key = entry.derived_key(method.name, method.network_key()) if through_network else entry.data_key
+            key = content_key("scores", method.name, method.get_params(), method.version, fit_entry.data_key, data_key)
             path = self.store.scores_path(backbone.key, method.name, key)
             try:
                 if path.exists():
@@ -97,6 +102,8 @@ class Evaluation:
             if not compute:
                 raise CacheMissing(f"no cached {method.label()} scores for {backbone.name} on {label}; "
                                    f"run `oodbench score {res.benchmark} --method {method.name}` first")
+            if through_network:
+                entry = self.derived_entry(backbone, method, label, entry)
             if fitted is None:
                 fitted = method.fit(fit_entry)
             scores, predictions = fitted.score_and_predict(entry)
@@ -108,6 +115,23 @@ class Evaluation:
             result[label] = scored
         self.summary.add_time("score", time.perf_counter() - started)
         return result
+
+    def derived_entry(self, backbone: ResolvedBackbone, method: Method, label: str, entry: CachedSplit) -> CachedSplit:
+        """A network method's outputs on ``entry``'s images: from the cache, else computed through the
+        network (``self.network``), else a ``CacheMissing`` naming the command that computes them."""
+        try:
+            found = self.store.open_entry(entry.derived_path(method.name, method.network_key()))
+            if found is not None:
+                return found
+        except CacheCorrupt as err:  # moved aside: computed again below
+            log.warning("recomputing: %s", err)
+        if self.network is None:
+            raise CacheMissing(f"no cached {method.label()} network outputs for {backbone.name} on {label}; run "
+                               f"`oodbench run {self.resolution.benchmark} --methods {method.name}` (it runs the network)")
+        started = time.perf_counter()
+        derived = self.network().derive(backbone, method, label)
+        self.summary.add_time("network passes", time.perf_counter() - started)
+        return derived
 
     def metric_rows(self, backbone: ResolvedBackbone, method_ref: MethodRef, scored: dict[str, Scored],
                     entries: dict[str, CachedSplit]) -> list[dict]:

@@ -37,6 +37,7 @@ class BenchmarkRun:
         self.skipped: list[str] = []
         self.watched: set[Path] = set()  # every file read and folder searched: what the record depends on
         self._sets: dict[str, tuple[DatasetRef, ImageSet]] | None = None
+        self._backbones: dict[tuple[str, int], Backbone] = {}
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -89,7 +90,7 @@ class BenchmarkRun:
         if config.factory:
             backbone = checkpoint_backbone(config.name, config.factory, config.checkpoint,
                                            preprocessing_from_config(config.preprocessing), config.head,
-                                           config.layers, config.kwargs)
+                                           config.layers, config.kwargs, config.shaping_layer)
             module = sys.modules[config.factory.partition(":")[0]]
             self.watched.update(Path(p) for p in (config.checkpoint, getattr(module, "__file__", None)) if p)
             return backbone
@@ -112,6 +113,33 @@ class BenchmarkRun:
         last = record["history"][-1]
         info = {"seed": seed, "trained_epochs": last["epoch"], "test_acc_after_training": last.get("test_acc")}
         return registered_backbone(spec, state, config.name, self.benchmark.num_classes, info)
+
+    def resolved_backbone(self, resolved: ResolvedBackbone) -> Backbone:
+        """The backbone of a resolved (name, seed), loaded once per run; it must still be the entry
+        the resolution recorded."""
+        if (resolved.name, resolved.seed) not in self._backbones:
+            config = next((c for c in self.benchmark.backbones if c.name == resolved.name), None)
+            if config is None:
+                raise CacheMissing(f"benchmark {self.benchmark.name} has no backbone {resolved.name!r} any more; "
+                                   f"run `oodbench run {self.benchmark.name}`")
+            backbone = self.backbone(config, resolved.seed)
+            if backbone.key != resolved.key:
+                raise CacheMissing(f"backbone {resolved.name} seed {resolved.seed} is now entry {backbone.key}, not "
+                                   f"{resolved.key}; run `oodbench run {self.benchmark.name}` to extract it")
+            self._backbones[resolved.name, resolved.seed] = backbone
+        return self._backbones[resolved.name, resolved.seed]
+
+    def derive(self, resolved: ResolvedBackbone, method, label: str) -> CachedSplit:
+        """A network method's outputs on one set of a resolved backbone (``extract.network.derive``)."""
+        from extract.network import derive
+
+        entry = self.store.open_entry(self.store.root / resolved.entries[label])
+        if entry is None:
+            raise CacheMissing(f"no cached features for {resolved.name} on {label}; run "
+                               f"`oodbench extract {self.benchmark.name}` first")
+        return derive(method, self.resolved_backbone(resolved), self.datasets()[label][1], entry, self.store,
+                      batch_size=self.benchmark.batch_size, device=self.options.device,
+                      progress=self.options.progress)
 
     # ------------------------------------------------------------------ extraction
     def entries(self, backbone: Backbone, compute: bool = True) -> dict[str, CachedSplit]:

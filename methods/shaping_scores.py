@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from methods.base import (MATMUL_ROWS, Method, check_fitted, finite_features, finite_head,
-                          finite_logits, register, rowwise_matmul)
+from methods.base import MATMUL_ROWS, Method, check_fitted, finite_features, finite_head, register, rowwise_matmul
 from methods.logit_scores import energy
 
 REACT_GRID = [80.0, 85.0, 90.0, 95.0, 99.0]
@@ -21,7 +20,7 @@ ASH_GRID = [60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 99.0]
 
 # ---------------------------------------------------------------- pure functions
 
-def _check_percentile(method: str, name: str, p: float) -> None:
+def check_percentile(method: str, name: str, p: float) -> None:
     if not (np.isfinite(p) and 0.0 <= p <= 100.0):
         raise ValueError(f"{method}: {name} must be a percentile in [0, 100], got {p}")
 
@@ -56,9 +55,14 @@ def dice_mask(W: np.ndarray, mean_feature: np.ndarray, p: float = 90.0) -> np.nd
     return V > tau
 
 
+def dice_head(W: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The DICE-masked weights M * W (float64)."""
+    return np.where(mask, np.asarray(W, np.float64), 0.0)
+
+
 def dice_logits(features: np.ndarray, W: np.ndarray, b: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """DICE logits: f = (M * W) v + b (the bias is untouched)."""
-    return linear_logits(features, np.where(mask, np.asarray(W, np.float64), 0.0), b)
+    return linear_logits(features, dice_head(W, mask), b)
 
 
 def dice_react_logits(features: np.ndarray, W: np.ndarray, b: np.ndarray, mask: np.ndarray, c: float) -> np.ndarray:
@@ -176,27 +180,25 @@ ASH_VARIANTS = {"p": ash_p, "b": ash_b, "s": ash_s}
 
 # ---------------------------------------------------------------- split helpers
 
-def _features_and_head(split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Features (as stored) and head, after checking the cached logits (NaN there gets the usual
-    clear message)."""
-    finite_logits(split, dtype=None)
-    features = finite_features(split, dtype=None)
-    return (features, *finite_head(split, features.shape[1]))
-
-
 class _Shaping(Method):
     """Shared score/predict: subclasses implement ``_block_logits(features, W, b)``, the shaped
     logits of a float64 block of rows; splits are shaped ``MATMUL_ROWS`` rows at a time, so the
-    temporaries stay block-sized however large the split."""
+    temporaries stay block-sized however large the split. The cached logits are never read: every
+    logit comes from the (shaped) features and the head."""
 
     reads = ("features", "head")
 
     def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _head(self, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The head the blocks see, prepared once per split (DICE masks it here)."""
+        return W, b
+
     def _blocks(self, split):
         """(rows, shaped logits of those rows) for every block of the split."""
-        features, W, b = _features_and_head(split)
+        features = finite_features(split, dtype=None)
+        W, b = self._head(*finite_head(split, features.shape[1]))
         for start in range(0, len(features), MATMUL_ROWS):
             rows = slice(start, start + MATMUL_ROWS)
             yield rows, self._block_logits(np.asarray(features[rows], np.float64), W, b)
@@ -238,7 +240,7 @@ class ReAct(_Shaping):
         self.source = source
 
     def fit(self, split) -> "ReAct":
-        _check_percentile(self.name, "p", self.p)
+        check_percentile(self.name, "p", self.p)
         if self.source not in ("train", "val"):
             raise ValueError(f"{self.name}: source must be 'train' or 'val', got {self.source!r}")
         self.c_ = react_threshold(finite_features(split), self.p)
@@ -261,16 +263,19 @@ class DICE(_Shaping):
         self.p = p
 
     def fit(self, split) -> "DICE":
-        _check_percentile(self.name, "p", self.p)
+        check_percentile(self.name, "p", self.p)
         features = finite_features(split)
         W, _ = finite_head(split, features.shape[1])
         self.v_bar_ = features.mean(axis=0)
         self.mask_ = dice_mask(W, self.v_bar_, self.p)
         return self
 
-    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _head(self, W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         check_fitted(self, "mask_")
-        return dice_logits(features, W, b, self.mask_)
+        return dice_head(W, self.mask_), b
+
+    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return linear_logits(features, W, b)  # W is already masked (``_head``)
 
 
 @register
@@ -287,14 +292,14 @@ class DICEReAct(DICE):
         self.react_p = react_p
 
     def fit(self, split) -> "DICEReAct":
-        _check_percentile(self.name, "react_p", self.react_p)
+        check_percentile(self.name, "react_p", self.react_p)
         super().fit(split)
         self.c_ = react_threshold(finite_features(split), self.react_p)
         return self
 
     def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-        check_fitted(self, "mask_", "c_")
-        return dice_react_logits(features, W, b, self.mask_, self.c_)
+        check_fitted(self, "c_")
+        return linear_logits(react_clip(features, self.c_), W, b)  # W is already masked (``_head``)
 
 
 class _ASH(_Shaping):
@@ -307,7 +312,7 @@ class _ASH(_Shaping):
         self.p = p
 
     def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-        _check_percentile(self.name, "p", self.p)
+        check_percentile(self.name, "p", self.p)
         return ash_logits(features, W, b, self.variant, self.p, getattr(self, "seed", 0))
 
 

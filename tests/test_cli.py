@@ -26,9 +26,10 @@ from methods import METHODS as REGISTERED_METHODS
 from harness.config import BENCHMARK_DIR
 
 METHODS = tuple(sorted(REGISTERED_METHODS))  # the digits benchmark runs every registered method
+NETWORK_METHODS = tuple(m for m in METHODS if "network" in REGISTERED_METHODS[m].reads)
 # head, 6 entries (ID train and test, 3 test OOD sets, the validation set), every method's scores on
-# the 5 scored sets
-H5_FILES = 1 + 6 + 5 * len(METHODS)
+# the 5 scored sets, and each network method's derived entry of each scored set
+H5_FILES = 1 + 6 + 5 * len(METHODS) + 5 * len(NETWORK_METHODS)
 OTHER_FILES = 2  # the trained weights and the warm run's resolution record
 OOD_SETS = ("digits-6to9", "photo-patches", "gaussian")
 EXTRACT_FIRST = "run `oodbench extract digits` first"
@@ -245,6 +246,7 @@ def test_cache_ls_lists_every_file(cache_copy, capsys):
     assert sorted(line.split()[-1] for line in lines[1:]) == sorted(h5_files + weights + records)
     kinds = [line.split()[0] for line in lines[1:]]
     assert kinds.count("features") == 6 and kinds.count("head") == 1 and kinds.count("scores") == 5 * len(METHODS)
+    assert kinds.count("derived") == 5 * len(NETWORK_METHODS)
     assert kinds.count("weights") == 1 and kinds.count("record") == 1
     code, out, _ = oodbench(capsys, "cache", "ls", "*/scores/energy.*", "--cache-dir", cache_copy)
     assert code == 0
@@ -256,7 +258,7 @@ def test_cache_verify_detects_a_flipped_byte(cache_copy, capsys):
     assert code == 0
     assert out.strip().endswith(f"{H5_FILES} ok, 0 corrupt")
     assert "CORRUPT" not in out
-    entry = only(cache_copy.rglob("digits.test.*.h5"))
+    entry = only(cache_copy.glob("*/digits.test.*.h5"))
     flip_byte_in_logits(entry)
     code, out, _ = oodbench(capsys, "cache", "verify", "--cache-dir", cache_copy)
     assert code == 1
@@ -268,8 +270,8 @@ def test_cache_verify_detects_a_flipped_byte(cache_copy, capsys):
 
 
 def test_run_moves_a_corrupt_entry_aside_and_recomputes_it(warm, cache_copy, tmp_path, capsys, forwards):
-    entry = only(cache_copy.rglob("digits.test.*.h5"))
-    original = only(warm.cache.rglob("digits.test.*.h5"))
+    entry = only(cache_copy.glob("*/digits.test.*.h5"))
+    original = only(warm.cache.glob("*/digits.test.*.h5"))
     flip_byte_in_logits(entry)
     code, out, err = oodbench(capsys, "run", "digits", "--cache-dir", cache_copy, "--out", tmp_path / "out",
                               "--quiet")
@@ -288,7 +290,7 @@ def test_run_moves_a_corrupt_entry_aside_and_recomputes_it(warm, cache_copy, tmp
 
 
 def test_leaderboard_refuses_a_corrupt_entry(cache_copy, tmp_path, capsys, forwards):
-    entry = only(cache_copy.rglob("digits.ood.*.h5"))
+    entry = only(cache_copy.glob("*/digits.ood.*.h5"))
     flip_byte_in_logits(entry)
     code, _, err = oodbench(capsys, "leaderboard", "digits", "--cache-dir", cache_copy, "--out", tmp_path / "out",
                             "--quiet")

@@ -1,0 +1,277 @@
+"""Network passes for methods that cannot run from the cached penultimate features, and the cache
+entries that hold their outputs (METHODS.md sections 1.4 and 1.8).
+
+- Activation shaping at a named layer: a forward hook replaces the layer's output by its shaped
+  version and the rest of the network runs as usual; or, when the entry cached that layer's
+  activations and the network after it depends on nothing else (``network_tail``), only that
+  tail runs, from the cached activations.
+- ODIN's input perturbation: forward, input gradient, perturbed forward.
+- ``derive``: a network method's outputs over one entry's images, computed in resumable chunks
+  under the entry's lock and written atomically beside it (``CachedSplit.derived_path``), so
+  re-scoring, sweeping and tabulating read them like any other entry.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from extract.backbones import Backbone
+from extract.datasets import ImageSet
+from extract.extraction import capture_outputs, compute_in_chunks, partial_folder, resolve_device
+from extract.store import CachedSplit, CacheCorrupt, FeatureStore, file_lock, write_h5_atomic
+
+log = logging.getLogger(__name__)
+
+PENULTIMATE = "penultimate"  # the head's input: the pooled feature v (shaping there = the cache-only methods)
+LAST_BLOCK = "last_block"  # the backbone's declared inner shaping placement (``Backbone.shaping_layer``)
+
+
+def numpy_rows(function: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A tensor shaping from a numpy function of (N, n) float64 rows: each sample's activation is
+    flattened (channels and space jointly, as ASH's per-sample top-k is), shaped in float64, and
+    put back in the tensor's shape, dtype and device. The same numpy function is the cache-only
+    method's math, so both paths compute one definition."""
+    def shape(tensor: torch.Tensor) -> torch.Tensor:
+        rows = tensor.detach().to("cpu", torch.float64).reshape(len(tensor), -1).numpy()
+        shaped = torch.from_numpy(np.ascontiguousarray(function(rows)))
+        return shaped.reshape(tensor.shape).to(tensor.device, tensor.dtype)
+    return shape
+
+
+@contextlib.contextmanager
+def shaping_hook(model: nn.Module, head: str, layer: str, shape: Callable[[torch.Tensor], torch.Tensor]):
+    """During the block, ``layer``'s output is replaced by ``shape(output)`` (a new tensor; the
+    module's own output is never modified in place). ``PENULTIMATE`` shapes the head's input."""
+    modules = dict(model.named_modules())
+    if layer == PENULTIMATE:
+        handle = modules[head].register_forward_pre_hook(lambda module, inputs: (shape(inputs[0]), *inputs[1:]))
+    else:
+        handle = modules[layer].register_forward_hook(lambda module, inputs, output: shape(output))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _LayerAsLeaf(fx.Tracer):
+    """Traces a model keeping one named module as a single call (even a Sequential)."""
+
+    def __init__(self, layer: str):
+        super().__init__()
+        self.layer = layer
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name == self.layer or super().is_leaf_module(module, qualified_name)
+
+
+def network_tail(model: nn.Module, layer: str) -> fx.GraphModule | None:
+    """The part of ``model`` after ``layer`` as a module taking that layer's output, or None when it
+    cannot be cut there: the model does not trace (data-dependent control flow), the layer is
+    called more than once, or something after it also reads an earlier tensor (a skip connection
+    across the cut). The tail shares the model's modules, so hooks on them fire in it."""
+    try:
+        graph = _LayerAsLeaf(layer).trace(model)
+    except Exception as err:  # torch.fx raises many types for untraceable code
+        log.info("no network tail after %s: the model does not trace (%s)", layer, err)
+        return None
+    calls = [node for node in graph.nodes if node.op == "call_module" and node.target == layer]
+    if len(calls) != 1:
+        return None
+    tail = fx.Graph()
+    mapped = {calls[0]: tail.placeholder("activation")}
+    before_cut = set()  # nodes computed from the input without passing through the layer
+    for node in graph.nodes:
+        if node is calls[0]:
+            continue
+        if node.op == "placeholder" or any(arg in before_cut for arg in node.all_input_nodes):
+            before_cut.add(node)
+            continue
+        if node.op == "output":
+            break
+        mapped[node] = tail.node_copy(node, lambda arg: mapped[arg])
+    output = next(node for node in graph.nodes if node.op == "output")
+    if any(arg in before_cut or arg not in mapped for arg in output.all_input_nodes):
+        return None
+    tail.node_copy(output, lambda arg: mapped[arg])
+    module = fx.GraphModule(model, tail)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def odin_perturbed_inputs(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float,
+                          step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ODIN's input pre-processing (Liang et al. 2018): y_hat = argmax f(x) from the unscaled logits,
+    L = CE(f(x) / T, y_hat), g = sign(grad_x L) with 0 mapped to +1 (the code's (grad >= 0)*2 - 1),
+    x_tilde = x - epsilon * step * g, no clamping. ``step`` is 1/std per channel for a pixel-space
+    epsilon on normalised inputs, 1 for the normalised-space convention. The loss is summed over
+    the batch, so each sample's gradient is its own. Returns (x_tilde, y_hat)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        predictions = logits.argmax(dim=1)
+        loss = F.cross_entropy(logits / temperature, predictions, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, x)
+    sign = (gradient >= 0).to(x.dtype) * 2 - 1
+    return (x - epsilon * step * sign).detach(), predictions
+
+
+class Network:
+    """A backbone on a device, ready for network methods: shaped forward passes, tails run from
+    cached activations, ODIN. Every pass works in batches of ``batch_size`` in eval mode.
+
+    The network runs in its own precision; the logits are then recomputed from the head's input v
+    in float64, f = W v + b, as the cache-only methods compute them, and kept in float64 (ASH-S
+    scales logits to ~1e3-1e4, where float32 rounding alone is ~1e-4; ODIN at T = 1000 ranks by
+    tiny logit differences). Features are float32, as in extraction.
+    """
+
+    def __init__(self, backbone: Backbone, device: torch.device, batch_size: int):
+        self.backbone = backbone
+        self.device = device
+        self.batch_size = batch_size
+        self.model = backbone.model.to(device).eval()
+        self.head = [torch.from_numpy(a).to(device, torch.float64) for a in backbone.head_parameters()]
+        self._tails: dict[str, fx.GraphModule | None] = {}
+
+    def resolve_layer(self, layer: str) -> str:
+        """A module name of the backbone, ``PENULTIMATE``, or ``LAST_BLOCK`` (the backbone's declared
+        shaping layer); anything else is an error listing the names."""
+        if layer == LAST_BLOCK:
+            if not self.backbone.shaping_layer:
+                raise ValueError(f"backbone {self.backbone.name!r} declares no shaping layer for "
+                                 f"layer={LAST_BLOCK!r}; give a module name (or 'shaping_layer' in its config)")
+            layer = self.backbone.shaping_layer
+        modules = [name for name, _ in self.model.named_modules() if name]
+        if layer != PENULTIMATE and layer not in modules:
+            raise ValueError(f"backbone {self.backbone.name!r} has no layer {layer!r}; use {PENULTIMATE!r}, "
+                             f"{LAST_BLOCK!r} or one of its modules: {', '.join(modules)}")
+        return layer
+
+    def tail(self, layer: str) -> nn.Module | None:
+        """The network after ``layer`` (the head alone after ``PENULTIMATE``), or None (see ``network_tail``)."""
+        if layer not in self._tails:
+            head = dict(self.model.named_modules())[self.backbone.head]
+            self._tails[layer] = head if layer == PENULTIMATE else network_tail(self.model, layer)
+        return self._tails[layer]
+
+    def _batches(self, n: int):
+        return (slice(start, start + self.batch_size) for start in range(0, n, self.batch_size))
+
+    def _collect(self, features: torch.Tensor, outputs: dict[str, list[np.ndarray]], shape=None) -> None:
+        """Append the head's input v (shaped in float64 first when ``shape`` is given: shaping at
+        ``PENULTIMATE``) and f = W v + b in float64."""
+        features = features.detach().double()
+        if shape is not None:
+            features = shape(features)
+        outputs.setdefault("features", []).append(features.float().cpu().numpy())
+        outputs.setdefault("logits", []).append(F.linear(features, *self.head).cpu().numpy())
+
+    @torch.no_grad()
+    def shaped_outputs(self, images: np.ndarray, layer: str, shape) -> dict[str, np.ndarray]:
+        """Logits and penultimate features of a full forward pass with ``layer``'s output shaped
+        (at ``PENULTIMATE``, the captured head input is shaped in float64 before the head)."""
+        outputs: dict[str, list[np.ndarray]] = {}
+        hook = contextlib.nullcontext() if layer == PENULTIMATE else \
+            shaping_hook(self.model, self.backbone.head, layer, shape)
+        with capture_outputs(self.model, self.backbone.head, ()) as captured, hook:
+            for rows in self._batches(len(images)):
+                self.model(self.backbone.preprocessing(images[rows]).to(self.device))
+                self._collect(captured["features"], outputs, shape if layer == PENULTIMATE else None)
+        return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+    @torch.no_grad()
+    def tail_outputs(self, activations: np.ndarray, layer: str, shape) -> dict[str, np.ndarray]:
+        """Logits and penultimate features of the network after ``layer``, run on its shaped cached
+        activations (the layers before it do not run; after ``PENULTIMATE`` only the head)."""
+        tail = self.tail(layer)
+        outputs: dict[str, list[np.ndarray]] = {}
+        with capture_outputs(self.model, self.backbone.head, ()) as captured:
+            for rows in self._batches(len(activations)):
+                batch = torch.from_numpy(np.ascontiguousarray(activations[rows], np.float32)).to(self.device)
+                if layer == PENULTIMATE:
+                    self._collect(batch, outputs, shape)
+                else:
+                    tail(shape(batch))
+                    self._collect(captured["features"], outputs)
+        return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+    def odin_outputs(self, images: np.ndarray, temperature: float, epsilon: float,
+                     space: str) -> dict[str, np.ndarray]:
+        """Logits and features at ODIN's perturbed inputs, and the class predicted from the
+        unperturbed logits. ``space``: 'pixel' (epsilon in [0,1] pixel units: the sign map divided
+        by each channel's normalisation std) or 'normalized' (the ReAct/DICE/GradNorm code)."""
+        std = torch.tensor(self.backbone.preprocessing.std, dtype=torch.float32).view(1, -1, 1, 1)
+        step = (1.0 / std if space == "pixel" else torch.ones_like(std)).to(self.device)
+        outputs: dict[str, list[np.ndarray]] = {}
+        with capture_outputs(self.model, self.backbone.head, ()) as captured:
+            for rows in self._batches(len(images)):
+                x = self.backbone.preprocessing(images[rows]).to(self.device)
+                perturbed, predictions = odin_perturbed_inputs(self.model, x, temperature, epsilon, step)
+                with torch.no_grad():
+                    self.model(perturbed)
+                self._collect(captured["features"], outputs)
+                outputs.setdefault("predictions", []).append(predictions.cpu().numpy().astype(np.int64))
+        return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+class EntryRows:
+    """Rows [start, stop) of one entry, as a network method sees them: the images, and what the
+    entry cached for them (an inner layer's activations, the plain logits and features)."""
+
+    def __init__(self, images: ImageSet, entry: CachedSplit, start: int, stop: int):
+        self.entry, self.rows = entry, slice(start, stop)
+        self.images = images.images[self.rows]
+
+    def activations(self, layer: str) -> np.ndarray | None:
+        """The cached activations of ``layer`` for these rows, or None when the entry has none."""
+        return self.entry.activations(layer)[self.rows] if layer in self.entry.meta["layers"] else None
+
+    def cached(self, name: str) -> np.ndarray:
+        return getattr(self.entry, name)[self.rows]
+
+
+def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,
+           batch_size: int = 256, chunk_batches: int = 16, device: str = "cpu", progress: bool = True) -> CachedSplit:
+    """The outputs of network method ``method`` over ``entry``'s images, cached beside the entry:
+    returned from the cache when present (a corrupt file is moved aside and recomputed), else
+    computed by ``method.network_outputs(network, rows)`` in resumable chunks and written atomically."""
+    if len(images) != len(entry) or images.fingerprint() != entry.meta.get("fingerprint", images.fingerprint()):
+        raise ValueError(f"{images.name}/{images.split} is not the data of cache entry {entry.path.name}; "
+                         "re-extract the entry first")
+    path = entry.derived_path(method.name, method.network_key())
+    try:
+        cached = store.open_entry(path)
+        if cached is not None:
+            return cached
+    except CacheCorrupt as err:
+        log.warning("recomputing a corrupt derived entry: %s", err)
+    with file_lock(path):
+        cached = store.open_entry(path)
+        if cached is not None:
+            return cached
+        network = Network(backbone, resolve_device(device), batch_size)
+        names = tuple(method.outputs)
+        chunks = compute_in_chunks(
+            path, len(images), names, batch_size * chunk_batches, f"bs{batch_size}",
+            lambda start, stop: method.network_outputs(network, EntryRows(images, entry, start, stop)),
+            f"{method.label()} {backbone.name} {images.name}/{images.split}", progress)
+        arrays = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
+        arrays["labels"] = np.asarray(images.labels, dtype=np.int64)
+        key = entry.derived_key(method.name, method.network_key())
+        meta = {"kind": "derived", "method": method.name, "network_key": method.network_key(),
+                "base": entry.data_key, "backbone": backbone.describe(), "dataset": entry.meta["dataset"],
+                "split": entry.meta["split"], "fingerprint": entry.meta.get("fingerprint"), "data_key": key,
+                "layers": [], "n": len(images), "num_classes": int(arrays["logits"].shape[1]),
+                "feature_dim": int(arrays["features"].shape[1]), **method.network_meta(),
+                "what": f"{method.label()} on {entry.meta['dataset']}/{entry.meta['split']}"}
+        write_h5_atomic(path, arrays, meta)
+        shutil.rmtree(partial_folder(path), ignore_errors=True)
+    return CachedSplit(path)

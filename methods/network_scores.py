@@ -1,0 +1,155 @@
+"""Methods that go back through the network: ASH at any named layer, ODIN (METHODS.md 1.8, 1.4).
+
+A network method has two halves. ``network_outputs(network, rows)`` runs the network (an
+``extract.network.Network``) over rows of a cache entry and returns arrays; the harness caches
+them as a derived entry beside the entry (``extract.network.derive``), keyed by the entry and
+``network_key()``. ``score``/``predict`` then read that derived entry like any other, so
+re-scoring, sweeps over parameters the pass does not depend on, and leaderboards never run the
+network again. This module itself never imports torch: scoring a derived entry does not need it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from methods.base import Method, finite_logits, register, rowwise_apply, softmax_rows, split_name
+from methods.logit_scores import energy
+from methods.shaping_scores import ASH_GRID, ASH_VARIANTS, check_percentile, ash_rand
+
+ODIN_SPACES = ("pixel", "normalized")
+
+
+class NetworkMethod(Method):
+    """Base class of methods whose outputs need the network (``reads`` = network)."""
+
+    reads = ("network",)
+    outputs: tuple[str, ...] = ("logits", "features")  # the arrays ``network_outputs`` returns
+    version = 1
+
+    def network_key(self) -> dict:
+        """What the network pass depends on: the cache key of its outputs (every parameter by default)."""
+        return {**self.get_params(), "version": self.version}
+
+    def network_meta(self) -> dict:
+        """Extra facts recorded in the derived entry's metadata (e.g. ODIN's epsilon convention)."""
+        return {}
+
+    def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
+        """``self.outputs`` for ``rows`` (``extract.network.EntryRows``), computed with ``network``."""
+        raise NotImplementedError
+
+
+def tempered_msp(logits: np.ndarray, T: float) -> np.ndarray:
+    """ODIN's score (Liang et al. 2018): S = max_c softmax(f / T)_c, in float64 (at T = 1000 the
+    scores cluster around 1/C, so float32 would tie them)."""
+    return softmax_rows(np.asarray(logits, np.float64) / T).max(axis=1)
+
+
+@register
+class ASHLayer(NetworkMethod):
+    """ASH at a named layer, through the network (Djurisic et al. 2023, "Extremely simple activation
+    shaping"): the activation a of ``layer`` is shaped per sample - top-k jointly over channels and
+    space, k = n - round(n p / 100), variant p / b / s / rand exactly as the penultimate methods
+    (``methods.shaping_scores``) - the rest of the network runs on it, and S = LSE_1(f) of the
+    resulting logits; ID accuracy is the argmax of those logits.
+
+    ``layer``: a module name of the backbone; ``penultimate`` (the head's input: the same as the
+    cache-only ``ash_*`` methods, computed through the network); or ``last_block`` (default), the
+    backbone's declared shaping layer (ASH's main placement: the last block's output before its
+    final ReLU). When the entry cached that layer's activations and nothing after the layer reads
+    an earlier tensor, only the network's tail runs, from the cached activations.
+    """
+
+    name = "ash_layer"
+    grid = {"p": ASH_GRID}
+
+    def __init__(self, variant: str = "s", p: float = 90.0, layer: str = "last_block", seed: int = 0):
+        self.variant = variant
+        self.p = p
+        self.layer = layer
+        self.seed = seed
+
+    def shaping(self):
+        """The numpy function of (N, n) rows this instance applies."""
+        check_percentile(self.name, "p", self.p)
+        if self.variant == "rand":
+            return lambda rows: ash_rand(rows, self.p, self.seed)
+        if self.variant not in ASH_VARIANTS:
+            raise ValueError(f"{self.name}: unknown variant {self.variant!r}; expected one of p, b, s, rand")
+        return lambda rows: ASH_VARIANTS[self.variant](rows, self.p)
+
+    def network_key(self) -> dict:
+        key = super().network_key()
+        if self.variant != "rand":
+            del key["seed"]  # only ASH-RAND draws
+        return key
+
+    def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
+        from extract.network import numpy_rows  # torch: only when the network runs
+
+        layer = network.resolve_layer(self.layer)
+        shape = numpy_rows(self.shaping())
+        cached = rows.activations(layer)
+        if cached is not None and network.tail(layer) is not None:
+            return network.tail_outputs(cached, layer, shape)
+        return network.shaped_outputs(rows.images, layer, shape)
+
+    def score(self, split) -> np.ndarray:
+        return rowwise_apply(lambda logits: energy(logits, 1.0), finite_logits(split, dtype=None))
+
+
+@register
+class ODIN(NetworkMethod):
+    """ODIN (Liang et al. 2018): temperature scaling plus input pre-processing.
+
+    y_hat = argmax f(x) (unscaled logits); x_tilde = x - epsilon * sign(grad_x CE(f(x)/T, y_hat))
+    with epsilon in [0,1] pixel units (``space='pixel'``: the sign map divided by each channel's
+    normalisation std, as the original code) or in normalised units (``space='normalized'``: the
+    ReAct/DICE/GradNorm code); no clamping. S = max_c softmax(f(x_tilde)/T)_c. ID accuracy is
+    from y_hat, the unperturbed forward pass. epsilon = 0 needs no network: the entry's logits are
+    the unperturbed ones. The convention is recorded in the derived entry's metadata.
+    """
+
+    name = "odin"
+    grid = {"T": [1.0, 10.0, 100.0, 1000.0], "epsilon": [0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005]}
+    outputs = ("logits", "features", "predictions")
+
+    def __init__(self, T: float = 1000.0, epsilon: float = 0.0014, space: str = "pixel"):
+        self.T = T
+        self.epsilon = epsilon
+        self.space = space
+
+    def _check(self) -> None:
+        if not (np.isfinite(self.T) and self.T > 0):
+            raise ValueError(f"{self.name}: T must be > 0, got {self.T}")
+        if not (np.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise ValueError(f"{self.name}: epsilon must be >= 0, got {self.epsilon}")
+        if self.space not in ODIN_SPACES:
+            raise ValueError(f"{self.name}: space must be one of {ODIN_SPACES}, got {self.space!r}")
+
+    def network_key(self) -> dict:
+        self._check()
+        if self.epsilon == 0:  # the unperturbed pass: neither T nor the space changes the logits
+            return {"epsilon": 0.0, "version": self.version}
+        return super().network_key()
+
+    def network_meta(self) -> dict:
+        units = "[0,1] pixel units (sign map / channel std)" if self.space == "pixel" else "normalised-input units"
+        return {"odin": {"T": self.T, "epsilon": self.epsilon, "epsilon_units": units}}
+
+    def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
+        self._check()
+        if self.epsilon == 0:
+            logits = rows.cached("logits").astype(np.float64)
+            return {"logits": logits, "features": rows.cached("features"),
+                    "predictions": logits.argmax(axis=1).astype(np.int64)}
+        return network.odin_outputs(rows.images, self.T, self.epsilon, self.space)
+
+    def score(self, split) -> np.ndarray:
+        self._check()
+        return rowwise_apply(lambda logits: tempered_msp(logits, self.T), finite_logits(split, dtype=None))
+
+    def predict(self, split) -> np.ndarray:
+        predictions = np.asarray(split.array("predictions"))
+        if predictions.shape != (len(split.logits),):
+            raise ValueError(f"{split_name(split)}: ODIN needs one prediction per sample from its derived entry")
+        return predictions

@@ -1,0 +1,257 @@
+"""Network methods (ASH at any layer, ODIN): checked against hand-written forwards, finite
+differences, the cache-only methods, and forward-call counts for their derived cache entries."""
+import h5py
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+from torch import nn
+
+from extract.backbones import Backbone, Preprocessing
+from extract.network import PENULTIMATE, Network, derive, network_tail, numpy_rows, odin_perturbed_inputs
+from extract.store import CachedSplit
+from harness.config import MethodRef, load_benchmark
+from harness.evaluation import Evaluation
+from harness.pipeline import BenchmarkRun
+from harness.resolution import RunOptions
+from methods import make_method
+from methods.network_scores import tempered_msp
+from methods.shaping_scores import ash_b
+
+CPU = torch.device("cpu")
+
+
+class TinyNet(nn.Module):
+    """conv -> bn -> relu -> pool -> fc, with a residual variant whose skip crosses ``body.0``."""
+
+    def __init__(self, channels=1, residual=False):
+        super().__init__()
+        self.residual = residual
+        self.stem = nn.Conv2d(channels, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        out = self.body(h)
+        return self.fc(self.pool(out + h if self.residual else out))
+
+
+def tiny_backbone(channels=1, residual=False, std=(0.25,)) -> Backbone:
+    torch.manual_seed(0)
+    model = TinyNet(channels, residual)
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        model.body[1].running_mean.uniform_(-0.5, 0.5)
+        model.body[1].running_var.uniform_(0.5, 2.0)
+    mean = (0.5,) * channels
+    return Backbone("tiny", model, Preprocessing(8, channels, mean, std), "fc", (), {"test": "tiny"},
+                    shaping_layer="body.1")
+
+
+def images(n=10, channels=1, seed=0) -> np.ndarray:
+    shape = (n, 8, 8) if channels == 1 else (n, 8, 8, channels)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def ash_b_by_hand(a: torch.Tensor, p: float) -> torch.Tensor:
+    """ASH-B as the official code writes it: per sample, flatten channels and space, s1 = sum of
+    everything, keep the torch.topk values set to s1 / k."""
+    flat = a.reshape(len(a), -1)
+    n = flat.shape[1]
+    k = n - int(round(n * p / 100))
+    s1 = flat.sum(dim=1, keepdim=True)
+    out = torch.zeros_like(flat)
+    out.scatter_(1, flat.topk(k, dim=1).indices, (s1 / k).expand(-1, k))
+    return out.reshape(a.shape)
+
+
+def test_ash_at_an_inner_layer_equals_a_hand_written_forward_with_the_shaping_inserted():
+    backbone = tiny_backbone()
+    model = backbone.model
+    raw = images()
+    with torch.no_grad():
+        x = backbone.preprocessing(raw)
+        pre_relu = model.body[1](model.body[0](model.stem(x)))  # BN output: negatives included in s1
+        expected = model.fc(model.pool(torch.relu(ash_b_by_hand(pre_relu, 65.0))))
+    network = Network(backbone, CPU, batch_size=4)  # batches of 4 over 10 images: per-sample shaping
+    shape = numpy_rows(lambda rows: ash_b(rows, 65.0))
+    hooked = network.shaped_outputs(raw, "body.1", shape)
+    np.testing.assert_allclose(hooked["logits"], expected.numpy(), atol=1e-5)
+    assert (pre_relu < 0).any()
+    # the tail run from the layer's (unshaped) activations gives the same logits and features
+    tail = network.tail_outputs(pre_relu.numpy(), "body.1", shape)
+    np.testing.assert_allclose(tail["logits"], hooked["logits"], atol=1e-6)
+    np.testing.assert_allclose(tail["features"], hooked["features"], atol=1e-6)
+    # the hook leaves the model as it was
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x).numpy(), model.fc(model.pool(model.body(model.stem(x)))).numpy())
+
+
+def test_network_tail_runs_the_rest_of_the_network_and_refuses_to_cut_across_a_skip_connection():
+    plain, residual = tiny_backbone().model, tiny_backbone(residual=True).model
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        for layer, before in (("stem", plain.stem), ("body.1", lambda t: plain.body[1](plain.body[0](plain.stem(t))))):
+            tail = network_tail(plain, layer)
+            np.testing.assert_allclose(tail(before(x)).numpy(), plain(x).numpy(), atol=1e-6)
+        assert network_tail(residual, "body.1") is None  # out + h reads h, computed before the cut
+        assert network_tail(residual, "body") is None
+        tail = network_tail(residual, "stem")  # everything after the stem depends on it alone
+        np.testing.assert_allclose(tail(residual.stem(x)).numpy(), residual(x).numpy(), atol=1e-6)
+
+
+def test_odin_perturbation_follows_the_sign_of_the_finite_difference_gradient():
+    torch.manual_seed(1)
+    model = TinyNet().double().eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    T, epsilon = 10.0, 0.01
+    perturbed, predictions = odin_perturbed_inputs(model, x, T, epsilon, torch.ones(1, 1, 1, 1, dtype=torch.float64))
+    with torch.no_grad():
+        np.testing.assert_array_equal(predictions.numpy(), model(x).argmax(dim=1).numpy())
+    step = ((x - perturbed) / epsilon).numpy()
+    np.testing.assert_allclose(np.abs(step), 1.0, rtol=1e-12)
+    sign = np.sign(step)
+
+    def loss(inputs, i):  # sample i's CE(f(x)/T, y_hat) alone
+        with torch.no_grad():
+            return float(nn.functional.cross_entropy(model(inputs[i:i + 1]) / T, predictions[i:i + 1]))
+
+    h, checked = 1e-6, 0
+    for i in range(len(x)):
+        for index in np.ndindex(x.shape[1:]):
+            up, down = x.clone(), x.clone()
+            up[(i, *index)] += h
+            down[(i, *index)] -= h
+            difference = (loss(up, i) - loss(down, i)) / (2 * h)
+            if abs(difference) > 1e-7:
+                assert np.sign(difference) == sign[(i, *index)], (i, index, difference)
+                checked += 1
+    assert checked > 0.9 * x.numel()
+    with torch.no_grad():  # the step lowers each sample's loss, i.e. raises the tempered max-softmax
+        for i in range(len(x)):
+            assert loss(perturbed, i) < loss(x, i)
+
+
+def test_odin_epsilon_is_in_pixel_units_unless_asked_for_normalised_units():
+    std = (0.2, 0.5, 0.8)
+    backbone = tiny_backbone(channels=3, std=std)
+    network = Network(backbone, CPU, batch_size=4)
+    raw = images(channels=3)
+    x = backbone.preprocessing(raw)
+    scale = torch.tensor(std).view(1, 3, 1, 1)
+    for space, step in (("pixel", 1 / scale), ("normalized", torch.ones_like(scale))):
+        perturbed, _ = odin_perturbed_inputs(backbone.model, x, 1000.0, 0.002, step)
+        moved = (x - perturbed) / 0.002  # in normalised units
+        np.testing.assert_allclose(torch.abs(moved * (scale if space == "pixel" else 1)).numpy(), 1.0, rtol=1e-4)
+        outputs = network.odin_outputs(raw, 1000.0, 0.002, space)
+        with torch.no_grad():
+            np.testing.assert_allclose(outputs["logits"], backbone.model(perturbed).numpy(), atol=1e-6)
+
+
+def test_odin_with_zero_epsilon_is_msp_at_temperature_T():
+    backbone = tiny_backbone()
+    raw = images(n=13)
+    network = Network(backbone, CPU, batch_size=5)
+    with torch.no_grad():
+        plain = backbone.model(backbone.preprocessing(raw)).numpy().astype(np.float64)
+    for T in (1.0, 1000.0):
+        outputs = network.odin_outputs(raw, T, 0.0, "pixel")  # through the network: x - 0 * sign = x
+        expected = softmax(plain / T, axis=1).max(axis=1)
+        np.testing.assert_allclose(tempered_msp(outputs["logits"], T), expected, rtol=1e-6)
+        np.testing.assert_array_equal(outputs["predictions"], plain.argmax(axis=1))
+    assert make_method("odin", epsilon=0.0).network_key() == make_method("odin", epsilon=0.0, T=5.0).network_key()
+
+
+# ---------------------------------------------------------------- through the harness, on the trained digits-net
+
+@pytest.fixture
+def digits(cache_copy, tmp_path):
+    run = BenchmarkRun(load_benchmark("digits"), RunOptions(cache_dir=cache_copy, out_dir=tmp_path, progress=False))
+    evaluation = Evaluation(run.resolve(compute=False), run.store, tmp_path, network=lambda: run)
+    [backbone] = evaluation.resolution.backbones
+    return run, evaluation, backbone, evaluation.open_entries(backbone)
+
+
+@pytest.mark.parametrize("variant", ["p", "b", "s", "rand"])
+def test_ash_at_the_penultimate_layer_through_the_network_equals_the_cache_only_method(digits, variant):
+    run, evaluation, backbone, entries = digits
+    p = {"p": 60.0, "b": 65.0, "s": 90.0, "rand": 65.0}[variant]
+    network_method = make_method("ash_layer", variant=variant, p=p, layer=PENULTIMATE)
+    cache_only = make_method(f"ash_{variant}", p=p)
+    for label in ("digits-test", "digits-6to9"):
+        derived = evaluation.derived_entry(backbone, network_method, label, entries[label])
+        shaped = cache_only._logits(entries[label])  # W ash(v) + b from the cached features and head
+        assert np.abs(derived.logits - shaped).max() <= 1e-4
+        np.testing.assert_allclose(network_method.score(derived), cache_only.score(entries[label]), atol=1e-4)
+        np.testing.assert_array_equal(network_method.predict(derived), cache_only.predict(entries[label]))
+
+
+def test_network_methods_run_the_network_once_and_sweeps_rerun_only_the_tail(digits, forwards):
+    run, evaluation, backbone, entries = digits
+    full_passes = lambda: forwards.count("DigitsNet")  # noqa: E731
+    tail_passes = lambda: forwards.count("GraphModule")  # noqa: E731
+    scored = ("digits-test", "digits-6to9", "photo-patches", "gaussian", "uniform")  # test sets + validation
+    batches = sum(-(-len(entries[label]) // run.benchmark.batch_size) for label in scored)
+
+    def scores(name, **params):
+        scored = evaluation.scores(backbone, MethodRef(name, params), entries)
+        return {label: s.scores for label, s in scored.items()}
+
+    first = scores("ash_layer", layer="block2.1")  # not cached by the digits extraction: full passes
+    assert full_passes() > 0 and tail_passes() == 0
+    forwards.clear()
+    again = scores("ash_layer", layer="block2.1")  # scores cached: nothing runs
+    assert forwards == []
+    for label in first:
+        np.testing.assert_array_equal(first[label], again[label])
+    scores("ash_layer", layer="block2", p=80.0)  # block2 is cached: only the tail (pooling, head) runs
+    assert full_passes() == 0 and tail_passes() == batches
+    forwards.clear()
+    scores("ash_layer", layer="block2", p=95.0)  # a new sweep point: the tail again, no full pass
+    assert full_passes() == 0 and tail_passes() == batches
+    forwards.clear()
+    scores("odin", T=1000.0, epsilon=0.0)  # no perturbation: the cached logits, no network at all
+    assert forwards == []
+    scores("odin", T=10.0)  # forward, backward, forward per batch
+    assert full_passes() == 2 * batches
+    forwards.clear()
+    scores("odin", T=10.0)
+    assert forwards == []
+
+
+def test_derived_entries_are_plain_hdf5_with_their_convention_and_a_corrupt_one_is_recomputed(digits, caplog):
+    run, evaluation, backbone, entries = digits
+    odin = make_method("odin", T=1000.0, epsilon=0.0014)
+    derived = evaluation.derived_entry(backbone, odin, "digits-test", entries["digits-test"])
+    with h5py.File(derived.path, "r") as h5:
+        assert set(h5) == {"logits", "features", "labels", "predictions"}
+        assert len(h5["logits"]) == len(entries["digits-test"])
+    assert derived.meta["kind"] == "derived" and derived.meta["base"] == entries["digits-test"].data_key
+    assert derived.meta["odin"]["epsilon_units"] == "[0,1] pixel units (sign map / channel std)"
+    np.testing.assert_array_equal(derived.array("predictions"), entries["digits-test"].logits.argmax(axis=1))
+    np.testing.assert_array_equal(derived.head[0], entries["digits-test"].head[0])
+    original = derived.logits.copy()
+    with open(derived.path, "r+b") as handle:  # flip bytes inside the logits
+        handle.seek(derived.path.stat().st_size // 2)
+        handle.write(b"\xff" * 64)
+    again = derive(odin, run.resolved_backbone(backbone), run.datasets()["digits-test"][1], entries["digits-test"],
+                   run.store, batch_size=run.benchmark.batch_size, progress=False)
+    assert "recomputing a corrupt derived entry" in caplog.text
+    np.testing.assert_array_equal(again.logits, original)
+    assert derived.path.with_name(derived.path.name + ".corrupt").exists()
+
+
+def test_a_network_method_without_a_network_or_with_a_bad_layer_gets_one_clear_error(digits, tmp_path):
+    run, evaluation, backbone, entries = digits
+    offline = Evaluation(evaluation.resolution, run.store, tmp_path)
+    with pytest.raises(LookupError, match="no cached ash_layer\\(p=70\\) network outputs for digits-net on "
+                                          "digits-test; run `oodbench run digits --methods ash_layer`"):
+        offline.scores(backbone, MethodRef("ash_layer", {"p": 70.0}), entries)
+    with pytest.raises(ValueError, match="has no layer 'nope'; use 'penultimate', 'last_block' or one of its "
+                                         "modules: block1, block1.0"):
+        evaluation.scores(backbone, MethodRef("ash_layer", {"layer": "nope"}), entries)
+    with pytest.raises(ValueError, match="odin: epsilon must be >= 0"):
+        evaluation.scores(backbone, MethodRef("odin", {"epsilon": -1.0}), entries)
+    with pytest.raises(ValueError, match="unknown variant 'q'"):
+        evaluation.scores(backbone, MethodRef("ash_layer", {"variant": "q"}), entries)
