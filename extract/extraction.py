@@ -143,9 +143,12 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
     """
     if len(images) == 0:
         raise ValueError(f"dataset {images.name}/{images.split} is empty; nothing to extract")
-    unknown = [layer for layer in layers if layer not in backbone.layers]
+    modules = dict(backbone.model.named_modules())
+    unknown = [layer for layer in layers if layer not in modules or not layer]
     if unknown:
-        raise ValueError(f"backbone {backbone.name!r} names no layer {unknown}; its layers: {list(backbone.layers)}")
+        raise ValueError(f"backbone {backbone.name!r} has no module {unknown}; its named layers: "
+                         f"{list(backbone.layers)}, shaping layer: {backbone.shaping_layer or 'none'} (any module "
+                         "name of the model works)")
     if activations_dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"activations_dtype must be one of {ACTIVATION_DTYPES}, got {activations_dtype!r}")
     layers = tuple(layers)

@@ -114,11 +114,18 @@ def odin_perturbed_inputs(model: nn.Module, x: torch.Tensor, temperature: float,
     epsilon on normalised inputs, 1 for the normalised-space convention. The loss is summed over
     the batch, so each sample's gradient is its own. Returns (x_tilde, y_hat)."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x)
-        predictions = logits.argmax(dim=1)
-        loss = F.cross_entropy(logits / temperature, predictions, reduction="sum")
-        (gradient,) = torch.autograd.grad(loss, x)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for parameter in frozen:  # only the input gradient is needed: no weight-gradient work or memory
+        parameter.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            predictions = logits.argmax(dim=1)
+            loss = F.cross_entropy(logits / temperature, predictions, reduction="sum")
+            (gradient,) = torch.autograd.grad(loss, x)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
     sign = (gradient >= 0).to(x.dtype) * 2 - 1
     return (x - epsilon * step * sign).detach(), predictions
 

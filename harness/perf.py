@@ -1,6 +1,6 @@
 """Throughput benchmark (``make perf`` / ``python -m harness.perf``): measured figures, not timed tests.
 
-Three parts (``--parts``, all by default), printed and written as JSON:
+Four parts (``--parts``, all by default), printed and written as JSON:
 
 1. ``extraction``: extraction vs a bare forward pass - the same backbone over the same images,
    once as the minimal loop a user would write (preprocess + forward, outputs discarded) and once
@@ -8,11 +8,13 @@ Three parts (``--parts``, all by default), printed and written as JSON:
    energy from the cached entry vs running the network again for the logits. The backbone is the
    default benchmark's architecture with seeded random weights (throughput does not depend on
    the weights); the images are the Fashion-MNIST test set, else seeded noise of that shape.
-2. ``scale``: every registered method on an ImageNet-shaped synthetic cache (2048-d features,
+2. ``network``: each network method (ASH at the backbone's inner shaping layer, hooked and from
+   cached activations; ODIN) computing its derived entry, against one plain extraction pass.
+3. ``scale``: every registered method on an ImageNet-shaped synthetic cache (2048-d features,
    1000 classes; fit split 100,000; ID test 50,000; four OOD sets of 10,000): fit time, time to
    score the 90,000 test samples, and peak resident memory, each method in a fresh process
    reading the cache files as ``oodbench score`` does.
-3. ``reinference``: the default benchmark (fashion-mnist), every registered method evaluated
+4. ``reinference``: the default benchmark (fashion-mnist), every registered method evaluated
    (fit, score, metrics) from the warm cache vs the same evaluation where each method re-runs
    the network over the data it needs, as OpenOOD does.
 """
@@ -29,10 +31,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from extract.store import CachedSplit, FeatureStore, content_key, write_h5_atomic
-from methods import METHODS, Method, make_method
+from methods import CACHE_ONLY_METHODS, Method, make_method
 from results.metrics import accuracy, ood_metrics
 
-PARTS = ("extraction", "scale", "reinference")
+PARTS = ("extraction", "network", "scale", "reinference")
 
 
 def interleaved_best(repeats: int, **functions) -> dict[str, float]:
@@ -54,12 +56,13 @@ def interleaved_best(repeats: int, **functions) -> dict[str, float]:
 
 # ---------------------------------------------------------------- 1. extraction vs a bare forward pass
 
-def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> dict:
+def perf_backbone_and_images(n: int):
+    """The default benchmark's architecture with seeded random weights (throughput does not depend
+    on the weights) and ``n`` Fashion-MNIST test images, else seeded noise of that shape."""
     import torch
 
     from extract.backbones import get_backbone_spec, registered_backbone
     from extract.datasets import DatasetUnavailable, ImageSet, load_dataset
-    from extract.extraction import extract, resolve_device
 
     torch.manual_seed(0)
     spec = get_backbone_spec("cnn28")
@@ -68,7 +71,15 @@ def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> di
         images = load_dataset("fashion-mnist", "test")
     except DatasetUnavailable:
         images = load_dataset("gaussian", n=n)
-    images = ImageSet(images.name, images.split, images.images[:n], images.labels[:n], images.source)
+    return backbone, ImageSet(images.name, images.split, images.images[:n], images.labels[:n], images.source)
+
+
+def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> dict:
+    import torch
+
+    from extract.extraction import extract, resolve_device
+
+    backbone, images = perf_backbone_and_images(n)
     torch_device = resolve_device(device)
     model = backbone.model.to(torch_device).eval()
 
@@ -110,6 +121,50 @@ def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> di
           f"({result['extraction_over_bare_forward']:.2f}x the bare forward time)")
     print(f"  energy from the cache : {from_cache * 1e3:9.1f} ms")
     print(f"  energy by re-inference: {rerun * 1e3:9.1f} ms ({result['reinference_over_cache_scoring']:.0f}x)")
+    return result
+
+
+# ---------------------------------------------------------------- network methods vs a plain extraction pass
+
+def measure_network(n: int, batch_size: int, device: str, repeats: int) -> dict:
+    """Each network method's pass (computing and writing its derived entry) against one plain
+    extraction pass over the same images: ASH at the backbone's inner shaping layer by a full
+    hooked forward pass and by the tail from cached activations, and ODIN."""
+    from extract.extraction import extract
+    from extract.network import derive
+
+    backbone, images = perf_backbone_and_images(n)
+    options = {"batch_size": batch_size, "device": device, "progress": False}
+    with tempfile.TemporaryDirectory() as root:
+        store = FeatureStore(root)
+        plain = extract(backbone, images, store, **options)
+        layered = extract(backbone, images, store, layers=(backbone.shaping_layer,), **options)
+
+        def extraction():
+            with tempfile.TemporaryDirectory() as fresh:
+                extract(backbone, images, FeatureStore(fresh), **options)
+
+        def derived(method, entry):
+            def run():
+                entry.derived_path(method.name, method.network_key()).unlink(missing_ok=True)
+                derive(method, backbone, images, entry, store, **options)
+            return run
+
+        ash, odin = make_method("ash_layer"), make_method("odin")
+        best = interleaved_best(repeats, extraction=extraction, ash_hooked=derived(ash, plain),
+                                ash_tail=derived(ash, layered), odin=derived(odin, plain))
+    result = {"images": len(images), "dataset": images.name, "batch_size": batch_size, "repeats": repeats,
+              "layer": backbone.shaping_layer, "extraction_s": best["extraction"],
+              **{f"{name}_s": best[name] for name in ("ash_hooked", "ash_tail", "odin")},
+              **{f"{name}_over_extraction": best[name] / best["extraction"] for name in ("ash_hooked", "ash_tail", "odin")}}
+    print(f"{len(images)} {images.name} images, batch {batch_size}, best of {repeats}; ratios to one extraction pass")
+    print(f"  extraction (plain pass)          : {best['extraction']:7.2f} s")
+    print(f"  {ash.label()} at {backbone.shaping_layer}, hooked pass : {best['ash_hooked']:7.2f} s "
+          f"({result['ash_hooked_over_extraction']:.2f}x)")
+    print(f"  {ash.label()} from cached activations: {best['ash_tail']:7.2f} s "
+          f"({result['ash_tail_over_extraction']:.2f}x)")
+    print(f"  {odin.label()} (forward, backward, forward): {best['odin']:7.2f} s "
+          f"({result['odin_over_extraction']:.2f}x)")
     return result
 
 
@@ -224,8 +279,9 @@ def time_method(name: str, params: dict, fit_path: Path, test_paths: list[Path])
 
 
 def scale_methods() -> list[tuple[str, dict]]:
-    """Every registered method with its defaults, knn with its ImageNet settings."""
-    return [(name, params) for name in sorted(METHODS)
+    """Every cache-only method with its defaults, knn with its ImageNet settings (the network
+    methods' cost is the ``network`` part)."""
+    return [(name, params) for name in CACHE_ONLY_METHODS
             for params in (SCALE_KNN_SETTINGS if name == "knn" else ({},))]
 
 
@@ -303,7 +359,7 @@ def measure_reinference(benchmark_name: str, options) -> dict:
                                head=head, name=f"{images.name}/{images.split}")
 
     rows = []
-    for name in sorted(METHODS):
+    for name in CACHE_ONLY_METHODS:  # network methods re-run the network either way (``network`` part)
         times, values = {}, {}
         for source, split in (("cache", cached), ("rerun", rerun)):
             started = time.perf_counter()
@@ -351,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {}
     if "extraction" in parts:
         result["extraction"] = measure_extraction(args.n, args.batch_size, args.device, args.repeats)
+    if "network" in parts:
+        result["network"] = measure_network(args.n, args.batch_size, args.device, args.repeats)
     if "scale" in parts:
         result["scale"] = measure_scale(scaled_shape(args.scale_fraction), args.workdir)
     if "reinference" in parts:

@@ -9,4 +9,7 @@ from methods import shaping_scores  # noqa: F401
 from methods import network_scores  # noqa: F401  (ash_layer, odin: their network half imports torch lazily)
 from methods.base import METHODS, Method, make_method, parameter_grid
 
-__all__ = ["METHODS", "Method", "make_method", "parameter_grid"]
+# methods that score from the cached entries alone (the others need their network pass first)
+CACHE_ONLY_METHODS = tuple(sorted(name for name, cls in METHODS.items() if "network" not in cls.reads))
+
+__all__ = ["CACHE_ONLY_METHODS", "METHODS", "Method", "make_method", "parameter_grid"]

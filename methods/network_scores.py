@@ -37,6 +37,19 @@ class NetworkMethod(Method):
         """``self.outputs`` for ``rows`` (``extract.network.EntryRows``), computed with ``network``."""
         raise NotImplementedError
 
+    def derived(self, split):
+        """``split`` when it holds this method's network outputs (a derived entry), else one clear error:
+        scoring the plain entry would silently give another method's numbers."""
+        meta = getattr(split, "meta", None) or {}
+        if meta.get("kind") != "derived" or meta.get("method") != self.name:
+            raise ValueError(f"{self.name} scores the outputs of its own network pass (a derived cache entry made "
+                             f"by extract.network.derive), not {split_name(split)}; score it through a benchmark "
+                             "(`oodbench run` / `oodbench score`), which computes them")
+        return split
+
+    def predict(self, split) -> np.ndarray:
+        return finite_logits(self.derived(split)).argmax(axis=1)
+
 
 def tempered_msp(logits: np.ndarray, T: float) -> np.ndarray:
     """ODIN's score (Liang et al. 2018): S = max_c softmax(f / T)_c, in float64 (at T = 1000 the
@@ -94,7 +107,7 @@ class ASHLayer(NetworkMethod):
         return network.shaped_outputs(rows.images, layer, shape)
 
     def score(self, split) -> np.ndarray:
-        return rowwise_apply(lambda logits: energy(logits, 1.0), finite_logits(split, dtype=None))
+        return rowwise_apply(lambda logits: energy(logits, 1.0), finite_logits(self.derived(split), dtype=None))
 
 
 @register
@@ -146,10 +159,10 @@ class ODIN(NetworkMethod):
 
     def score(self, split) -> np.ndarray:
         self._check()
-        return rowwise_apply(lambda logits: tempered_msp(logits, self.T), finite_logits(split, dtype=None))
+        return rowwise_apply(lambda logits: tempered_msp(logits, self.T), finite_logits(self.derived(split), dtype=None))
 
     def predict(self, split) -> np.ndarray:
-        predictions = np.asarray(split.array("predictions"))
+        predictions = np.asarray(self.derived(split).array("predictions"))
         if predictions.shape != (len(split.logits),):
             raise ValueError(f"{split_name(split)}: ODIN needs one prediction per sample from its derived entry")
         return predictions

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods import METHODS, make_method
+from methods import CACHE_ONLY_METHODS, METHODS, make_method
 from methods.base import MATMUL_ROWS
 from methods.logit_scores import energy, msp
 
@@ -111,7 +111,7 @@ def head_split(features, logits, W, b, labels=None):
                            labels=logits.argmax(axis=1) if labels is None else labels)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", CACHE_ONLY_METHODS)  # network methods: tests/test_network_methods.py
 def test_every_method_is_the_same_on_a_split_of_many_row_blocks_and_on_its_pieces(name):
     """Scores of a split spanning several MATMUL_ROWS blocks (the unit of rowwise_apply, the shaping
     passes and every product) equal those of the split reversed and cut at block-misaligned rows."""

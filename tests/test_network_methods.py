@@ -253,5 +253,9 @@ def test_a_network_method_without_a_network_or_with_a_bad_layer_gets_one_clear_e
         evaluation.scores(backbone, MethodRef("ash_layer", {"layer": "nope"}), entries)
     with pytest.raises(ValueError, match="odin: epsilon must be >= 0"):
         evaluation.scores(backbone, MethodRef("odin", {"epsilon": -1.0}), entries)
+    with pytest.raises(ValueError, match="ash_layer scores the outputs of its own network pass .*not digits/test"):
+        make_method("ash_layer").score(entries["digits-test"])  # the plain entry would give energy's numbers
+    with pytest.raises(ValueError, match="odin scores the outputs of its own network pass"):
+        make_method("odin").predict(entries["digits-test"])
     with pytest.raises(ValueError, match="unknown variant 'q'"):
         evaluation.scores(backbone, MethodRef("ash_layer", {"variant": "q"}), entries)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from extract.store import CachedSplit, FeatureStore
-from harness.perf import (IMAGENET_SHAPE, SCALE_KNN_SETTINGS, measure_reinference, measure_scale,
+from harness.perf import (IMAGENET_SHAPE, SCALE_KNN_SETTINGS, measure_network, measure_reinference, measure_scale,
                           peak_resident_bytes, reset_peak_resident, scale_methods, scaled_shape, time_method,
                           touch_memory, write_synthetic_cache)
 from harness.resolution import RunOptions
-from methods import METHODS
+from methods import CACHE_ONLY_METHODS
 
 TINY = {"features": 16, "classes": 4, "fit": 120, "id_test": 60, "ood": (20, 20)}
 
@@ -48,9 +48,9 @@ def test_time_method_fits_scores_and_reports_its_own_peak_memory(tmp_path):
         assert row["peak_rss_bytes"] < resident + 2 ** 27
 
 
-def test_scale_runs_every_registered_method_with_knn_at_its_imagenet_settings():
+def test_scale_runs_every_cache_only_method_with_knn_at_its_imagenet_settings():
     names = [name for name, _ in scale_methods()]
-    assert sorted(set(names)) == sorted(METHODS)
+    assert sorted(set(names)) == list(CACHE_ONLY_METHODS)
     assert [params for name, params in scale_methods() if name == "knn"] == list(SCALE_KNN_SETTINGS)
 
 
@@ -59,7 +59,7 @@ def test_measure_scale_runs_each_method_in_its_own_process(tmp_path, monkeypatch
     monkeypatch.setattr("harness.perf.SCALE_KNN_SETTINGS", ({"k": 5}, {"k": 2, "fit_fraction": 0.5}))
     result = measure_scale(TINY, tmp_path, touch_bytes=2 ** 20)
     labels = [row["method"] for row in result["methods"]]
-    assert len(labels) == len(METHODS) + 1 and "knn(k=2,fit_fraction=0.5)" in labels
+    assert len(labels) == len(CACHE_ONLY_METHODS) + 1 and "knn(k=2,fit_fraction=0.5)" in labels
     assert result["test_samples"] == 100 and not list(tmp_path.iterdir())  # the synthetic cache is removed
     assert all(row["score_s"] > 0 and row["peak_rss_bytes"] > 0 for row in result["methods"])
 
@@ -68,7 +68,15 @@ def test_measure_scale_runs_each_method_in_its_own_process(tmp_path, monkeypatch
 def test_reinference_computes_the_same_table_as_the_cache(warm, cache_copy, tmp_path):
     options = RunOptions(cache_dir=cache_copy, out_dir=tmp_path, progress=False)
     result = measure_reinference("digits", options)
-    assert [row["method"] for row in result["methods"]] == sorted(METHODS)
+    assert [row["method"] for row in result["methods"]] == list(CACHE_ONLY_METHODS)
     assert max(row["max_metric_difference"] for row in result["methods"]) < 1e-12
     assert result["reinference_total_s"] > result["cache_total_s"] > 0
     assert result["images"][result["sets"][0]] > 0
+
+
+def test_network_part_times_each_network_method_against_an_extraction_pass():
+    result = measure_network(n=300, batch_size=100, device="cpu", repeats=1)
+    assert result["images"] == 300 and result["layer"] == "block3.1"
+    for name in ("ash_hooked", "ash_tail", "odin"):
+        assert result[f"{name}_s"] > 0
+        assert result[f"{name}_over_extraction"] == pytest.approx(result[f"{name}_s"] / result["extraction_s"])
