@@ -6,6 +6,7 @@ entries that hold their outputs (METHODS.md sections 1.4 and 1.8).
   activations and the network after it depends on nothing else (``network_tail``), only that
   tail runs, from the cached activations.
 - ODIN's input perturbation: forward, input gradient, perturbed forward.
+- GradNorm by per-sample autograd, for any parameter (heads that are not one linear layer).
 - ``derive``: a network method's outputs over one entry's images, computed in resumable chunks
   under the entry's lock and written atomically beside it (``CachedSplit.derived_path``), so
   re-scoring, sweeping and tabulating read them like any other entry.
@@ -130,6 +131,27 @@ def odin_perturbed_inputs(model: nn.Module, x: torch.Tensor, temperature: float,
     return (x - epsilon * step * sign).detach(), predictions
 
 
+def gradnorm_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """GradNorm's official loss for one sample (Huang et al. 2021): L = sum_c -log softmax(f/T)_c
+    (a target of all ones; ``methods.gradient_scores.gradnorm`` is its closed form)."""
+    return -F.log_softmax(logits / temperature, dim=-1).sum()
+
+
+def per_sample_gradnorm(model: nn.Module, x: torch.Tensor, temperature: float, parameter: str) -> torch.Tensor:
+    """S = sum |dL/dP| for each sample alone (L = ``gradnorm_loss``, P = the named parameter), by
+    per-sample autograd (torch.func: grad of a one-sample call, vmapped over the batch): the
+    official code's batch size 1, without its loop, for any head."""
+    from torch.func import functional_call, grad, vmap
+
+    weight = dict(model.named_parameters())[parameter].detach()
+
+    def loss(value, sample):
+        return gradnorm_loss(functional_call(model, {parameter: value}, (sample.unsqueeze(0),))[0], temperature)
+
+    gradients = vmap(grad(loss), in_dims=(None, 0))(weight, x)
+    return gradients.abs().flatten(1).sum(dim=1).detach()
+
+
 class Network:
     """A backbone on a device, ready for network methods: shaped forward passes, tails run from
     cached activations, ODIN. Every pass works in batches of ``batch_size`` in eval mode.
@@ -226,6 +248,26 @@ class Network:
                     self.model(perturbed)
                 self._collect(captured["features"], outputs)
                 outputs.setdefault("predictions", []).append(predictions.cpu().numpy().astype(np.int64))
+        return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+    def gradnorm_outputs(self, images: np.ndarray, temperature: float, parameter: str) -> dict[str, np.ndarray]:
+        """Logits and features of the plain pass and GradNorm by per-sample autograd with respect to
+        ``parameter`` (a parameter name; 'head' is the head's weight)."""
+        names = dict(self.model.named_parameters())
+        parameter = f"{self.backbone.head}.weight" if parameter == "head" else parameter
+        if parameter not in names:
+            raise ValueError(f"backbone {self.backbone.name!r} has no parameter {parameter!r}; use 'head' or one of: "
+                             f"{', '.join(names)}")
+        outputs: dict[str, list[np.ndarray]] = {}
+        with capture_outputs(self.model, self.backbone.head, ()) as captured:
+            for rows in self._batches(len(images)):
+                x = self.backbone.preprocessing(images[rows]).to(self.device)
+                with torch.no_grad():
+                    self.model(x)
+                self._collect(captured["features"], outputs)
+                scores = per_sample_gradnorm(self.model, x, temperature, parameter)
+                outputs.setdefault("gradnorm", []).append(scores.double().cpu().numpy())
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 

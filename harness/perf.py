@@ -9,7 +9,8 @@ Four parts (``--parts``, all by default), printed and written as JSON:
    default benchmark's architecture with seeded random weights (throughput does not depend on
    the weights); the images are the Fashion-MNIST test set, else seeded noise of that shape.
 2. ``network``: each network method (ASH at the backbone's inner shaping layer, hooked and from
-   cached activations; ODIN) computing its derived entry, against one plain extraction pass.
+   cached activations; ODIN; GradNorm by autograd) computing its derived entry, against one plain
+   extraction pass.
 3. ``scale``: every registered method on an ImageNet-shaped synthetic cache (2048-d features,
    1000 classes; fit split 100,000; ID test 50,000; four OOD sets of 10,000): fit time, time to
    score the 90,000 test samples, and peak resident memory, each method in a fresh process
@@ -129,7 +130,7 @@ def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> di
 def measure_network(n: int, batch_size: int, device: str, repeats: int) -> dict:
     """Each network method's pass (computing and writing its derived entry) against one plain
     extraction pass over the same images: ASH at the backbone's inner shaping layer by a full
-    hooked forward pass and by the tail from cached activations, and ODIN."""
+    hooked forward pass and by the tail from cached activations, ODIN, GradNorm by autograd."""
     from extract.extraction import extract
     from extract.network import derive
 
@@ -150,21 +151,20 @@ def measure_network(n: int, batch_size: int, device: str, repeats: int) -> dict:
                 derive(method, backbone, images, entry, store, **options)
             return run
 
-        ash, odin = make_method("ash_layer"), make_method("odin")
-        best = interleaved_best(repeats, extraction=extraction, ash_hooked=derived(ash, plain),
-                                ash_tail=derived(ash, layered), odin=derived(odin, plain))
+        ash = make_method("ash_layer")
+        runs = {f"{ash.label()} at {backbone.shaping_layer}, hooked pass": derived(ash, plain),
+                f"{ash.label()} from cached activations": derived(ash, layered),
+                "odin (forward, input gradient, forward)": derived(make_method("odin"), plain),
+                "gradnorm_autograd (per-sample autograd)": derived(make_method("gradnorm_autograd"), plain)}
+        best = interleaved_best(repeats, extraction=extraction, **runs)
     result = {"images": len(images), "dataset": images.name, "batch_size": batch_size, "repeats": repeats,
               "layer": backbone.shaping_layer, "extraction_s": best["extraction"],
-              **{f"{name}_s": best[name] for name in ("ash_hooked", "ash_tail", "odin")},
-              **{f"{name}_over_extraction": best[name] / best["extraction"] for name in ("ash_hooked", "ash_tail", "odin")}}
+              "methods": [{"method": name, "seconds": best[name], "over_extraction": best[name] / best["extraction"]}
+                          for name in runs]}
     print(f"{len(images)} {images.name} images, batch {batch_size}, best of {repeats}; ratios to one extraction pass")
-    print(f"  extraction (plain pass)          : {best['extraction']:7.2f} s")
-    print(f"  {ash.label()} at {backbone.shaping_layer}, hooked pass : {best['ash_hooked']:7.2f} s "
-          f"({result['ash_hooked_over_extraction']:.2f}x)")
-    print(f"  {ash.label()} from cached activations: {best['ash_tail']:7.2f} s "
-          f"({result['ash_tail_over_extraction']:.2f}x)")
-    print(f"  {odin.label()} (forward, backward, forward): {best['odin']:7.2f} s "
-          f"({result['odin_over_extraction']:.2f}x)")
+    print(f"  {'extraction (plain pass)':42s}: {best['extraction']:7.2f} s")
+    for row in result["methods"]:
+        print(f"  {row['method']:42s}: {row['seconds']:7.2f} s ({row['over_extraction']:.2f}x)")
     return result
 
 

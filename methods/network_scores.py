@@ -1,4 +1,5 @@
-"""Methods that go back through the network: ASH at any named layer, ODIN (METHODS.md 1.8, 1.4).
+"""Methods that go back through the network: ASH at any named layer, ODIN, GradNorm by autograd
+(METHODS.md 1.8, 1.4, 1.9).
 
 A network method has two halves. ``network_outputs(network, rows)`` runs the network (an
 ``extract.network.Network``) over rows of a cache entry and returns arrays; the harness caches
@@ -166,3 +167,31 @@ class ODIN(NetworkMethod):
         if predictions.shape != (len(split.logits),):
             raise ValueError(f"{split_name(split)}: ODIN needs one prediction per sample from its derived entry")
         return predictions
+
+
+@register
+class GradNormAutograd(NetworkMethod):
+    """GradNorm (Huang et al. 2021) by per-sample autograd: S = sum_{i} |dL/dP_i| for the official
+    loss L = sum_c -log softmax(f/T)_c, P = ``parameter`` ('head': the head's weight W, the
+    official choice). For a linear head this equals the closed form (C/T) U V of ``gradnorm``;
+    other parameters (an MLP head's last layers, any weight) need the backward pass."""
+
+    name = "gradnorm_autograd"
+    grid = {"T": [0.5, 1.0, 2.0]}
+    outputs = ("logits", "features", "gradnorm")
+
+    def __init__(self, T: float = 1.0, parameter: str = "head"):
+        self.T = T
+        self.parameter = parameter
+
+    def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
+        if not (np.isfinite(self.T) and self.T > 0):
+            raise ValueError(f"{self.name}: T must be > 0, got {self.T}")
+        return network.gradnorm_outputs(rows.images, self.T, self.parameter)
+
+    def score(self, split) -> np.ndarray:
+        scores = np.asarray(self.derived(split).array("gradnorm"), np.float64)
+        if not np.isfinite(scores).all():
+            raise ValueError(f"{split_name(split)}: {self.name} produced NaN or infinite gradient norms; check the "
+                             "backbone's weights")
+        return scores

@@ -8,13 +8,15 @@ from scipy.special import softmax
 from torch import nn
 
 from extract.backbones import Backbone, Preprocessing
-from extract.network import PENULTIMATE, Network, derive, network_tail, numpy_rows, odin_perturbed_inputs
+from extract.network import (PENULTIMATE, Network, derive, gradnorm_loss, network_tail, numpy_rows,
+                             odin_perturbed_inputs, per_sample_gradnorm)
 from extract.store import CachedSplit
 from harness.config import MethodRef, load_benchmark
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
 from harness.resolution import RunOptions
 from methods import make_method
+from methods.gradient_scores import gradnorm
 from methods.network_scores import tempered_msp
 from methods.shaping_scores import ash_b
 
@@ -163,6 +165,19 @@ def test_odin_with_zero_epsilon_is_msp_at_temperature_T():
     assert make_method("odin", epsilon=0.0).network_key() == make_method("odin", epsilon=0.0, T=5.0).network_key()
 
 
+def test_gradnorm_by_autograd_equals_the_official_batch_size_one_loop_for_a_non_linear_head():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    x = torch.randn(6, 1, 4, 4)
+    for parameter in ("1.weight", "3.weight", "5.weight"):
+        batched = per_sample_gradnorm(model, x, 2.0, parameter)
+        for i in range(len(x)):  # the official code: one sample per backward, |dL/dP| summed
+            model.zero_grad()
+            gradnorm_loss(model(x[i:i + 1])[0], 2.0).backward()
+            expected = dict(model.named_parameters())[parameter].grad.abs().sum()
+            assert float(batched[i]) == pytest.approx(float(expected), rel=1e-5), (parameter, i)
+
+
 # ---------------------------------------------------------------- through the harness, on the trained digits-net
 
 @pytest.fixture
@@ -185,6 +200,15 @@ def test_ash_at_the_penultimate_layer_through_the_network_equals_the_cache_only_
         assert np.abs(derived.logits - shaped).max() <= 1e-4
         np.testing.assert_allclose(network_method.score(derived), cache_only.score(entries[label]), atol=1e-4)
         np.testing.assert_array_equal(network_method.predict(derived), cache_only.predict(entries[label]))
+
+
+def test_gradnorm_by_autograd_on_the_head_equals_the_closed_form_from_the_cache(digits):
+    run, evaluation, backbone, entries = digits
+    method = make_method("gradnorm_autograd", T=2.0)
+    for label in ("digits-test", "photo-patches"):
+        derived = evaluation.derived_entry(backbone, method, label, entries[label])
+        closed = gradnorm(entries[label].logits.astype(np.float64), entries[label].features.astype(np.float64), 2.0)
+        np.testing.assert_allclose(method.score(derived), closed, rtol=1e-5)
 
 
 def test_network_methods_run_the_network_once_and_sweeps_rerun_only_the_tail(digits, forwards):

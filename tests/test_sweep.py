@@ -89,9 +89,9 @@ def test_every_swept_parameter_refits_and_changes_the_scores(warm, tmp_path):
                 scores.append(cached)
             assert not np.allclose(*scores), f"{name}: {axis} = {values[0]} and {values[1]} score alike"
             checked.append(f"{name}.{axis}")
-    assert checked == ["ash_b.p", "ash_layer.p", "ash_p.p", "ash_rand.p", "ash_s.p", "clipped_v.k", "dice.p", "dice_react.p",
-                       "dice_react.react_p", "energy.T", "gradnorm_u_clipped_v.k", "knn.k", "odin.T", "odin.epsilon",
-                       "react.p", "rg.k", "rg.T",
+    assert checked == ["ash_b.p", "ash_layer.p", "ash_p.p", "ash_rand.p", "ash_s.p", "clipped_v.k", "dice.p",
+                       "dice_react.p", "dice_react.react_p", "energy.T", "gradnorm_autograd.T",
+                       "gradnorm_u_clipped_v.k", "knn.k", "odin.T", "odin.epsilon", "react.p", "rg.k", "rg.T",
                        "rg_add.gamma"]
 
 
