@@ -7,6 +7,7 @@ entries that hold their outputs (METHODS.md sections 1.4 and 1.8).
   tail runs, from the cached activations.
 - ODIN's input perturbation: forward, input gradient, perturbed forward.
 - GradNorm by per-sample autograd, for any parameter (heads that are not one linear layer).
+- The Mahalanobis ensemble's per-layer confidences with input pre-processing, and FGSM copies.
 - ``derive``: a network method's outputs over one entry's images, computed in resumable chunks
   under the entry's lock and written atomically beside it (``CachedSplit.derived_path``), so
   re-scoring, sweeping and tabulating read them like any other entry.
@@ -152,6 +153,75 @@ def per_sample_gradnorm(model: nn.Module, x: torch.Tensor, temperature: float, p
     return gradients.abs().flatten(1).sum(dim=1).detach()
 
 
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the layer it needs has run."""
+
+
+def spatial_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """A layer's output as one vector per sample: the mean over spatial positions (N, C, ...) -> (N, C)."""
+    return tensor.flatten(2).mean(dim=2) if tensor.ndim > 2 else tensor.flatten(1)
+
+
+def layer_means(model: nn.Module, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The spatially averaged outputs of ``layers`` for input x; the forward stops at the deepest one."""
+    modules = dict(model.named_modules())
+    found: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def capture(module, inputs, output):
+            found[name] = spatial_mean(output)
+            if len(found) == len(layers):
+                raise _Reached
+        return capture
+
+    handles = [modules[layer].register_forward_hook(hook(layer)) for layer in layers]
+    try:
+        model(x)
+    except _Reached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def gaussian_confidence(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis class scores (Lee et al. 2018): g_c(f) = -1/2 (f - mu_c)^T P (f - mu_c), (N, C), float64."""
+    centred = features.double()[:, None, :] - means[None, :, :]
+    return -0.5 * torch.einsum("ncd,de,nce->nc", centred, precision, centred)
+
+
+def mahalanobis_perturbed_confidence(model: nn.Module, x: torch.Tensor, layer: str, means: torch.Tensor,
+                                     precision: torch.Tensor, epsilon: float, step: torch.Tensor) -> torch.Tensor:
+    """M_l(x) of the Mahalanobis ensemble (Lee et al. 2018) for one layer: c_hat = argmax_c g_c(f_l(x)),
+    loss = 1/2 (f_l - mu_c_hat)^T P (f_l - mu_c_hat) summed over the batch (each sample's gradient is its
+    own), x_tilde = x - epsilon * step * sign(grad_x loss) (0 -> +1; ``step`` as in ODIN: 1/std for
+    pixel units), M_l = max_c g_c(f_l(x_tilde)). Float64 Gaussian terms; (N,)."""
+    if epsilon == 0:
+        with torch.no_grad():
+            return gaussian_confidence(layer_means(model, x, (layer,))[layer], means, precision).max(dim=1).values
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores = gaussian_confidence(layer_means(model, x, (layer,))[layer], means, precision)
+        loss = -scores.gather(1, scores.argmax(dim=1, keepdim=True)).sum()
+        (gradient,) = torch.autograd.grad(loss, x)
+    perturbed = x.detach() - epsilon * step * ((gradient >= 0).to(x.dtype) * 2 - 1)
+    with torch.no_grad():
+        return gaussian_confidence(layer_means(model, perturbed, (layer,))[layer], means, precision).max(dim=1).values
+
+
+def fgsm_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, size: float, mean: torch.Tensor,
+                std: torch.Tensor) -> torch.Tensor:
+    """FGSM copies (the Mahalanobis tuning protocol's pseudo-OOD): x_adv = clip(x + size * sign(grad_x
+    CE(f(x), y)), 0, 1) in [0,1] pixel space, returned normalised like x."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (gradient,) = torch.autograd.grad(F.cross_entropy(model(x), labels, reduction="sum"), x)
+    pixels = x.detach() * std + mean
+    adversarial = torch.clamp(pixels + size * ((gradient >= 0).to(x.dtype) * 2 - 1), 0.0, 1.0)
+    return (adversarial - mean) / std
+
+
 class Network:
     """A backbone on a device, ready for network methods: shaped forward passes, tails run from
     cached activations, ODIN. Every pass works in batches of ``batch_size`` in eval mode.
@@ -237,8 +307,8 @@ class Network:
         """Logits and features at ODIN's perturbed inputs, and the class predicted from the
         unperturbed logits. ``space``: 'pixel' (epsilon in [0,1] pixel units: the sign map divided
         by each channel's normalisation std) or 'normalized' (the ReAct/DICE/GradNorm code)."""
-        std = torch.tensor(self.backbone.preprocessing.std, dtype=torch.float32).view(1, -1, 1, 1)
-        step = (1.0 / std if space == "pixel" else torch.ones_like(std)).to(self.device)
+        _, std = self._channel_stats()
+        step = 1.0 / std if space == "pixel" else torch.ones_like(std)
         outputs: dict[str, list[np.ndarray]] = {}
         with capture_outputs(self.model, self.backbone.head, ()) as captured:
             for rows in self._batches(len(images)):
@@ -271,6 +341,43 @@ class Network:
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 
+    def _channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        view = (1, -1, 1, 1)
+        mean = torch.tensor(self.backbone.preprocessing.mean, dtype=torch.float32).view(view).to(self.device)
+        std = torch.tensor(self.backbone.preprocessing.std, dtype=torch.float32).view(view).to(self.device)
+        return mean, std
+
+    @torch.no_grad()
+    def layer_features(self, images: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Spatially averaged outputs of ``layers`` (float64, (N, C_l) each)."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for rows in self._batches(len(images)):
+            found = layer_means(self.model, self.backbone.preprocessing(images[rows]).to(self.device), layers)
+            for layer in layers:
+                parts.setdefault(layer, []).append(found[layer].double().cpu().numpy())
+        return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}
+
+    def mahalanobis_confidences(self, images: np.ndarray, layers: tuple[str, ...], stats: dict,
+                                epsilons: tuple[float, ...], fgsm: tuple[np.ndarray, float] | None = None) -> np.ndarray:
+        """M_l(x) (``mahalanobis_perturbed_confidence``, pixel-space epsilon) for every layer and epsilon:
+        (N, L, E). ``stats[layer]`` = (class means (C, d), precision (d, d)). With ``fgsm`` = (labels,
+        size), the images are first replaced by their FGSM copies."""
+        mean, std = self._channel_stats()
+        tensors = {layer: [torch.from_numpy(np.asarray(a, np.float64)).to(self.device) for a in stats[layer]]
+                   for layer in layers}
+        out = np.empty((len(images), len(layers), len(epsilons)))
+        for rows in self._batches(len(images)):
+            x = self.backbone.preprocessing(images[rows]).to(self.device)
+            if fgsm is not None:
+                labels = torch.from_numpy(np.asarray(fgsm[0][rows], np.int64)).to(self.device)
+                x = fgsm_inputs(self.model, x, labels, fgsm[1], mean, std)
+            for i, layer in enumerate(layers):
+                for j, epsilon in enumerate(epsilons):
+                    out[rows, i, j] = mahalanobis_perturbed_confidence(
+                        self.model, x, layer, *tensors[layer], epsilon, 1.0 / std).cpu().numpy()
+        return out
+
+
 class EntryRows:
     """Rows [start, stop) of one entry, as a network method sees them: the images, and what the
     entry cached for them (an inner layer's activations, the plain logits and features)."""
@@ -287,21 +394,60 @@ class EntryRows:
         return getattr(self.entry, name)[self.rows]
 
 
-def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,
-           batch_size: int = 256, chunk_batches: int = 16, device: str = "cpu", progress: bool = True) -> CachedSplit:
-    """The outputs of network method ``method`` over ``entry``'s images, cached beside the entry:
-    returned from the cache when present (a corrupt file is moved aside and recomputed), else
-    computed by ``method.network_outputs(network, rows)`` in resumable chunks and written atomically."""
+def _check_images(images: ImageSet, entry: CachedSplit) -> None:
     if len(images) != len(entry) or images.fingerprint() != entry.meta.get("fingerprint", images.fingerprint()):
         raise ValueError(f"{images.name}/{images.split} is not the data of cache entry {entry.path.name}; "
                          "re-extract the entry first")
-    path = entry.derived_path(method.name, method.network_key())
+
+
+def _cached(store: FeatureStore, path) -> CachedSplit | None:
+    """The derived entry at ``path`` if present and sound (a corrupt one is moved aside: None)."""
     try:
+        return store.open_entry(path)
+    except CacheCorrupt as err:
+        log.warning("recomputing a corrupt derived entry: %s", err)
+        return None
+
+
+def derive_state(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,
+                 batch_size: int = 256, device: str = "cpu") -> CachedSplit:
+    """What ``method`` learns through the network on the fit entry (``method.network_fit``), cached
+    beside that entry as ``<method>-fit`` and written atomically."""
+    _check_images(images, entry)
+    name = f"{method.name}-fit"
+    path = entry.derived_path(name, method.network_key())
+    cached = _cached(store, path)
+    if cached is not None:
+        return cached
+    with file_lock(path):
         cached = store.open_entry(path)
         if cached is not None:
             return cached
-    except CacheCorrupt as err:
-        log.warning("recomputing a corrupt derived entry: %s", err)
+        arrays = method.network_fit(Network(backbone, resolve_device(device), batch_size),
+                                    EntryRows(images, entry, 0, len(images)))
+        meta = {"kind": "derived", "method": name, "network_key": method.network_key(), "base": entry.data_key,
+                "backbone": backbone.describe(), "dataset": entry.meta["dataset"], "split": entry.meta["split"],
+                "data_key": entry.derived_key(name, method.network_key()), "layers": [], "n": len(images),
+                "what": f"{method.label()} fitted on {entry.meta['dataset']}/{entry.meta['split']}",
+                **method.network_meta()}
+        write_h5_atomic(path, arrays, meta)
+    return CachedSplit(path)
+
+
+def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,
+           key: dict | None = None, batch_size: int = 256, chunk_batches: int = 16, device: str = "cpu",
+           progress: bool = True) -> CachedSplit:
+    """The outputs of network method ``method`` over ``entry``'s images, cached beside the entry
+    under ``key`` (default ``method.network_key()``; methods fitted through the network add their
+    fit entry): returned from the cache when present (a corrupt file is moved aside and
+    recomputed), else computed by ``method.network_outputs(network, rows)`` in resumable chunks
+    and written atomically."""
+    _check_images(images, entry)
+    key = method.network_key() if key is None else key
+    path = entry.derived_path(method.name, key)
+    cached = _cached(store, path)
+    if cached is not None:
+        return cached
     with file_lock(path):
         cached = store.open_entry(path)
         if cached is not None:
@@ -314,10 +460,10 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
             f"{method.label()} {backbone.name} {images.name}/{images.split}", progress)
         arrays = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
         arrays["labels"] = np.asarray(images.labels, dtype=np.int64)
-        key = entry.derived_key(method.name, method.network_key())
-        meta = {"kind": "derived", "method": method.name, "network_key": method.network_key(),
+        meta = {"kind": "derived", "method": method.name, "network_key": key,
                 "base": entry.data_key, "backbone": backbone.describe(), "dataset": entry.meta["dataset"],
-                "split": entry.meta["split"], "fingerprint": entry.meta.get("fingerprint"), "data_key": key,
+                "split": entry.meta["split"], "fingerprint": entry.meta.get("fingerprint"),
+                "data_key": entry.derived_key(method.name, key),
                 "layers": [], "n": len(images), "num_classes": int(arrays["logits"].shape[1]),
                 "feature_dim": int(arrays["features"].shape[1]), **method.network_meta(),
                 "what": f"{method.label()} on {entry.meta['dataset']}/{entry.meta['split']}"}

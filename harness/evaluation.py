@@ -90,7 +90,7 @@ class Evaluation:
         through_network = "network" in method.reads
         for label in (res.id_test, *res.ood_labels, *([res.validation] if res.validation else [])):
             entry = entries[label]
-            data_key = entry.derived_key(method.name, method.network_key()) if through_network else entry.data_key
+            data_key = entry.derived_key(method.name, method.output_key(fit_entry)) if through_network else entry.data_key
             key = content_key("scores", method.name, method.get_params(), method.version, fit_entry.data_key, data_key)
             path = self.store.scores_path(backbone.key, method.name, key)
             try:
@@ -103,7 +103,9 @@ class Evaluation:
                 raise CacheMissing(f"no cached {method.label()} scores for {backbone.name} on {label}; "
                                    f"run `oodbench score {res.benchmark} --method {method.name}` first")
             if through_network:
-                entry = self.derived_entry(backbone, method, label, entry)
+                if method.fits_through_network and not method.is_fitted():
+                    method.load_state(self.network_state(backbone, method, fit_entry))
+                entry = self.derived_entry(backbone, method, label, entry, fit_entry)
             if fitted is None:
                 fitted = method.fit(fit_entry)
             scores, predictions = fitted.score_and_predict(entry)
@@ -116,22 +118,36 @@ class Evaluation:
         self.summary.add_time("score", time.perf_counter() - started)
         return result
 
-    def derived_entry(self, backbone: ResolvedBackbone, method: Method, label: str, entry: CachedSplit) -> CachedSplit:
-        """A network method's outputs on ``entry``'s images: from the cache, else computed through the
-        network (``self.network``), else a ``CacheMissing`` naming the command that computes them."""
+    def _derived(self, path: Path, backbone: ResolvedBackbone, method: Method, what: str, compute) -> CachedSplit:
+        """The derived entry at ``path``: from the cache, else ``compute(network)`` through the network
+        (``self.network``), else a ``CacheMissing`` naming the command that computes it."""
         try:
-            found = self.store.open_entry(entry.derived_path(method.name, method.network_key()))
+            found = self.store.open_entry(path)
             if found is not None:
                 return found
         except CacheCorrupt as err:  # moved aside: computed again below
             log.warning("recomputing: %s", err)
         if self.network is None:
-            raise CacheMissing(f"no cached {method.label()} network outputs for {backbone.name} on {label}; run "
-                               f"`oodbench run {self.resolution.benchmark} --methods {method.name}` (it runs the network)")
+            raise CacheMissing(f"no cached {method.label()} {what} for {backbone.name}; run `oodbench run "
+                               f"{self.resolution.benchmark} --methods {method.name}` (it runs the network)")
         started = time.perf_counter()
-        derived = self.network().derive(backbone, method, label)
+        derived = compute(self.network())
         self.summary.add_time("network passes", time.perf_counter() - started)
         return derived
+
+    def derived_entry(self, backbone: ResolvedBackbone, method: Method, label: str, entry: CachedSplit,
+                      fit_entry: CachedSplit | None = None) -> CachedSplit:
+        """A network method's outputs on ``entry``'s images (``fit_entry``: where a method fitted through
+        the network learned its state; it keys the outputs)."""
+        key = method.output_key(fit_entry)
+        return self._derived(entry.derived_path(method.name, key), backbone, method, f"network outputs on {label}",
+                             lambda network: network.derive(backbone, method, label, key))
+
+    def network_state(self, backbone: ResolvedBackbone, method: Method, fit_entry: CachedSplit) -> CachedSplit:
+        """What a network method learned through the network on the fit entry."""
+        return self._derived(fit_entry.derived_path(f"{method.name}-fit", method.network_key()), backbone, method,
+                             f"fitted state on {self.resolution.id_fit}",
+                             lambda network: network.derive_state(backbone, method, self.resolution.id_fit))
 
     def metric_rows(self, backbone: ResolvedBackbone, method_ref: MethodRef, scored: dict[str, Scored],
                     entries: dict[str, CachedSplit]) -> list[dict]:

@@ -129,17 +129,28 @@ class BenchmarkRun:
             self._backbones[resolved.name, resolved.seed] = backbone
         return self._backbones[resolved.name, resolved.seed]
 
-    def derive(self, resolved: ResolvedBackbone, method, label: str) -> CachedSplit:
-        """A network method's outputs on one set of a resolved backbone (``extract.network.derive``)."""
-        from extract.network import derive
-
+    def _entry(self, resolved: ResolvedBackbone, label: str) -> CachedSplit:
         entry = self.store.open_entry(self.store.root / resolved.entries[label])
         if entry is None:
             raise CacheMissing(f"no cached features for {resolved.name} on {label}; run "
                                f"`oodbench extract {self.benchmark.name}` first")
-        return derive(method, self.resolved_backbone(resolved), self.datasets()[label][1], entry, self.store,
-                      batch_size=self.benchmark.batch_size, device=self.options.device,
+        return entry
+
+    def derive(self, resolved: ResolvedBackbone, method, label: str, key: dict) -> CachedSplit:
+        """A network method's outputs on one set of a resolved backbone (``extract.network.derive``)."""
+        from extract.network import derive
+
+        return derive(method, self.resolved_backbone(resolved), self.datasets()[label][1], self._entry(resolved, label),
+                      self.store, key=key, batch_size=self.benchmark.batch_size, device=self.options.device,
                       progress=self.options.progress)
+
+    def derive_state(self, resolved: ResolvedBackbone, method, label: str) -> CachedSplit:
+        """What a network method learns on the fit set through the network (``extract.network.derive_state``)."""
+        from extract.network import derive_state
+
+        return derive_state(method, self.resolved_backbone(resolved), self.datasets()[label][1],
+                            self._entry(resolved, label), self.store, batch_size=self.benchmark.batch_size,
+                            device=self.options.device)
 
     # ------------------------------------------------------------------ extraction
     def entries(self, backbone: Backbone, compute: bool = True) -> dict[str, CachedSplit]:

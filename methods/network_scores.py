@@ -1,5 +1,5 @@
-"""Methods that go back through the network: ASH at any named layer, ODIN, GradNorm by autograd
-(METHODS.md 1.8, 1.4, 1.9).
+"""Methods that go back through the network: ASH at any named layer, ODIN, GradNorm by autograd,
+the Mahalanobis ensemble (METHODS.md 1.8, 1.4, 1.9, 1.5a).
 
 A network method has two halves. ``network_outputs(network, rows)`` runs the network (an
 ``extract.network.Network``) over rows of a cache entry and returns arrays; the harness caches
@@ -10,13 +10,18 @@ network again. This module itself never imports torch: scoring a derived entry d
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from methods.base import Method, finite_logits, register, rowwise_apply, softmax_rows, split_name
+from methods.base import Method, check_fitted, finite_logits, register, rowwise_apply, softmax_rows, split_name
+from methods.distance_scores import class_means_and_tied_covariance, pinv_precision
 from methods.logit_scores import energy
 from methods.shaping_scores import ASH_GRID, ASH_VARIANTS, check_percentile, ash_rand
 
 ODIN_SPACES = ("pixel", "normalized")
+# the input-noise magnitudes the Mahalanobis ensemble selects from (Lee et al. 2018's code)
+MAHALANOBIS_EPSILONS = (0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005)
 
 
 class NetworkMethod(Method):
@@ -25,10 +30,31 @@ class NetworkMethod(Method):
     reads = ("network",)
     outputs: tuple[str, ...] = ("logits", "features")  # the arrays ``network_outputs`` returns
     version = 1
+    fits_through_network = False  # True: ``network_fit`` learns state on the fit set's images
 
     def network_key(self) -> dict:
         """What the network pass depends on: the cache key of its outputs (every parameter by default)."""
         return {**self.get_params(), "version": self.version}
+
+    def output_key(self, fit_entry=None) -> dict:
+        """The key of this method's outputs on any entry: ``network_key``, plus the fit entry for a
+        method whose state is learned on it (other fit data, other outputs)."""
+        if not self.fits_through_network:
+            return self.network_key()
+        if fit_entry is None:
+            raise ValueError(f"{self.name} is fitted through the network: its outputs need the fit entry")
+        return {**self.network_key(), "fit": fit_entry.data_key}
+
+    def network_fit(self, network, rows) -> dict[str, np.ndarray]:
+        """The state learned on the fit entry's ``rows`` (all of them), as named arrays."""
+        raise NotImplementedError
+
+    def load_state(self, state) -> "NetworkMethod":
+        """Take the state ``network_fit`` computed, from its cached entry."""
+        raise NotImplementedError
+
+    def is_fitted(self) -> bool:
+        return getattr(self, "state_", None) is not None
 
     def network_meta(self) -> dict:
         """Extra facts recorded in the derived entry's metadata (e.g. ODIN's epsilon convention)."""
@@ -195,3 +221,121 @@ class GradNormAutograd(NetworkMethod):
             raise ValueError(f"{split_name(split)}: {self.name} produced NaN or infinite gradient norms; check the "
                              "backbone's weights")
         return scores
+
+
+def fit_ensemble(id_confidences: np.ndarray, pseudo_ood_confidences: np.ndarray) -> dict:
+    """The Mahalanobis ensemble's weights and input noise (Lee et al. 2018, the tuning protocol of the
+    UM/ReAct/GradNorm code): inputs are per-layer confidences M (n, L, E) of held-out ID images and of
+    their FGSM copies, for each candidate epsilon. For each epsilon, sklearn's LogisticRegressionCV
+    (default settings) separates ID (0) from pseudo-OOD (1) on the first half of the samples; its
+    score S = -P(1 | M) is evaluated on the second half by FPR at 95% TPR (ID positive). The epsilon
+    with the lowest FPR (the first on ties) is chosen, with that logistic regression."""
+    from sklearn.linear_model import LogisticRegressionCV
+
+    from results.metrics import fpr_at_tpr
+
+    half = len(id_confidences) // 2
+    fits, fprs = [], []
+    for e in range(id_confidences.shape[2]):
+        features = np.concatenate([id_confidences[:half, :, e], pseudo_ood_confidences[:half, :, e]])
+        targets = np.r_[np.zeros(half), np.ones(half)]
+        with warnings.catch_warnings():  # sklearn's notices of future default changes; these are today's defaults
+            warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
+            regression = LogisticRegressionCV(scoring="accuracy").fit(features, targets)  # the default, made explicit
+        scores = [-regression.predict_proba(m[half:, :, e])[:, 1] for m in (id_confidences, pseudo_ood_confidences)]
+        fits.append(regression)
+        fprs.append(fpr_at_tpr(*scores))
+    best = int(np.argmin(fprs))
+    return {"epsilon_index": best, "coef": fits[best].coef_[0], "intercept": float(fits[best].intercept_[0]),
+            "selection_fpr95": np.asarray(fprs)}
+
+
+def ensemble_score(confidences: np.ndarray, coef: np.ndarray, intercept: float) -> np.ndarray:
+    """S = -P_LR(pseudo-OOD | M) = -sigmoid(w . M + b) for per-layer confidences M (N, L)."""
+    logit = np.asarray(confidences, np.float64) @ np.asarray(coef, np.float64) + intercept
+    return -0.5 * (1.0 + np.tanh(0.5 * logit))  # sigmoid without overflow
+
+
+@register
+class MahalanobisEnsemble(NetworkMethod):
+    """The original Mahalanobis detector (Lee et al. 2018; METHODS.md 1.5a, "mahalanobis_ens").
+
+    Each named layer's output is averaged over space, f_l(x); class means mu_{l,c} and one tied
+    covariance Sigma_l (MLE of the class-centred features, float64, P_l = pseudo-inverse) are fit
+    on the ID fit split. Per layer, the input moves toward its closest class, x_tilde = x - epsilon *
+    sign(grad_x 1/2 (f_l - mu_c_hat)^T P_l (f_l - mu_c_hat)) (epsilon in pixel units, as ODIN), and
+    M_l = max_c -1/2 (f_l(x_tilde) - mu_{l,c})^T P_l (f_l(x_tilde) - mu_{l,c}). A logistic regression on
+    [M_1..M_L] gives S = -P_LR(OOD | M).
+
+    The regression and epsilon are chosen on ``holdout`` images (at most half the split) drawn
+    (seeded) from the ID fit split - never on test data, unlike the UM code, which tunes on the first 1000 test images -
+    against FGSM copies of them (x + ``fgsm`` * sign(grad CE), clipped to [0,1]) as pseudo-OOD; the
+    class statistics come from the rest of the fit split. ``layers``: comma-separated module names,
+    or 'backbone' for the backbone's named layers.
+    """
+
+    name = "mahalanobis_ens"
+    outputs = ("logits", "features", "confidences")
+    fits_through_network = True
+
+    def __init__(self, layers: str = "backbone", holdout: int = 1000, fgsm: float = 0.05, seed: int = 0):
+        self.layers = layers
+        self.holdout = holdout
+        self.fgsm = fgsm
+        self.seed = seed
+
+    def layer_names(self, network) -> tuple[str, ...]:
+        names = network.backbone.layers if self.layers == "backbone" else \
+            tuple(name.strip() for name in self.layers.split(",") if name.strip())
+        if not names or "penultimate" in names:
+            raise ValueError(f"{self.name}: needs module names (layers=a,b,...); backbone {network.backbone.name!r} "
+                             f"names {list(network.backbone.layers) or 'none'}")
+        return tuple(network.resolve_layer(name) for name in names)
+
+    def network_fit(self, network, rows) -> dict[str, np.ndarray]:
+        layers = self.layer_names(network)
+        labels = np.asarray(rows.cached("labels"))
+        n_classes = rows.cached("logits").shape[1]
+        n_held = min(int(self.holdout), len(labels) // 2)
+        if n_held < 4:
+            raise ValueError(f"{self.name}: holdout must be >= 4 (and the fit split at least 8 samples); got holdout "
+                             f"{self.holdout} with a fit split of {len(labels)}")
+        order = np.random.default_rng(self.seed).permutation(len(labels))
+        held, rest = np.sort(order[:n_held]), np.sort(order[n_held:])
+        features = network.layer_features(rows.images[rest], layers)
+        state, stats = {}, {}
+        for layer in layers:
+            try:
+                means, covariance = class_means_and_tied_covariance(features[layer], labels[rest], n_classes)
+            except ValueError as err:
+                raise ValueError(f"{self.name}: layer {layer}: {err}") from err
+            stats[layer] = (means, pinv_precision(covariance))
+            state[f"means/{layer}"], state[f"precision/{layer}"] = stats[layer]
+        images = rows.images[held]
+        id_confidences = network.mahalanobis_confidences(images, layers, stats, MAHALANOBIS_EPSILONS)
+        fgsm_confidences = network.mahalanobis_confidences(images, layers, stats, MAHALANOBIS_EPSILONS,
+                                                           fgsm=(labels[held], self.fgsm))
+        chosen = fit_ensemble(id_confidences, fgsm_confidences)
+        return {**state, "epsilon": np.array([MAHALANOBIS_EPSILONS[chosen["epsilon_index"]]]),
+                "epsilons": np.array(MAHALANOBIS_EPSILONS), "selection_fpr95": chosen["selection_fpr95"],
+                "coef": chosen["coef"], "intercept": np.array([chosen["intercept"]]), "holdout_rows": held}
+
+    def load_state(self, state) -> "MahalanobisEnsemble":
+        self.state_ = state
+        self.epsilon_ = float(state.array("epsilon")[0])
+        self.coef_ = state.array("coef")
+        self.intercept_ = float(state.array("intercept")[0])
+        return self
+
+    def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
+        check_fitted(self, "state_")
+        layers = self.layer_names(network)
+        stats = {layer: (self.state_.array(f"means/{layer}"), self.state_.array(f"precision/{layer}"))
+                 for layer in layers}
+        confidences = network.mahalanobis_confidences(rows.images, layers, stats, (self.epsilon_,))[:, :, 0]
+        return {"logits": rows.cached("logits").astype(np.float64), "features": rows.cached("features"),
+                "confidences": confidences}
+
+    def score(self, split) -> np.ndarray:
+        check_fitted(self, "coef_")
+        return ensemble_score(self.derived(split).array("confidences"), self.coef_, self.intercept_)

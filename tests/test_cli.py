@@ -27,9 +27,11 @@ from harness.config import BENCHMARK_DIR
 
 METHODS = tuple(sorted(REGISTERED_METHODS))  # the digits benchmark runs every registered method
 NETWORK_METHODS = tuple(m for m in METHODS if "network" in REGISTERED_METHODS[m].reads)
+NETWORK_FITTED = tuple(m for m in NETWORK_METHODS if REGISTERED_METHODS[m].fits_through_network)
 # head, 6 entries (ID train and test, 3 test OOD sets, the validation set), every method's scores on
-# the 5 scored sets, and each network method's derived entry of each scored set
-H5_FILES = 1 + 6 + 5 * len(METHODS) + 5 * len(NETWORK_METHODS)
+# the 5 scored sets, each network method's derived entry of each scored set, and the state of those
+# fitted through the network
+H5_FILES = 1 + 6 + 5 * len(METHODS) + 5 * len(NETWORK_METHODS) + len(NETWORK_FITTED)
 OTHER_FILES = 2  # the trained weights and the warm run's resolution record
 OOD_SETS = ("digits-6to9", "photo-patches", "gaussian")
 EXTRACT_FIRST = "run `oodbench extract digits` first"
@@ -246,7 +248,7 @@ def test_cache_ls_lists_every_file(cache_copy, capsys):
     assert sorted(line.split()[-1] for line in lines[1:]) == sorted(h5_files + weights + records)
     kinds = [line.split()[0] for line in lines[1:]]
     assert kinds.count("features") == 6 and kinds.count("head") == 1 and kinds.count("scores") == 5 * len(METHODS)
-    assert kinds.count("derived") == 5 * len(NETWORK_METHODS)
+    assert kinds.count("derived") == 5 * len(NETWORK_METHODS) + len(NETWORK_FITTED)
     assert kinds.count("weights") == 1 and kinds.count("record") == 1
     code, out, _ = oodbench(capsys, "cache", "ls", "*/scores/energy.*", "--cache-dir", cache_copy)
     assert code == 0

@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import softmax
+from sklearn.covariance import EmpiricalCovariance
+from sklearn.linear_model import LogisticRegressionCV
 from torch import nn
 
 from extract.backbones import Backbone, Preprocessing
-from extract.network import (PENULTIMATE, Network, derive, gradnorm_loss, network_tail, numpy_rows,
-                             odin_perturbed_inputs, per_sample_gradnorm)
+from extract.network import (PENULTIMATE, Network, derive, fgsm_inputs, gradnorm_loss, layer_means,
+                             mahalanobis_perturbed_confidence, network_tail, numpy_rows, odin_perturbed_inputs,
+                             per_sample_gradnorm)
 from extract.store import CachedSplit
 from harness.config import MethodRef, load_benchmark
 from harness.evaluation import Evaluation
@@ -17,7 +20,7 @@ from harness.pipeline import BenchmarkRun
 from harness.resolution import RunOptions
 from methods import make_method
 from methods.gradient_scores import gradnorm
-from methods.network_scores import tempered_msp
+from methods.network_scores import ensemble_score, fit_ensemble, tempered_msp
 from methods.shaping_scores import ash_b
 
 CPU = torch.device("cpu")
@@ -178,6 +181,53 @@ def test_gradnorm_by_autograd_equals_the_official_batch_size_one_loop_for_a_non_
             assert float(batched[i]) == pytest.approx(float(expected), rel=1e-5), (parameter, i)
 
 
+def test_mahalanobis_layer_confidence_matches_sklearn_and_its_noise_moves_toward_the_closest_class():
+    torch.manual_seed(3)
+    model = TinyNet().double().eval()
+    x_fit, labels = torch.randn(60, 1, 8, 8, dtype=torch.float64), torch.arange(60) % 3
+    with torch.no_grad():
+        fit = layer_means(model, x_fit, ("body",))["body"].numpy()
+    means = np.stack([fit[labels.numpy() == c].mean(axis=0) for c in range(3)])
+    reference = EmpiricalCovariance(assume_centered=True).fit(fit - means[labels.numpy()])
+    precision = torch.from_numpy(reference.precision_)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    step = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    plain = mahalanobis_perturbed_confidence(model, x, "body", torch.from_numpy(means), precision, 0.0, step)
+    with torch.no_grad():
+        f = layer_means(model, x, ("body",))["body"].numpy()
+    distances = np.stack([reference.mahalanobis(f - mean) for mean in means], axis=1)  # squared, (N, C)
+    np.testing.assert_allclose(plain.numpy(), -0.5 * distances.min(axis=1), rtol=1e-10)
+    # with noise, each sample moves toward its closest class: the confidence rises
+    noisy = mahalanobis_perturbed_confidence(model, x, "body", torch.from_numpy(means), precision, 1e-3, step)
+    assert (noisy.numpy() > plain.numpy()).all()
+
+
+def test_fgsm_copies_stay_in_pixel_range_within_the_step():
+    backbone = tiny_backbone(channels=3, std=(0.2, 0.5, 0.8))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.5,) * 3, (0.2, 0.5, 0.8)))
+    x = backbone.preprocessing(images(channels=3))
+    adversarial = fgsm_inputs(backbone.model, x, torch.zeros(len(x), dtype=torch.long), 0.05, mean, std)
+    pixels, moved = x * std + mean, adversarial * std + mean
+    assert float(moved.min()) >= 0.0 and float(moved.max()) <= 1.0
+    assert float((moved - pixels).abs().max()) <= 0.05 + 1e-6
+    assert float((moved - pixels).abs().max()) > 0.04
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the reference regression's sklearn notices
+def test_the_ensemble_picks_the_epsilon_whose_regression_separates_best_and_scores_minus_p_ood():
+    rng = np.random.default_rng(0)
+    n, layers = 200, 2
+    id_conf = rng.normal(size=(n, layers, 3))
+    ood_conf = rng.normal(size=(n, layers, 3))
+    ood_conf[:, :, 1] -= 3.0  # the second epsilon separates ID from pseudo-OOD
+    chosen = fit_ensemble(id_conf, ood_conf)
+    assert chosen["epsilon_index"] == 1 and chosen["selection_fpr95"][1] < chosen["selection_fpr95"][[0, 2]].min()
+    reference = LogisticRegressionCV(scoring="accuracy").fit(np.r_[id_conf[:100, :, 1], ood_conf[:100, :, 1]],
+                                                             np.r_[np.zeros(100), np.ones(100)])
+    np.testing.assert_allclose(ensemble_score(id_conf[100:, :, 1], chosen["coef"], chosen["intercept"]),
+                               -reference.predict_proba(id_conf[100:, :, 1])[:, 1], rtol=1e-10)
+
+
 # ---------------------------------------------------------------- through the harness, on the trained digits-net
 
 @pytest.fixture
@@ -269,8 +319,8 @@ def test_derived_entries_are_plain_hdf5_with_their_convention_and_a_corrupt_one_
 def test_a_network_method_without_a_network_or_with_a_bad_layer_gets_one_clear_error(digits, tmp_path):
     run, evaluation, backbone, entries = digits
     offline = Evaluation(evaluation.resolution, run.store, tmp_path)
-    with pytest.raises(LookupError, match="no cached ash_layer\\(p=70\\) network outputs for digits-net on "
-                                          "digits-test; run `oodbench run digits --methods ash_layer`"):
+    with pytest.raises(LookupError, match="no cached ash_layer\\(p=70\\) network outputs on digits-test for "
+                                          "digits-net; run `oodbench run digits --methods ash_layer`"):
         offline.scores(backbone, MethodRef("ash_layer", {"p": 70.0}), entries)
     with pytest.raises(ValueError, match="has no layer 'nope'; use 'penultimate', 'last_block' or one of its "
                                          "modules: block1, block1.0"):
@@ -283,3 +333,23 @@ def test_a_network_method_without_a_network_or_with_a_bad_layer_gets_one_clear_e
         make_method("odin").predict(entries["digits-test"])
     with pytest.raises(ValueError, match="unknown variant 'q'"):
         evaluation.scores(backbone, MethodRef("ash_layer", {"variant": "q"}), entries)
+
+
+def test_mahalanobis_ensemble_is_tuned_on_held_out_fit_images_and_scored_from_its_derived_entries(digits, forwards):
+    run, evaluation, backbone, entries = digits
+    fit = entries["digits-train"]
+    scored = evaluation.scores(backbone, MethodRef("mahalanobis_ens", {"holdout": 200}), entries)
+    method = make_method("mahalanobis_ens", holdout=200)
+    state = evaluation.network_state(backbone, method, fit)
+    held = state.array("holdout_rows")
+    assert len(held) == 200 and held.max() < len(fit)  # rows of the fit split: no test image is used
+    assert state.array("epsilon")[0] == state.array("epsilons")[np.argmin(state.array("selection_fpr95"))]
+    with h5py.File(state.path, "r") as h5:  # plain HDF5: per-layer class means and precision
+        assert set(h5["means"]) == set(h5["precision"]) == {"block1", "block2"}
+    method.load_state(state)
+    derived = evaluation.derived_entry(backbone, method, "digits-test", entries["digits-test"], fit)
+    assert derived.array("confidences").shape == (len(entries["digits-test"]), 2)
+    np.testing.assert_array_equal(scored["digits-test"].scores, method.score(derived))
+    forwards.clear()
+    evaluation.scores(backbone, MethodRef("mahalanobis_ens", {"holdout": 200}), entries)
+    assert forwards == []  # state, outputs and scores all cached

@@ -108,7 +108,7 @@ def test_leaderboard_auroc_rederives_from_cached_logits(warm):
     for method in METHODS:
         instance = make_method(method)
         if "network" in instance.reads:  # network methods classify from their derived entry
-            derived = CachedSplit(test_entry.derived_path(instance.name, instance.network_key()))
+            derived = CachedSplit(test_entry.derived_path(instance.name, instance.output_key(fit_entry)))
             expected = np.mean(instance.predict(derived) == id_labels)
         elif type(instance).predict is Method.predict:
             expected = accuracy
