@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from extract.backbones import Backbone
 from extract.datasets import ImageSet
-from extract.extraction import capture_outputs, compute_in_chunks, partial_folder, resolve_device
+from extract.extraction import capture_outputs, compute_in_chunks, forward_rows, partial_folder, resolve_device
 from extract.store import CachedSplit, CacheCorrupt, FeatureStore, file_lock, write_h5_atomic
 
 log = logging.getLogger(__name__)
@@ -346,6 +346,10 @@ class Network:
         mean = torch.tensor(self.backbone.preprocessing.mean, dtype=torch.float32).view(view).to(self.device)
         std = torch.tensor(self.backbone.preprocessing.std, dtype=torch.float32).view(view).to(self.device)
         return mean, std
+
+    def layer_outputs(self, images: np.ndarray, layer: str) -> np.ndarray:
+        """The plain outputs of ``layer`` (float32, as extraction caches them)."""
+        return forward_rows(self.backbone, images, (layer,), self.batch_size, self.device)[layer]
 
     @torch.no_grad()
     def layer_features(self, images: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
-"""Methods that go back through the network: ASH at any named layer, ODIN, GradNorm by autograd,
-the Mahalanobis ensemble (METHODS.md 1.8, 1.4, 1.9, 1.5a).
+"""Methods that go back through the network: ASH and ReAct at any named layer, ODIN, GradNorm by
+autograd, the Mahalanobis ensemble (METHODS.md 1.8, 1.6, 1.4, 1.9, 1.5a).
 
 A network method has two halves. ``network_outputs(network, rows)`` runs the network (an
 ``extract.network.Network``) over rows of a cache entry and returns arrays; the harness caches
@@ -17,7 +17,8 @@ import numpy as np
 from methods.base import Method, check_fitted, finite_logits, register, rowwise_apply, softmax_rows, split_name
 from methods.distance_scores import class_means_and_tied_covariance, pinv_precision
 from methods.logit_scores import energy
-from methods.shaping_scores import ASH_GRID, ASH_VARIANTS, check_percentile, ash_rand
+from methods.shaping_scores import (ASH_GRID, ASH_VARIANTS, REACT_GRID, ash_rand, check_percentile, react_clip,
+                                    react_threshold)
 
 ODIN_SPACES = ("pixel", "normalized")
 # the input-noise magnitudes the Mahalanobis ensemble selects from (Lee et al. 2018's code)
@@ -84,20 +85,42 @@ def tempered_msp(logits: np.ndarray, T: float) -> np.ndarray:
     return softmax_rows(np.asarray(logits, np.float64) / T).max(axis=1)
 
 
-@register
-class ASHLayer(NetworkMethod):
-    """ASH at a named layer, through the network (Djurisic et al. 2023, "Extremely simple activation
-    shaping"): the activation a of ``layer`` is shaped per sample - top-k jointly over channels and
-    space, k = n - round(n p / 100), variant p / b / s / rand exactly as the penultimate methods
-    (``methods.shaping_scores``) - the rest of the network runs on it, and S = LSE_1(f) of the
-    resulting logits; ID accuracy is the argmax of those logits.
+class _LayerShaping(NetworkMethod):
+    """Shared by the shaping methods at a named layer: ``shaping()`` is a numpy function of (N, n)
+    rows (each sample's activation flattened over channels and space); the rest of the network runs
+    on the shaped tensor - only its tail, from cached activations, when the entry has them - and
+    S = LSE_1(f) of the resulting logits, whose argmax is the ID prediction.
 
-    ``layer``: a module name of the backbone; ``penultimate`` (the head's input: the same as the
-    cache-only ``ash_*`` methods, computed through the network); or ``last_block`` (default), the
+    ``layer``: a module name of the backbone; ``penultimate`` (the head's input: what the
+    cache-only methods shape, computed through the network); or ``last_block`` (default), the
     backbone's declared shaping layer (ASH's main placement: the last block's output before its
-    final ReLU). When the entry cached that layer's activations and nothing after the layer reads
-    an earlier tensor, only the network's tail runs, from the cached activations.
+    final ReLU, where values can be negative).
     """
+
+    layer = "last_block"
+
+    def shaping(self):
+        raise NotImplementedError
+
+    def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
+        from extract.network import numpy_rows  # torch: only when the network runs
+
+        layer = network.resolve_layer(self.layer)
+        shape = numpy_rows(self.shaping())
+        cached = rows.activations(layer)
+        if cached is not None and network.tail(layer) is not None:
+            return network.tail_outputs(cached, layer, shape)
+        return network.shaped_outputs(rows.images, layer, shape)
+
+    def score(self, split) -> np.ndarray:
+        return rowwise_apply(lambda logits: energy(logits, 1.0), finite_logits(self.derived(split), dtype=None))
+
+
+@register
+class ASHLayer(_LayerShaping):
+    """ASH at a named layer, through the network (Djurisic et al. 2023, "Extremely simple activation
+    shaping"): per sample, top-k jointly over channels and space, k = n - round(n p / 100), variant
+    p / b / s / rand exactly as the penultimate methods (``methods.shaping_scores``)."""
 
     name = "ash_layer"
     grid = {"p": ASH_GRID}
@@ -123,18 +146,46 @@ class ASHLayer(NetworkMethod):
             del key["seed"]  # only ASH-RAND draws
         return key
 
-    def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
-        from extract.network import numpy_rows  # torch: only when the network runs
 
+@register
+class ReActLayer(_LayerShaping):
+    """ReAct at a named layer, through the network (Sun et al. 2021): a <- min(a, c), c the p-th
+    percentile (numpy linear interpolation) of the fit split's activations at that layer, all
+    samples x all units (x all positions); ``fit_samples`` seeded fit rows at most (0: all; the
+    official code used about 2,000 validation images). At ``penultimate`` with every fit row this
+    is the cache-only ``react``."""
+
+    name = "react_layer"
+    grid = {"p": REACT_GRID}
+    fits_through_network = True
+
+    def __init__(self, p: float = 90.0, layer: str = "last_block", fit_samples: int = 10000, seed: int = 0):
+        self.p = p
+        self.layer = layer
+        self.fit_samples = fit_samples
+        self.seed = seed
+
+    def network_fit(self, network, rows) -> dict[str, np.ndarray]:
+        check_percentile(self.name, "p", self.p)
         layer = network.resolve_layer(self.layer)
-        shape = numpy_rows(self.shaping())
-        cached = rows.activations(layer)
-        if cached is not None and network.tail(layer) is not None:
-            return network.tail_outputs(cached, layer, shape)
-        return network.shaped_outputs(rows.images, layer, shape)
+        n = len(rows.images)
+        chosen = np.arange(n) if not 0 < self.fit_samples < n else \
+            np.sort(np.random.default_rng(self.seed).permutation(n)[:self.fit_samples])
+        if layer == "penultimate":
+            activations = rows.cached("features")[chosen]
+        else:
+            cached = rows.activations(layer)
+            activations = cached[chosen] if cached is not None else network.layer_outputs(rows.images[chosen], layer)
+        return {"c": np.array([react_threshold(activations, self.p)]), "fit_rows": chosen}
 
-    def score(self, split) -> np.ndarray:
-        return rowwise_apply(lambda logits: energy(logits, 1.0), finite_logits(self.derived(split), dtype=None))
+    def load_state(self, state) -> "ReActLayer":
+        self.state_ = state
+        self.c_ = float(state.array("c")[0])
+        return self
+
+    def shaping(self):
+        check_fitted(self, "c_")
+        return lambda rows: react_clip(rows, self.c_)
 
 
 @register

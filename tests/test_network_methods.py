@@ -93,6 +93,18 @@ def test_ash_at_an_inner_layer_equals_a_hand_written_forward_with_the_shaping_in
         np.testing.assert_array_equal(model(x).numpy(), model.fc(model.pool(model.body(model.stem(x)))).numpy())
 
 
+def test_react_at_an_inner_layer_equals_a_hand_written_forward_with_the_clip_inserted():
+    backbone = tiny_backbone()
+    model = backbone.model
+    raw = images()
+    with torch.no_grad():
+        x = backbone.preprocessing(raw)
+        expected = model.fc(model.pool(torch.relu(torch.clamp(model.body[1](model.body[0](model.stem(x))), max=0.3))))
+    shape = numpy_rows(lambda rows: np.minimum(rows, 0.3))
+    hooked = Network(backbone, CPU, batch_size=3).shaped_outputs(raw, "body.1", shape)
+    np.testing.assert_allclose(hooked["logits"], expected.numpy(), atol=1e-5)
+
+
 def test_network_tail_runs_the_rest_of_the_network_and_refuses_to_cut_across_a_skip_connection():
     plain, residual = tiny_backbone().model, tiny_backbone(residual=True).model
     x = torch.randn(5, 1, 8, 8)
@@ -250,6 +262,21 @@ def test_ash_at_the_penultimate_layer_through_the_network_equals_the_cache_only_
         assert np.abs(derived.logits - shaped).max() <= 1e-4
         np.testing.assert_allclose(network_method.score(derived), cache_only.score(entries[label]), atol=1e-4)
         np.testing.assert_array_equal(network_method.predict(derived), cache_only.predict(entries[label]))
+
+
+def test_react_at_the_penultimate_layer_through_the_network_equals_the_cache_only_react(digits):
+    run, evaluation, backbone, entries = digits
+    fit, test = entries["digits-train"], entries["digits-test"]
+    method = make_method("react_layer", layer=PENULTIMATE, fit_samples=0)
+    method.load_state(evaluation.network_state(backbone, method, fit))
+    cache_only = make_method("react").fit(fit)
+    assert method.c_ == cache_only.c_  # the same percentile of the same fit features
+    derived = evaluation.derived_entry(backbone, method, "digits-test", test, fit)
+    assert np.abs(derived.logits - cache_only._logits(test)).max() <= 1e-4
+    np.testing.assert_array_equal(method.predict(derived), cache_only.predict(test))
+    inner = make_method("react_layer", fit_samples=100)  # block2.1 activations of 100 seeded fit rows
+    state = evaluation.network_state(backbone, inner, fit)
+    assert len(state.array("fit_rows")) == 100 and state.array("c")[0] > 0
 
 
 def test_gradnorm_by_autograd_on_the_head_equals_the_closed_form_from_the_cache(digits):

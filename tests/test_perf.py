@@ -77,7 +77,7 @@ def test_reinference_computes_the_same_table_as_the_cache(warm, cache_copy, tmp_
 def test_network_part_times_each_network_method_against_an_extraction_pass():
     result = measure_network(n=300, batch_size=100, device="cpu", repeats=1)
     assert result["images"] == 300 and result["layer"] == "block3.1"
-    assert len(result["methods"]) == 4 and "ash_layer from cached activations" in result["methods"][1]["method"]
+    assert len(result["methods"]) == 5 and "ash_layer from cached activations" in result["methods"][1]["method"]
     for row in result["methods"]:
         assert row["seconds"] > 0
         assert row["over_extraction"] == pytest.approx(row["seconds"] / result["extraction_s"])

@@ -91,8 +91,8 @@ def test_every_swept_parameter_refits_and_changes_the_scores(warm, tmp_path):
             checked.append(f"{name}.{axis}")
     assert checked == ["ash_b.p", "ash_layer.p", "ash_p.p", "ash_rand.p", "ash_s.p", "clipped_v.k", "dice.p",
                        "dice_react.p", "dice_react.react_p", "energy.T", "gradnorm_autograd.T",
-                       "gradnorm_u_clipped_v.k", "knn.k", "odin.T", "odin.epsilon", "react.p", "rg.k", "rg.T",
-                       "rg_add.gamma"]
+                       "gradnorm_u_clipped_v.k", "knn.k", "odin.T", "odin.epsilon", "react.p", "react_layer.p", "rg.k",
+                       "rg.T", "rg_add.gamma"]
 
 
 def test_parameter_grid_expands_the_registry_grid_with_overrides():
