@@ -21,7 +21,7 @@ from harness.resolution import RunOptions
 from methods import make_method
 from methods.gradient_scores import gradnorm
 from methods.network_scores import ensemble_score, fit_ensemble, tempered_msp
-from methods.shaping_scores import ash_b
+from methods.shaping_scores import ash_b, react_clip
 
 CPU = torch.device("cpu")
 
@@ -71,16 +71,24 @@ def ash_b_by_hand(a: torch.Tensor, p: float) -> torch.Tensor:
     return out.reshape(a.shape)
 
 
-def test_ash_at_an_inner_layer_equals_a_hand_written_forward_with_the_shaping_inserted():
+SHAPINGS = {  # (the method's numpy function of rows, the official code's torch version)
+    "ash_b": (lambda rows: ash_b(rows, 65.0), lambda a: ash_b_by_hand(a, 65.0)),
+    "react": (lambda rows: react_clip(rows, 0.3), lambda a: torch.clamp(a, max=0.3)),
+}
+
+
+@pytest.mark.parametrize("shaping", sorted(SHAPINGS))
+def test_shaping_at_an_inner_layer_equals_a_hand_written_forward_with_the_shaping_inserted(shaping):
+    rows_function, by_hand = SHAPINGS[shaping]
     backbone = tiny_backbone()
     model = backbone.model
     raw = images()
     with torch.no_grad():
         x = backbone.preprocessing(raw)
         pre_relu = model.body[1](model.body[0](model.stem(x)))  # BN output: negatives included in s1
-        expected = model.fc(model.pool(torch.relu(ash_b_by_hand(pre_relu, 65.0))))
+        expected = model.fc(model.pool(torch.relu(by_hand(pre_relu))))
     network = Network(backbone, CPU, batch_size=4)  # batches of 4 over 10 images: per-sample shaping
-    shape = numpy_rows(lambda rows: ash_b(rows, 65.0))
+    shape = numpy_rows(rows_function)
     hooked = network.shaped_outputs(raw, "body.1", shape)
     np.testing.assert_allclose(hooked["logits"], expected.numpy(), atol=1e-5)
     assert (pre_relu < 0).any()
@@ -91,18 +99,6 @@ def test_ash_at_an_inner_layer_equals_a_hand_written_forward_with_the_shaping_in
     # the hook leaves the model as it was
     with torch.no_grad():
         np.testing.assert_array_equal(model(x).numpy(), model.fc(model.pool(model.body(model.stem(x)))).numpy())
-
-
-def test_react_at_an_inner_layer_equals_a_hand_written_forward_with_the_clip_inserted():
-    backbone = tiny_backbone()
-    model = backbone.model
-    raw = images()
-    with torch.no_grad():
-        x = backbone.preprocessing(raw)
-        expected = model.fc(model.pool(torch.relu(torch.clamp(model.body[1](model.body[0](model.stem(x))), max=0.3))))
-    shape = numpy_rows(lambda rows: np.minimum(rows, 0.3))
-    hooked = Network(backbone, CPU, batch_size=3).shaped_outputs(raw, "body.1", shape)
-    np.testing.assert_allclose(hooked["logits"], expected.numpy(), atol=1e-5)
 
 
 def test_network_tail_runs_the_rest_of_the_network_and_refuses_to_cut_across_a_skip_connection():
