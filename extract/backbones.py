@@ -158,6 +158,71 @@ def digits_net(num_classes: int = 6) -> nn.Module:
     return DigitsNet(num_classes=num_classes)
 
 
+class OptionABlock(nn.Module):
+    """He et al. (2016)'s CIFAR BasicBlock with the parameter-free "option A" shortcut: conv3x3
+    (stride s) -> BN -> ReLU -> conv3x3 -> BN, plus the input (subsampled x[:, :, ::2, ::2] and
+    zero-padded by planes/4 channels on each side when the shape changes), then ReLU. ``merge`` is
+    the sum before the final ReLU (an identity module, so a hook can shape it: ASH's placement)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.merge = nn.Identity()
+        self.pad = planes // 4 if stride != 1 or in_planes != planes else 0
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        shortcut = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad)) if self.pad else x
+        return F.relu(self.merge(out + shortcut))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNets of He et al. (2016) with option-A shortcuts (ResNet-20/32/44/56: n = 3, 5, 7,
+    9 blocks per stage of 16, 32, 64 channels): conv1 -> bn1 -> ReLU -> 3 stages -> global average
+    pooling -> 64-d feature -> ``linear``. Key names follow the public checkpoints."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, in_planes = [], 16
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for i in range(n):
+                blocks.append(OptionABlock(in_planes, planes, stride if i == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.linear(self.pool(self.layer3(self.layer2(self.layer1(out)))))
+
+
+# the normalisation the public CIFAR-10 option-A checkpoints were trained with
+CIFAR_RESNET_NORM = Preprocessing(input_size=32, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _register_cifar_resnet(depth: int) -> None:
+    n = (depth - 2) // 6
+    register_backbone(f"cifar-resnet{depth}", preprocessing=CIFAR_RESNET_NORM, head="linear",
+                      layers=("layer1", "layer2", "layer3"), shaping_layer=f"layer3.{n - 1}.merge",
+                      description=f"CIFAR ResNet-{depth}, option-A shortcuts (He et al. 2016), 64-d GAP feature")(
+        lambda num_classes=10: CifarResNet(depth, num_classes))
+
+
+for _depth in (20, 32, 44, 56):
+    _register_cifar_resnet(_depth)
+
+
 def get_backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone architecture {name!r}; registered: {', '.join(sorted(BACKBONES))}")
@@ -188,8 +253,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``, raising one error that lists missing, unexpected and mis-shaped keys."""
+    """Load ``state`` into ``model``, raising one error that lists missing, unexpected and mis-shaped keys.
+
+    Checkpoints saved before PyTorch 0.4.1 have no batch-norm ``num_batches_tracked`` counters (e.g.
+    the public CIFAR option-A ResNets); those alone are taken from the model (the counter only
+    matters for training with momentum=None)."""
     expected = model.state_dict()
+    state = {**{k: v for k, v in expected.items() if k.endswith(".num_batches_tracked") and k not in state}, **state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"

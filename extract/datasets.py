@@ -71,6 +71,12 @@ _HOW_TO_GET = {
         "(pip install animal-mnist) and save them with numpy.savez as animal_mnist_10k.npz "
         "holding `images` (N,28,28) uint8 and `labels` (N,)"
     ),
+    "cifar10-jpeg": (
+        "no automatic download; the CIFAR-10 test set as JPEG files in an ImageFolder tree "
+        "<data_root>/cifar10-test-jpeg/<class>/<NNNN>.jpg (10 class folders; sorted folder names give the "
+        "standard CIFAR-10 label order), e.g. written from torchvision.datasets.CIFAR10(train=False) "
+        "with PIL at JPEG quality 75; source: https://www.cs.toronto.edu/~kriz/cifar.html"
+    ),
     "textures": (
         "no automatic download; save scikit-image's skimage.data.brick(), .grass() and .gravel() "
         "(CC0) as 8-bit grayscale PNGs brick.png, grass.png, gravel.png in <data_root>/textures/"
@@ -496,6 +502,55 @@ def load_digits_benchmark(split, data_root, download, *, test_fraction, seed):
     source = (f"sklearn.datasets.load_digits /16; classes 0-5 split stratified with test_fraction={test_fraction}, "
               f"seed={seed}; ood = classes 6-9")
     return ImageSet("digits", split, images, labels[index], source=source, classes=classes, inputs=(path,))
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def read_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], list[Path]]:
+    """An ImageFolder tree (torchvision's layout: <root>/<class>/<image>): RGB uint8 images
+    (N,H,W,3) of one size, labels from the sorted class folder names, the class names and files,
+    in (class, file name) order."""
+    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+    files = [(label, path) for label, name in enumerate(classes)
+             for path in sorted((root / name).iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"{root}: no {'/'.join(IMAGE_SUFFIXES)} images in its class folders")
+    images = []
+    for _, path in files:
+        with Image.open(path) as image:
+            images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise ValueError(f"{root}: images of different sizes {sorted(shapes)[:4]}; expected one size")
+    return np.stack(images), np.array([label for label, _ in files], dtype=np.int64), classes, [p for _, p in files]
+
+
+@register_dataset("cifar10-jpeg", ("fit", "test"), "CIFAR-10 test set as JPEG (a real shift: report as "
+                  "'CIFAR-10 (JPEG)'), split in a seeded stratified fit/test half", fit_fraction=0.5, seed=0)
+def load_cifar10_jpeg(split, data_root, download, *, fit_fraction, seed):
+    """CIFAR-10 (JPEG): <data_root>/cifar10-test-jpeg/<class>/<NNNN>.jpg, 32x32 RGB. There is no
+    training set, so ID statistics are fit on a seeded stratified ``fit_fraction`` of the images
+    and the rest is the ID test split (``train_test_split(train_size=fit_fraction,
+    random_state=seed, stratify=labels)``); samples keep their folder order."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fit_fraction < 1:
+        raise ValueError(f"fit_fraction must lie strictly between 0 and 1, got {fit_fraction}")
+    root = None if data_root is None else data_root / "cifar10-test-jpeg"
+    if root is None or not root.is_dir() or not any(d.is_dir() for d in root.iterdir()):
+        raise _unavailable("cifar10-jpeg", split, data_root, [root] if root else [],
+                           "an ImageFolder tree cifar10-test-jpeg/<class>/<NNNN>.jpg with the 10 CIFAR-10 classes")
+    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+    if classes != CIFAR10_CLASSES:
+        raise ValueError(f"{root}: class folders {list(classes)}, expected the CIFAR-10 classes {list(CIFAR10_CLASSES)}")
+    images, labels, classes, files = read_image_folder(root)
+    fit, test = train_test_split(np.arange(len(labels)), train_size=fit_fraction, random_state=seed, stratify=labels)
+    index = np.sort(fit if split == "fit" else test)
+    source = f"{root} (JPEG), stratified {split} part of a fit_fraction={fit_fraction} split, seed={seed}"
+    return ImageSet("cifar10-jpeg", split, images[index], labels[index], source=source, classes=classes,
+                    inputs=(root, *(root / c for c in classes), *files))
 
 
 # ---------------------------------------------------------------- synthetic (Outlier Exposure, Hendrycks et al. 2019)

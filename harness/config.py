@@ -136,10 +136,10 @@ def _backbone(where: str, item: dict) -> BackboneConfig:
             recipe = Recipe.from_config(item["train"]) if "train" in item else None
         except (ValueError, TypeError) as err:
             raise BenchmarkError(f"{where}: {err}") from err
-        if recipe is None:
-            raise BenchmarkError(f"{where}: architecture {item['arch']!r} needs a 'train' recipe "
-                                 "(or use factory + checkpoint for pretrained weights)")
-        return BackboneConfig(item["name"], arch=item["arch"], recipe=recipe)
+        if (recipe is None) == ("checkpoint" not in item):
+            raise BenchmarkError(f"{where}: architecture {item['arch']!r} needs either a 'train' recipe or a "
+                                 "'checkpoint' with its weights")
+        return BackboneConfig(item["name"], arch=item["arch"], recipe=recipe, checkpoint=str(item.get("checkpoint", "")))
     for key in ("checkpoint", "head", "preprocessing"):
         if key not in item:
             raise BenchmarkError(f"{where}: a factory backbone needs {key!r}")

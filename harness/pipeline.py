@@ -8,13 +8,14 @@ which ``harness.evaluation`` scores and tabulates without a network.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import sys
 import time
 from pathlib import Path
 
 from extract.backbones import (Backbone, checkpoint_backbone, get_backbone_spec, preprocessing_from_config,
-                               registered_backbone)
+                               read_state_dict, registered_backbone)
 from extract.datasets import DatasetUnavailable, ImageSet, load_dataset
 from extract.extraction import entry_data_key, extract, resolve_device
 from extract.store import CachedSplit, CacheMissing, FeatureStore
@@ -85,16 +86,38 @@ class BenchmarkRun:
             raise ValueError(f"dataset {ref.label!r} ({ref.dataset}/{ref.split}): {err}") from err
 
     # ------------------------------------------------------------------ backbones
+    def checkpoint_path(self, config: BackboneConfig) -> Path:
+        """The checkpoint file of ``config``: ``{data_root}`` in it is the data root, and a glob
+        pattern (e.g. a name with a hash, ``resnet20-*.th``) must match exactly one file."""
+        pattern = config.checkpoint
+        if "{data_root}" in pattern:
+            if self.options.data_root is None:
+                raise FileNotFoundError(f"backbone {config.name}: checkpoint {pattern} is under the data root; pass "
+                                        "--data-root or set $OODBENCH_DATA_ROOT")
+            pattern = pattern.replace("{data_root}", str(self.options.data_root))
+        path = Path(pattern)
+        matches = sorted(path.parent.glob(path.name)) if glob.has_magic(path.name) else [path]
+        self.watched.add(path.parent)
+        if len(matches) != 1 or not matches[0].is_file():
+            found = ", ".join(map(str, matches)) or "nothing"
+            raise FileNotFoundError(f"backbone {config.name}: checkpoint {pattern} must name one file; found {found}")
+        return matches[0]
+
     def backbone(self, config: BackboneConfig, seed: int, compute: bool = True) -> Backbone:
         """The backbone entry for ``seed``: trained from its recipe (weights cached) or loaded from a checkpoint."""
         if config.factory:
-            backbone = checkpoint_backbone(config.name, config.factory, config.checkpoint,
+            backbone = checkpoint_backbone(config.name, config.factory, self.checkpoint_path(config),
                                            preprocessing_from_config(config.preprocessing), config.head,
                                            config.layers, config.kwargs, config.shaping_layer)
             module = sys.modules[config.factory.partition(":")[0]]
-            self.watched.update(Path(p) for p in (config.checkpoint, getattr(module, "__file__", None)) if p)
+            self.watched.update(Path(p) for p in (self.checkpoint_path(config), getattr(module, "__file__", None)) if p)
             return backbone
         spec = get_backbone_spec(config.arch)
+        if config.checkpoint:  # a registry architecture with given weights
+            path = self.checkpoint_path(config)
+            self.watched.add(path)
+            return registered_backbone(spec, read_state_dict(path), config.name, self.benchmark.num_classes,
+                                       {"seed": seed, "checkpoint": str(path)})
         sets = self.datasets()
         fit_set = sets[self.benchmark.id_fit.label][1]
         test_set = sets[self.benchmark.id_test.label][1]

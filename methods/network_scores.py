@@ -348,9 +348,9 @@ class MahalanobisEnsemble(NetworkMethod):
         labels = np.asarray(rows.cached("labels"))
         n_classes = rows.cached("logits").shape[1]
         n_held = min(int(self.holdout), len(labels) // 2)
-        if n_held < 4:
-            raise ValueError(f"{self.name}: holdout must be >= 4 (and the fit split at least 8 samples); got holdout "
-                             f"{self.holdout} with a fit split of {len(labels)}")
+        if n_held < 10:  # each half needs 5 ID samples: LogisticRegressionCV's 5 stratified folds
+            raise ValueError(f"{self.name}: holdout must be >= 10 (and the fit split at least 20 samples); got "
+                             f"holdout {self.holdout} with a fit split of {len(labels)}")
         order = np.random.default_rng(self.seed).permutation(len(labels))
         held, rest = np.sort(order[:n_held]), np.sort(order[n_held:])
         features = network.layer_features(rows.images[rest], layers)

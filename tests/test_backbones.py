@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from extract.backbones import (BACKBONES, CheckpointMismatch, Preprocessing, checkpoint_backbone, get_backbone_spec,
-                               import_factory, read_state_dict, registered_backbone)
+from extract.backbones import (BACKBONES, CheckpointMismatch, CifarResNet, Preprocessing, checkpoint_backbone,
+                               get_backbone_spec, import_factory, read_state_dict, registered_backbone)
 from extract.datasets import load_dataset
 
 
@@ -42,7 +42,8 @@ def test_registry_layers_exist_and_head_is_linear():
         modules = dict(model.named_modules())
         assert isinstance(modules[spec.head], nn.Linear)
         assert all(layer in modules for layer in spec.layers)
-    with pytest.raises(ValueError, match="unknown backbone architecture 'nope'; registered: cnn28, digits-net"):
+    with pytest.raises(ValueError, match="unknown backbone architecture 'nope'; registered: cifar-resnet20, "
+                                         "cifar-resnet32, cifar-resnet44, cifar-resnet56, cnn28, digits-net"):
         get_backbone_spec("nope")
 
 
@@ -155,3 +156,45 @@ def test_real_outlier_exposure_checkpoint_loads_strictly_and_classifies_mnist(sh
         predictions = backbone.model(backbone.preprocessing(mnist.images)).argmax(1).numpy()
     # The paper's checkpoint has 0.94% test error.
     assert (predictions == mnist.labels).mean() == pytest.approx(1 - 0.0094, abs=0.002)
+
+
+def option_a_checkpoint(path, depth, seed=0):
+    """A checkpoint in the public option-A ResNets' format: {'state_dict': ...}, every key prefixed
+    'module.' (nn.DataParallel), no batch-norm num_batches_tracked counters (pre-0.4.1 PyTorch)."""
+    torch.manual_seed(seed)
+    state = get_backbone_spec(f"cifar-resnet{depth}").build().state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+                "best_prec1": 91.0}, path)
+    return state
+
+
+@pytest.mark.parametrize("depth, blocks", [(20, 3), (56, 9)])
+def test_option_a_resnet_loads_its_checkpoint_format_and_pads_the_shortcut(tmp_path, depth, blocks):
+    state = option_a_checkpoint(tmp_path / "resnet.th", depth)
+    spec = get_backbone_spec(f"cifar-resnet{depth}")
+    backbone = registered_backbone(spec, read_state_dict(tmp_path / "resnet.th"), f"resnet{depth}", 10)
+    assert backbone.shaping_layer == f"layer3.{blocks - 1}.merge" and backbone.head == "linear"
+    assert sum(p.numel() for p in backbone.model.parameters()) == {20: 269722, 56: 853018}[depth]
+    for key, value in backbone.model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, state[key]), key
+    block = backbone.model.layer2[0]  # 16 -> 32 channels, stride 2: x[:, :, ::2, ::2] padded by 8 on each side
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        residual = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(x)))))
+        expected = torch.relu(residual + torch.nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8)))
+        np.testing.assert_allclose(block(x).numpy(), expected.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="depth 6n \\+ 2"):
+        CifarResNet(depth=21)
+
+
+@pytest.mark.shared_data
+def test_real_cifar_resnet_checkpoints_classify_lossless_cifar10(shared_data):
+    data = np.load(shared_data / "cifar10-test-lossless846.npz")
+    for depth in (20, 56):
+        [path] = (shared_data / "checkpoints/cifar10-resnet").glob(f"resnet{depth}-*.th")
+        spec = get_backbone_spec(f"cifar-resnet{depth}")
+        backbone = registered_backbone(spec, read_state_dict(path), f"resnet{depth}", 10)
+        with torch.no_grad():
+            predictions = backbone.model(spec.preprocessing(data["images"])).argmax(1).numpy()
+        assert (predictions == data["labels"]).mean() > 0.9  # the data README: 92-94% on the lossless images

@@ -380,8 +380,8 @@ def _validation_is_a_test_set(config):
     (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),
     (_unknown_method_param, ["methods #1: method 'energy' has no parameter Q; its parameters: T (default 1.0)"]),
     (_unknown_dataset_param, ["dataset 'gaussian' has no parameters ['sigma']", "'n': 10000"]),
-    (_unknown_backbone_arch, ["backbones #1: unknown backbone architecture 'resnet-nope'; registered: cnn28, "
-                              "digits-net"]),
+    (_unknown_backbone_arch, ["backbones #1: unknown backbone architecture 'resnet-nope'; registered: "
+                              "cifar-resnet20, cifar-resnet32, cifar-resnet44, cifar-resnet56, cnn28, digits-net"]),
     (_validation_is_a_test_set, ["the validation OOD set 'gaussian' must be disjoint from the ID set and every "
                                  "test OOD set (digits, gaussian, photo-patches)"]),
 ])

@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits, load_sample_images
 
 import extract.datasets as ds
 from extract.datasets import (
+    CIFAR10_CLASSES,
     DATASETS,
     DatasetUnavailable,
     ImageSet,
@@ -528,7 +529,7 @@ def test_photo_patches_grayscale_is_luma():
 def test_registry_names():
     assert set(DATASETS) == {
         "fashion-mnist", "mnist", "notmnist", "kmnist", "animal-mnist", "textures", "digits28",
-        "photo-patches", "gaussian", "bernoulli", "blobs", "uniform", "digits",
+        "photo-patches", "gaussian", "bernoulli", "blobs", "uniform", "digits", "cifar10-jpeg",
     }
     assert DATASETS["gaussian"].defaults == {"n": 10000, "size": 28, "seed": 0}
     assert DATASETS["digits"].splits == ("train", "test", "ood")
@@ -597,3 +598,38 @@ def test_real_fashion_mnist_from_debian(tmp_path):
         assert loaded.images.shape == (n, 28, 28) and loaded.images.dtype == np.uint8
         assert str(ds.DEBIAN_FASHION_MNIST) in loaded.source
         np.testing.assert_array_equal(np.bincount(loaded.labels), np.full(10, n // 10))
+
+
+def write_cifar_jpeg_tree(root, per_class=4, seed=0):
+    """A tiny CIFAR-10 (JPEG) ImageFolder tree in the real layout: <root>/cifar10-test-jpeg/<class>/NNNN.jpg."""
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(CIFAR10_CLASSES):
+        folder = root / "cifar10-test-jpeg" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                folder / f"{label * per_class + i:04d}.jpg", quality=75)
+
+
+def test_cifar10_jpeg_reads_the_image_folder_and_splits_fit_and_test_by_class(tmp_path):
+    write_cifar_jpeg_tree(tmp_path)
+    fit = load_dataset("cifar10-jpeg", "fit", data_root=tmp_path)
+    test = load_dataset("cifar10-jpeg", "test", data_root=tmp_path)
+    assert fit.images.shape == (20, 32, 32, 3) and fit.images.dtype == np.uint8 and len(test) == 20
+    assert (np.bincount(fit.labels) == 2).all() and (np.bincount(test.labels) == 2).all()  # stratified halves
+    assert fit.classes == CIFAR10_CLASSES and "JPEG" in fit.source
+    with Image.open(tmp_path / "cifar10-test-jpeg" / "bird" / "0008.jpg") as image:  # the decoded JPEG pixels
+        first_bird = np.asarray(image.convert("RGB"))
+    together = np.concatenate([fit.images[fit.labels == 2], test.images[test.labels == 2]])
+    assert any(np.array_equal(first_bird, image) for image in together)
+    assert not set(map(bytes, fit.images)) & set(map(bytes, test.images))
+    other = load_dataset("cifar10-jpeg", "fit", data_root=tmp_path, seed=1)
+    assert not np.array_equal(other.images, fit.images)
+
+
+def test_cifar10_jpeg_missing_or_wrong_folders_name_the_layout(tmp_path):
+    with pytest.raises(DatasetUnavailable, match="cifar10-test-jpeg/<class>/<NNNN>.jpg"):
+        load_dataset("cifar10-jpeg", "test", data_root=tmp_path)
+    (tmp_path / "cifar10-test-jpeg" / "cats").mkdir(parents=True)
+    with pytest.raises(ValueError, match="expected the CIFAR-10 classes"):
+        load_dataset("cifar10-jpeg", "test", data_root=tmp_path)

@@ -22,6 +22,8 @@ from sklearn.metrics import roc_auc_score
 from extract.backbones import DigitsNet
 from extract.store import CachedSplit, CacheMissing
 from tests.conftest import files, only_a_record_was_added, oodbench
+from tests.test_backbones import option_a_checkpoint
+from tests.test_datasets import write_cifar_jpeg_tree
 from methods import METHODS as REGISTERED_METHODS, Method, make_method
 from harness.config import BENCHMARK_DIR, MethodRef, load_benchmark
 from harness.evaluation import Evaluation
@@ -327,3 +329,28 @@ def test_two_seeds_give_means_and_standard_deviations(warm, cache_copy, tmp_path
     pd.testing.assert_frame_equal(seed0, warm_metrics)
     assert "Seeds: 0, 1." in (tmp_path / "out/digits/report.md").read_text()
     assert len(list((cache_copy / "weights").glob("digits-net-seed1-*.pt"))) == 1
+
+
+@pytest.mark.slow
+def test_a_registry_architecture_with_a_checkpoint_under_the_data_root_runs_end_to_end(tmp_path, capsys):
+    """The cifar10-jpeg benchmark's shape on tiny fixtures in the real formats: a JPEG ImageFolder
+    tree, an option-A ResNet checkpoint found by a glob under {data_root}, network methods included."""
+    write_cifar_jpeg_tree(tmp_path / "data", per_class=8)
+    (tmp_path / "data" / "ckpt").mkdir()
+    option_a_checkpoint(tmp_path / "data" / "ckpt" / "resnet20-0a1b2c.th", 20)
+    config = yaml.safe_load((BENCHMARK_DIR / "cifar10-jpeg.yaml").read_text())
+    config.update(ood=[{"dataset": "gaussian", "params": {"n": 30, "size": 32}}],
+                  validation={"dataset": "uniform", "params": {"n": 30, "size": 32}},
+                  methods=["energy", "ash_layer", "odin", {"name": "mahalanobis_ens", "params": {"holdout": 10}}],
+                  backbones=[{"name": "resnet20", "arch": "cifar-resnet20",
+                              "checkpoint": "{data_root}/ckpt/resnet20-*.th"}])
+    bench = write_yaml(tmp_path / "tiny-cifar.yaml", config)
+    argv = ("run", bench, "--data-root", tmp_path / "data", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out",
+            "--quiet")
+    code, out, err = oodbench(capsys, *argv)
+    assert code == 0, err
+    board = read_board(tmp_path / "out" / "cifar10-jpeg" / "resnet20" / "leaderboard.csv")
+    assert sorted(board.index) == ["ash_layer", "energy", "mahalanobis_ens(holdout=10)", "odin"]
+    (tmp_path / "data" / "ckpt" / "resnet20-0a1b2c.th").rename(tmp_path / "data" / "ckpt" / "other.th")
+    code, _, err = oodbench(capsys, *argv)
+    assert code == 2 and "checkpoint " in err and "resnet20-*.th must name one file; found nothing" in err

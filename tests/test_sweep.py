@@ -83,7 +83,12 @@ def test_every_swept_parameter_refits_and_changes_the_scores(warm, tmp_path):
             for value in values[:2]:
                 cached = evaluation.scores(backbone, MethodRef(name, {axis: value}), entries)["digits-test"].scores
                 method = make_method(name, **{axis: value})
-                scored = evaluation.derived_entry(backbone, method, "digits-test", test) if "network" in cls.reads else test
+                if "network" in cls.reads:
+                    if method.fits_through_network:
+                        method.load_state(evaluation.network_state(backbone, method, fit))
+                    scored = evaluation.derived_entry(backbone, method, "digits-test", test, fit)
+                else:
+                    scored = test
                 fresh = method.fit(fit).score(scored)
                 np.testing.assert_allclose(cached, fresh, rtol=1e-12, atol=1e-12, err_msg=f"{name} {axis}={value}")
                 scores.append(cached)
