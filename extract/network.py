@@ -404,38 +404,44 @@ def _check_images(images: ImageSet, entry: CachedSplit) -> None:
                          "re-extract the entry first")
 
 
-def _cached(store: FeatureStore, path) -> CachedSplit | None:
-    """The derived entry at ``path`` if present and sound (a corrupt one is moved aside: None)."""
+def _derived_entry(store: FeatureStore, entry: CachedSplit, name: str, key: dict, backbone: Backbone, what: str,
+                   compute) -> CachedSplit:
+    """The derived entry ``name`` of ``entry`` under ``key``: from the cache when present and sound
+    (a corrupt one is moved aside and recomputed), else ``compute(path)`` -> (arrays, extra meta)
+    under the entry's lock (a second process waits, then reads it), written atomically."""
+    path = entry.derived_path(name, key)
     try:
-        return store.open_entry(path)
+        cached = store.open_entry(path)
+        if cached is not None:
+            return cached
     except CacheCorrupt as err:
         log.warning("recomputing a corrupt derived entry: %s", err)
-        return None
+    with file_lock(path):
+        cached = store.open_entry(path)
+        if cached is not None:
+            return cached
+        arrays, extra = compute(path)
+        meta = {"kind": "derived", "method": name, "network_key": key, "base": entry.data_key,
+                "backbone": backbone.describe(), "dataset": entry.meta["dataset"], "split": entry.meta["split"],
+                "fingerprint": entry.meta.get("fingerprint"), "data_key": entry.derived_key(name, key), "layers": [],
+                "n": len(entry), "what": f"{what} on {entry.meta['dataset']}/{entry.meta['split']}", **extra}
+        write_h5_atomic(path, arrays, meta)
+        shutil.rmtree(partial_folder(path), ignore_errors=True)
+    return CachedSplit(path)
 
 
 def derive_state(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,
                  batch_size: int = 256, device: str = "cpu") -> CachedSplit:
     """What ``method`` learns through the network on the fit entry (``method.network_fit``), cached
-    beside that entry as ``<method>-fit`` and written atomically."""
+    beside that entry as ``<method>-fit``."""
     _check_images(images, entry)
-    name = f"{method.name}-fit"
-    path = entry.derived_path(name, method.network_key())
-    cached = _cached(store, path)
-    if cached is not None:
-        return cached
-    with file_lock(path):
-        cached = store.open_entry(path)
-        if cached is not None:
-            return cached
-        arrays = method.network_fit(Network(backbone, resolve_device(device), batch_size),
-                                    EntryRows(images, entry, 0, len(images)))
-        meta = {"kind": "derived", "method": name, "network_key": method.network_key(), "base": entry.data_key,
-                "backbone": backbone.describe(), "dataset": entry.meta["dataset"], "split": entry.meta["split"],
-                "data_key": entry.derived_key(name, method.network_key()), "layers": [], "n": len(images),
-                "what": f"{method.label()} fitted on {entry.meta['dataset']}/{entry.meta['split']}",
-                **method.network_meta()}
-        write_h5_atomic(path, arrays, meta)
-    return CachedSplit(path)
+
+    def compute(path):
+        network = Network(backbone, resolve_device(device), batch_size)
+        return method.network_fit(network, EntryRows(images, entry, 0, len(images))), method.network_meta()
+
+    return _derived_entry(store, entry, f"{method.name}-fit", method.network_key(), backbone,
+                          f"{method.label()} fitted", compute)
 
 
 def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,
@@ -443,19 +449,11 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
            progress: bool = True) -> CachedSplit:
     """The outputs of network method ``method`` over ``entry``'s images, cached beside the entry
     under ``key`` (default ``method.network_key()``; methods fitted through the network add their
-    fit entry): returned from the cache when present (a corrupt file is moved aside and
-    recomputed), else computed by ``method.network_outputs(network, rows)`` in resumable chunks
-    and written atomically."""
+    fit entry), computed by ``method.network_outputs(network, rows)`` in resumable chunks."""
     _check_images(images, entry)
     key = method.network_key() if key is None else key
-    path = entry.derived_path(method.name, key)
-    cached = _cached(store, path)
-    if cached is not None:
-        return cached
-    with file_lock(path):
-        cached = store.open_entry(path)
-        if cached is not None:
-            return cached
+
+    def compute(path):
         network = Network(backbone, resolve_device(device), batch_size)
         names = tuple(method.outputs)
         chunks = compute_in_chunks(
@@ -464,13 +462,7 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
             f"{method.label()} {backbone.name} {images.name}/{images.split}", progress)
         arrays = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
         arrays["labels"] = np.asarray(images.labels, dtype=np.int64)
-        meta = {"kind": "derived", "method": method.name, "network_key": key,
-                "base": entry.data_key, "backbone": backbone.describe(), "dataset": entry.meta["dataset"],
-                "split": entry.meta["split"], "fingerprint": entry.meta.get("fingerprint"),
-                "data_key": entry.derived_key(method.name, key),
-                "layers": [], "n": len(images), "num_classes": int(arrays["logits"].shape[1]),
-                "feature_dim": int(arrays["features"].shape[1]), **method.network_meta(),
-                "what": f"{method.label()} on {entry.meta['dataset']}/{entry.meta['split']}"}
-        write_h5_atomic(path, arrays, meta)
-        shutil.rmtree(partial_folder(path), ignore_errors=True)
-    return CachedSplit(path)
+        return arrays, {"num_classes": int(arrays["logits"].shape[1]), "feature_dim": int(arrays["features"].shape[1]),
+                        **method.network_meta()}
+
+    return _derived_entry(store, entry, method.name, key, backbone, method.label(), compute)
