@@ -108,28 +108,40 @@ def network_tail(model: nn.Module, layer: str) -> fx.GraphModule | None:
     return module
 
 
-def odin_perturbed_inputs(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float,
-                          step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ODIN's input pre-processing (Liang et al. 2018): y_hat = argmax f(x) from the unscaled logits,
-    L = CE(f(x) / T, y_hat), g = sign(grad_x L) with 0 mapped to +1 (the code's (grad >= 0)*2 - 1),
-    x_tilde = x - epsilon * step * g, no clamping. ``step`` is 1/std per channel for a pixel-space
-    epsilon on normalised inputs, 1 for the normalised-space convention. The loss is summed over
-    the batch, so each sample's gradient is its own. Returns (x_tilde, y_hat)."""
-    x = x.detach().requires_grad_(True)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for parameter in frozen:  # only the input gradient is needed: no weight-gradient work or memory
+@contextlib.contextmanager
+def input_gradient_only(model: nn.Module):
+    """Gradients enabled for the block, with the weights frozen: an input gradient then needs no
+    weight-gradient work or memory. The weights' ``requires_grad`` is restored afterwards."""
+    frozen = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in frozen:
         parameter.requires_grad_(False)
     try:
         with torch.enable_grad():
-            logits = model(x)
-            predictions = logits.argmax(dim=1)
-            loss = F.cross_entropy(logits / temperature, predictions, reduction="sum")
-            (gradient,) = torch.autograd.grad(loss, x)
+            yield
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
-    sign = (gradient >= 0).to(x.dtype) * 2 - 1
-    return (x - epsilon * step * sign).detach(), predictions
+
+
+def gradient_sign(gradient: torch.Tensor) -> torch.Tensor:
+    """sign(g) with 0 mapped to +1, as the ODIN, Mahalanobis and FGSM code computes it: (g >= 0)*2 - 1."""
+    return (gradient >= 0).to(gradient.dtype) * 2 - 1
+
+
+def odin_perturbed_inputs(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float,
+                          step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ODIN's input pre-processing (Liang et al. 2018): y_hat = argmax f(x) from the unscaled logits,
+    L = CE(f(x) / T, y_hat), g = ``gradient_sign``(grad_x L), x_tilde = x - epsilon * step * g, no
+    clamping. ``step`` is 1/std per channel for a pixel-space epsilon on normalised inputs, 1 for
+    the normalised-space convention. The loss is summed over the batch, so each sample's gradient
+    is its own. Returns (x_tilde, y_hat)."""
+    x = x.detach().requires_grad_(True)
+    with input_gradient_only(model):
+        logits = model(x)
+        predictions = logits.argmax(dim=1)
+        loss = F.cross_entropy(logits / temperature, predictions, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, x)
+    return (x - epsilon * step * gradient_sign(gradient)).detach(), predictions
 
 
 def gradnorm_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -191,23 +203,31 @@ def gaussian_confidence(features: torch.Tensor, means: torch.Tensor, precision: 
     return -0.5 * torch.einsum("ncd,de,nce->nc", centred, precision, centred)
 
 
-def mahalanobis_perturbed_confidence(model: nn.Module, x: torch.Tensor, layer: str, means: torch.Tensor,
-                                     precision: torch.Tensor, epsilon: float, step: torch.Tensor) -> torch.Tensor:
-    """M_l(x) of the Mahalanobis ensemble (Lee et al. 2018) for one layer: c_hat = argmax_c g_c(f_l(x)),
-    loss = 1/2 (f_l - mu_c_hat)^T P (f_l - mu_c_hat) summed over the batch (each sample's gradient is its
-    own), x_tilde = x - epsilon * step * sign(grad_x loss) (0 -> +1; ``step`` as in ODIN: 1/std for
-    pixel units), M_l = max_c g_c(f_l(x_tilde)). Float64 Gaussian terms; (N,)."""
-    if epsilon == 0:
-        with torch.no_grad():
-            return gaussian_confidence(layer_means(model, x, (layer,))[layer], means, precision).max(dim=1).values
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+def mahalanobis_perturbed_confidences(model: nn.Module, x: torch.Tensor, layer: str, means: torch.Tensor,
+                                      precision: torch.Tensor, epsilons: tuple[float, ...],
+                                      step: torch.Tensor) -> torch.Tensor:
+    """M_l(x) of the Mahalanobis ensemble (Lee et al. 2018) for one layer and each epsilon, (N, E):
+    c_hat = argmax_c g_c(f_l(x)), loss = 1/2 (f_l - mu_c_hat)^T P (f_l - mu_c_hat) summed over the
+    batch (each sample's gradient is its own), x_tilde = x - epsilon * step * ``gradient_sign``(grad_x
+    loss) (``step`` as in ODIN: 1/std for pixel units), M_l = max_c g_c(f_l(x_tilde)). The gradient
+    does not depend on epsilon, so it is taken once; epsilon = 0 is the unperturbed confidence.
+    Float64 Gaussian terms."""
+    x = x.detach().requires_grad_(any(epsilons))
+    with input_gradient_only(model):
         scores = gaussian_confidence(layer_means(model, x, (layer,))[layer], means, precision)
-        loss = -scores.gather(1, scores.argmax(dim=1, keepdim=True)).sum()
-        (gradient,) = torch.autograd.grad(loss, x)
-    perturbed = x.detach() - epsilon * step * ((gradient >= 0).to(x.dtype) * 2 - 1)
+        if any(epsilons):
+            loss = -scores.gather(1, scores.argmax(dim=1, keepdim=True)).sum()
+            (gradient,) = torch.autograd.grad(loss, x)
+    columns = []
     with torch.no_grad():
-        return gaussian_confidence(layer_means(model, perturbed, (layer,))[layer], means, precision).max(dim=1).values
+        for epsilon in epsilons:
+            if epsilon == 0:
+                columns.append(scores.detach().max(dim=1).values)
+                continue
+            perturbed = x.detach() - epsilon * step * gradient_sign(gradient)
+            columns.append(gaussian_confidence(layer_means(model, perturbed, (layer,))[layer], means,
+                                               precision).max(dim=1).values)
+    return torch.stack(columns, dim=1)
 
 
 def fgsm_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, size: float, mean: torch.Tensor,
@@ -215,10 +235,10 @@ def fgsm_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, size: f
     """FGSM copies (the Mahalanobis tuning protocol's pseudo-OOD): x_adv = clip(x + size * sign(grad_x
     CE(f(x), y)), 0, 1) in [0,1] pixel space, returned normalised like x."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with input_gradient_only(model):
         (gradient,) = torch.autograd.grad(F.cross_entropy(model(x), labels, reduction="sum"), x)
     pixels = x.detach() * std + mean
-    adversarial = torch.clamp(pixels + size * ((gradient >= 0).to(x.dtype) * 2 - 1), 0.0, 1.0)
+    adversarial = torch.clamp(pixels + size * gradient_sign(gradient), 0.0, 1.0)
     return (adversarial - mean) / std
 
 
@@ -320,7 +340,6 @@ class Network:
                 outputs.setdefault("predictions", []).append(predictions.cpu().numpy().astype(np.int64))
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
-
     def gradnorm_outputs(self, images: np.ndarray, temperature: float, parameter: str) -> dict[str, np.ndarray]:
         """Logits and features of the plain pass and GradNorm by per-sample autograd with respect to
         ``parameter`` (a parameter name; 'head' is the head's weight)."""
@@ -339,7 +358,6 @@ class Network:
                 scores = per_sample_gradnorm(self.model, x, temperature, parameter)
                 outputs.setdefault("gradnorm", []).append(scores.double().cpu().numpy())
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
-
 
     def _channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         view = (1, -1, 1, 1)
@@ -363,7 +381,7 @@ class Network:
 
     def mahalanobis_confidences(self, images: np.ndarray, layers: tuple[str, ...], stats: dict,
                                 epsilons: tuple[float, ...], fgsm: tuple[np.ndarray, float] | None = None) -> np.ndarray:
-        """M_l(x) (``mahalanobis_perturbed_confidence``, pixel-space epsilon) for every layer and epsilon:
+        """M_l(x) (``mahalanobis_perturbed_confidences``, pixel-space epsilon) for every layer and epsilon:
         (N, L, E). ``stats[layer]`` = (class means (C, d), precision (d, d)). With ``fgsm`` = (labels,
         size), the images are first replaced by their FGSM copies."""
         mean, std = self._channel_stats()
@@ -376,9 +394,8 @@ class Network:
                 labels = torch.from_numpy(np.asarray(fgsm[0][rows], np.int64)).to(self.device)
                 x = fgsm_inputs(self.model, x, labels, fgsm[1], mean, std)
             for i, layer in enumerate(layers):
-                for j, epsilon in enumerate(epsilons):
-                    out[rows, i, j] = mahalanobis_perturbed_confidence(
-                        self.model, x, layer, *tensors[layer], epsilon, 1.0 / std).cpu().numpy()
+                out[rows, i, :] = mahalanobis_perturbed_confidences(
+                    self.model, x, layer, *tensors[layer], epsilons, 1.0 / std).cpu().numpy()
         return out
 
 

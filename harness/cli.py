@@ -136,14 +136,14 @@ def _resolve(run: _LazyRun, compute: bool) -> Resolution:
     return run().resolve(compute=compute)
 
 
-def _evaluation(args, compute: bool, network: bool = True) -> Evaluation:
-    """The benchmark of ``args`` resolved (``_resolve``) and ready to score from the cache; with
-    ``network``, missing outputs of network methods are computed through the network."""
+def _evaluation(args, compute: bool) -> Evaluation:
+    """The benchmark of ``args`` resolved (``_resolve``) and ready to score from the cache; missing
+    outputs of network methods are computed through the network (``oodbench leaderboard`` computes
+    no scores, so it never gets there)."""
     options, summary = _options(args), RunSummary()
     run = _LazyRun(options, args.benchmark, summary)
     resolution = _resolve(run, compute=compute)
-    return Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary,
-                      network=run if network else None)
+    return Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary, network=run)
 
 
 def _print_summary(summary: RunSummary, resolution: Resolution, started: float) -> None:

@@ -106,11 +106,12 @@ class BenchmarkRun:
     def backbone(self, config: BackboneConfig, seed: int, compute: bool = True) -> Backbone:
         """The backbone entry for ``seed``: trained from its recipe (weights cached) or loaded from a checkpoint."""
         if config.factory:
-            backbone = checkpoint_backbone(config.name, config.factory, self.checkpoint_path(config),
+            path = self.checkpoint_path(config)
+            backbone = checkpoint_backbone(config.name, config.factory, path,
                                            preprocessing_from_config(config.preprocessing), config.head,
                                            config.layers, config.kwargs, config.shaping_layer)
             module = sys.modules[config.factory.partition(":")[0]]
-            self.watched.update(Path(p) for p in (self.checkpoint_path(config), getattr(module, "__file__", None)) if p)
+            self.watched.update(Path(p) for p in (path, getattr(module, "__file__", None)) if p)
             return backbone
         spec = get_backbone_spec(config.arch)
         if config.checkpoint:  # a registry architecture with given weights

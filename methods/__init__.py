@@ -6,7 +6,7 @@ from methods import logit_scores  # noqa: F401  (registers msp, maxlogit, energy
 from methods import gradient_scores  # noqa: F401
 from methods import distance_scores  # noqa: F401
 from methods import shaping_scores  # noqa: F401
-from methods import network_scores  # noqa: F401  (ash_layer, odin: their network half imports torch lazily)
+from methods import network_scores  # noqa: F401  (their network halves import torch only when they run)
 from methods.base import METHODS, Method, make_method, parameter_grid
 
 # methods that score from the cached entries alone (the others need their network pass first)

@@ -11,7 +11,7 @@ from torch import nn
 
 from extract.backbones import Backbone, Preprocessing
 from extract.network import (PENULTIMATE, Network, derive, fgsm_inputs, gradnorm_loss, layer_means,
-                             mahalanobis_perturbed_confidence, network_tail, numpy_rows, odin_perturbed_inputs,
+                             mahalanobis_perturbed_confidences, network_tail, numpy_rows, odin_perturbed_inputs,
                              per_sample_gradnorm)
 from extract.store import CachedSplit
 from harness.config import MethodRef, load_benchmark
@@ -200,13 +200,13 @@ def test_mahalanobis_layer_confidence_matches_sklearn_and_its_noise_moves_toward
     precision = torch.from_numpy(reference.precision_)
     x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     step = torch.ones(1, 1, 1, 1, dtype=torch.float64)
-    plain = mahalanobis_perturbed_confidence(model, x, "body", torch.from_numpy(means), precision, 0.0, step)
+    both = mahalanobis_perturbed_confidences(model, x, "body", torch.from_numpy(means), precision, (0.0, 1e-3), step)
+    plain, noisy = both[:, 0], both[:, 1]
     with torch.no_grad():
         f = layer_means(model, x, ("body",))["body"].numpy()
     distances = np.stack([reference.mahalanobis(f - mean) for mean in means], axis=1)  # squared, (N, C)
     np.testing.assert_allclose(plain.numpy(), -0.5 * distances.min(axis=1), rtol=1e-10)
     # with noise, each sample moves toward its closest class: the confidence rises
-    noisy = mahalanobis_perturbed_confidence(model, x, "body", torch.from_numpy(means), precision, 1e-3, step)
     assert (noisy.numpy() > plain.numpy()).all()
 
 
