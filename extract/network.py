@@ -447,15 +447,30 @@ def _derived_entry(store: FeatureStore, entry: CachedSplit, name: str, key: dict
     return CachedSplit(path)
 
 
+def _rows_in_chunks(path, description: str, batch_size: int, chunk_batches: int, progress: bool):
+    """``passes(step, n, names, compute)``: rows [0, n) of one row-wise network pass, computed by
+    ``compute(start, stop)`` in resumable chunks under the derived entry's partial folder (``step``
+    keeps the chunks of different passes apart), concatenated per name."""
+    def passes(step: str, n: int, names: tuple[str, ...], compute) -> dict[str, np.ndarray]:
+        chunks = compute_in_chunks(path, n, names, batch_size * chunk_batches, f"{step}-bs{batch_size}" if step else f"bs{batch_size}",
+                                   compute,
+                                   f"{description}: {step}" if step else description, progress)
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
+    return passes
+
+
 def derive_state(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,
-                 batch_size: int = 256, device: str = "cpu") -> CachedSplit:
+                 batch_size: int = 256, chunk_batches: int = 16, device: str = "cpu",
+                 progress: bool = True) -> CachedSplit:
     """What ``method`` learns through the network on the fit entry (``method.network_fit``), cached
-    beside that entry as ``<method>-fit``."""
+    beside that entry as ``<method>-fit``; its row-wise passes are chunked and resumable."""
     _check_images(images, entry)
 
     def compute(path):
         network = Network(backbone, resolve_device(device), batch_size)
-        return method.network_fit(network, EntryRows(images, entry, 0, len(images))), method.network_meta()
+        passes = _rows_in_chunks(path, f"{method.label()} fit {backbone.name} {images.name}/{images.split}",
+                                 batch_size, chunk_batches, progress)
+        return method.network_fit(network, EntryRows(images, entry, 0, len(images)), passes), method.network_meta()
 
     return _derived_entry(store, entry, f"{method.name}-fit", method.network_key(), backbone,
                           f"{method.label()} fitted", compute)
@@ -472,12 +487,10 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
 
     def compute(path):
         network = Network(backbone, resolve_device(device), batch_size)
-        names = tuple(method.outputs)
-        chunks = compute_in_chunks(
-            path, len(images), names, batch_size * chunk_batches, f"bs{batch_size}",
-            lambda start, stop: method.network_outputs(network, EntryRows(images, entry, start, stop)),
-            f"{method.label()} {backbone.name} {images.name}/{images.split}", progress)
-        arrays = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
+        passes = _rows_in_chunks(path, f"{method.label()} {backbone.name} {images.name}/{images.split}",
+                                 batch_size, chunk_batches, progress)
+        arrays = passes("", len(images), tuple(method.outputs),
+                        lambda start, stop: method.network_outputs(network, EntryRows(images, entry, start, stop)))
         arrays["labels"] = np.asarray(images.labels, dtype=np.int64)
         return arrays, {"num_classes": int(arrays["logits"].shape[1]), "feature_dim": int(arrays["features"].shape[1]),
                         **method.network_meta()}

@@ -174,7 +174,7 @@ class BenchmarkRun:
 
         return derive_state(method, self.resolved_backbone(resolved), self.datasets()[label][1],
                             self._entry(resolved, label), self.store, batch_size=self.benchmark.batch_size,
-                            device=self.options.device)
+                            device=self.options.device, progress=self.options.progress)
 
     # ------------------------------------------------------------------ extraction
     def entries(self, backbone: Backbone, compute: bool = True) -> dict[str, CachedSplit]:

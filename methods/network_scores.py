@@ -46,8 +46,10 @@ class NetworkMethod(Method):
             raise ValueError(f"{self.name} is fitted through the network: its outputs need the fit entry")
         return {**self.network_key(), "fit": fit_entry.data_key}
 
-    def network_fit(self, network, rows) -> dict[str, np.ndarray]:
-        """The state learned on the fit entry's ``rows`` (all of them), as named arrays."""
+    def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
+        """The state learned on the fit entry's ``rows`` (all of them), as named arrays. Row-wise
+        network passes go through ``passes(step, n, names, compute(start, stop) -> arrays)``, which
+        runs them in resumable chunks with a progress bar and returns the concatenated arrays."""
         raise NotImplementedError
 
     def load_state(self, state) -> "NetworkMethod":
@@ -165,7 +167,7 @@ class ReActLayer(_LayerShaping):
         self.fit_samples = fit_samples
         self.seed = seed
 
-    def network_fit(self, network, rows) -> dict[str, np.ndarray]:
+    def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
         check_percentile(self.name, "p", self.p)
         layer = network.resolve_layer(self.layer)
         n = len(rows.images)
@@ -175,7 +177,9 @@ class ReActLayer(_LayerShaping):
             activations = rows.cached("features")[chosen]
         else:
             cached = rows.activations(layer)
-            activations = cached[chosen] if cached is not None else network.layer_outputs(rows.images[chosen], layer)
+            activations = cached[chosen] if cached is not None else passes(
+                "activations", len(chosen), (layer,),
+                lambda start, stop: {layer: network.layer_outputs(rows.images[chosen[start:stop]], layer)})[layer]
         return {"c": np.array([react_threshold(activations, self.p)]), "fit_rows": chosen}
 
     def load_state(self, state) -> "ReActLayer":
@@ -343,7 +347,7 @@ class MahalanobisEnsemble(NetworkMethod):
                              f"names {list(network.backbone.layers) or 'none'}")
         return tuple(network.resolve_layer(name) for name in names)
 
-    def network_fit(self, network, rows) -> dict[str, np.ndarray]:
+    def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
         layers = self.layer_names(network)
         labels = np.asarray(rows.cached("labels"))
         n_classes = rows.cached("logits").shape[1]
@@ -353,7 +357,8 @@ class MahalanobisEnsemble(NetworkMethod):
                              f"holdout {self.holdout} with a fit split of {len(labels)}")
         order = np.random.default_rng(self.seed).permutation(len(labels))
         held, rest = np.sort(order[:n_held]), np.sort(order[n_held:])
-        features = network.layer_features(rows.images[rest], layers)
+        features = passes("class-statistics", len(rest), layers,
+                          lambda start, stop: network.layer_features(rows.images[rest[start:stop]], layers))
         state, stats = {}, {}
         for layer in layers:
             try:
@@ -362,10 +367,16 @@ class MahalanobisEnsemble(NetworkMethod):
                 raise ValueError(f"{self.name}: layer {layer}: {err}") from err
             stats[layer] = (means, pinv_precision(covariance))
             state[f"means/{layer}"], state[f"precision/{layer}"] = stats[layer]
-        images = rows.images[held]
-        id_confidences = network.mahalanobis_confidences(images, layers, stats, MAHALANOBIS_EPSILONS)
-        fgsm_confidences = network.mahalanobis_confidences(images, layers, stats, MAHALANOBIS_EPSILONS,
-                                                           fgsm=(labels[held], self.fgsm))
+
+        def confidences(step, fgsm):
+            def compute(start, stop):
+                chosen = held[start:stop]
+                return {"m": network.mahalanobis_confidences(rows.images[chosen], layers, stats, MAHALANOBIS_EPSILONS,
+                                                             fgsm=None if fgsm is None else (labels[chosen], fgsm))}
+            return passes(step, n_held, ("m",), compute)["m"]
+
+        id_confidences = confidences("holdout-id", None)
+        fgsm_confidences = confidences("holdout-fgsm", self.fgsm)
         chosen = fit_ensemble(id_confidences, fgsm_confidences)
         return {**state, "epsilon": np.array([MAHALANOBIS_EPSILONS[chosen["epsilon_index"]]]),
                 "epsilons": np.array(MAHALANOBIS_EPSILONS), "selection_fpr95": chosen["selection_fpr95"],

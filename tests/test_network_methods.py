@@ -10,7 +10,8 @@ from sklearn.linear_model import LogisticRegressionCV
 from torch import nn
 
 from extract.backbones import Backbone, Preprocessing
-from extract.network import (PENULTIMATE, Network, derive, fgsm_inputs, gradnorm_loss, layer_means,
+from extract.extraction import partial_folder
+from extract.network import (PENULTIMATE, EntryRows, Network, derive, derive_state, fgsm_inputs, gradnorm_loss, layer_means,
                              mahalanobis_perturbed_confidences, network_tail, numpy_rows, odin_perturbed_inputs,
                              per_sample_gradnorm)
 from extract.store import CachedSplit
@@ -18,7 +19,7 @@ from harness.config import MethodRef, load_benchmark
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
 from harness.resolution import RunOptions
-from methods import make_method
+from methods import make_method, network_scores
 from methods.gradient_scores import gradnorm
 from methods.network_scores import ensemble_score, fit_ensemble, tempered_msp
 from methods.shaping_scores import ash_b, react_clip
@@ -376,3 +377,29 @@ def test_mahalanobis_ensemble_is_tuned_on_held_out_fit_images_and_scored_from_it
     forwards.clear()
     evaluation.scores(backbone, MethodRef("mahalanobis_ens", {"holdout": 200}), entries)
     assert forwards == []  # state, outputs and scores all cached
+
+
+def test_an_interrupted_network_fit_resumes_from_the_chunks_of_its_completed_passes(digits, forwards, monkeypatch):
+    run, evaluation, backbone, entries = digits
+    fit, images = entries["digits-train"], run.datasets()["digits-train"][1]
+    arguments = (run.resolved_backbone(backbone), images, fit, run.store)
+    options = {"batch_size": 64, "chunk_batches": 2, "progress": False}  # several chunks per pass
+    method = make_method("mahalanobis_ens", holdout=200)
+    path = fit.derived_path("mahalanobis_ens-fit", method.network_key())
+
+    def killed(*args):  # the run dies after its three network passes, before the regression
+        raise KeyboardInterrupt
+    monkeypatch.setattr(network_scores, "fit_ensemble", killed)
+    with pytest.raises(KeyboardInterrupt):
+        derive_state(method, *arguments, **options)
+    assert not path.exists() and len(list(partial_folder(path).iterdir())) > 3
+    monkeypatch.undo()
+    forwards.clear()
+    resumed = derive_state(method, *arguments, **options)
+    assert forwards == [] and resumed.path == path and not partial_folder(path).exists()
+
+    network = Network(arguments[0], CPU, 64)  # the same fit in one piece, nothing cached
+    reference = method.network_fit(network, EntryRows(images, fit, 0, len(images)),
+                                   lambda step, n, names, compute: compute(0, n))
+    for name, array in reference.items():
+        np.testing.assert_allclose(resumed.array(name), array, rtol=1e-12, err_msg=name)
