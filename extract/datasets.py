@@ -437,26 +437,15 @@ def load_digits28(split, data_root, download):
                     classes=DIGIT_CLASSES, inputs=(path,))
 
 
-@register_dataset("photo-patches", ("test",), "Seeded grayscale patches of scikit-learn's two sample photos",
-                  n=10000, size=28, seed=0)
-def load_photo_patches(split, data_root, download, *, n, size, seed):
-    """Patches of scikit-learn's bundled sample photographs ``datasets/images/{china,flower}.jpg``
-    (what ``load_sample_images`` returns), read with Pillow.
-
-    Photos are converted to grayscale with ITU-R 601 luma (0.299R+0.587G+0.114B).
-    Patch i comes from photo i % 2 (the label): a square crop with side uniform in
-    [size, 4*size] (clipped to the photo) at a uniformly random position, drawn with
-    numpy default_rng(seed), resized to size x size bilinearly with antialiasing (torch
-    ``interpolate``, one call per crop side). float32 in [0,1].
-    """
+def photo_patches(photos: list[np.ndarray], n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded square patches of grayscale photos: patch i comes from photo i % len(photos) (the
+    label), a crop with side uniform in [size, 4*size] (clipped to the photo) at a uniformly random
+    position, drawn with numpy default_rng(seed), resized to size x size bilinearly with
+    antialiasing (torch ``interpolate``, one call per crop side). float32 in [0,1]."""
     import torch  # imported where used, as in load_digits28
     import torch.nn.functional as F
 
     _check_positive(n=n, size=size)
-    photos, paths = [], [_sklearn_bundled(f"datasets/images/{name}.jpg") for name in PHOTO_NAMES]
-    for path in paths:
-        with Image.open(path) as image:
-            photos.append((np.asarray(image.convert("RGB"), dtype=np.float32) @ ITU_R_601_LUMA) / 255.0)
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % len(photos)
     sides = rng.integers(size, 4 * size, size=n, endpoint=True)
@@ -471,9 +460,43 @@ def load_photo_patches(split, data_root, download, *, n, size, seed):
             images[index] = F.interpolate(crops[:, None], size=(size, size), mode="bilinear", align_corners=False,
                                           antialias=True)[:, 0].numpy()
     np.clip(images, 0.0, 1.0, out=images)
+    return images, labels
+
+
+def read_luma(path: Path) -> np.ndarray:
+    """A photograph in grayscale, ITU-R 601 luma (0.299R+0.587G+0.114B), float32 in [0,1], read with Pillow."""
+    with Image.open(path) as image:
+        return (np.asarray(image.convert("RGB"), dtype=np.float32) @ ITU_R_601_LUMA) / 255.0
+
+
+@register_dataset("photo-patches", ("test",), "Seeded grayscale patches of scikit-learn's two sample photos",
+                  n=10000, size=28, seed=0)
+def load_photo_patches(split, data_root, download, *, n, size, seed):
+    """``photo_patches`` of scikit-learn's bundled sample photographs ``datasets/images/{china,flower}.jpg``
+    (what ``load_sample_images`` returns); the label is the photo."""
+    paths = [_sklearn_bundled(f"datasets/images/{name}.jpg") for name in PHOTO_NAMES]
+    images, labels = photo_patches([read_luma(path) for path in paths], n, size, seed)
     source = (f"scikit-learn's china.jpg/flower.jpg luma; crops of side U[{size},{4 * size}] at default_rng({seed}) "
               f"positions, bilinear (antialiased) to {size}x{size}")
     return ImageSet("photo-patches", split, images, labels, source=source, classes=PHOTO_NAMES, inputs=tuple(paths))
+
+
+@register_dataset("hopper-patches", ("train",), "Seeded grayscale patches of matplotlib's Grace Hopper photograph "
+                  "(auxiliary outliers for outlier exposure)", n=20000, size=28, seed=0)
+def load_hopper_patches(split, data_root, download, *, n, size, seed):
+    """``photo_patches`` of the one photograph matplotlib bundles, ``mpl-data/sample_data/grace_hopper.jpg``
+    (a 600x512 portrait): a training set of auxiliary outliers for the outlier-exposure family,
+    disjoint from every test OOD set of the packaged benchmarks (none uses this photograph)."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not path.is_file():
+        raise DatasetUnavailable(f"hopper-patches: matplotlib's sample photograph is missing at {path}",
+                                 searched=(path,))
+    images, labels = photo_patches([read_luma(path)], n, size, seed)
+    source = (f"matplotlib's grace_hopper.jpg luma; crops of side U[{size},{4 * size}] at default_rng({seed}) "
+              f"positions, bilinear (antialiased) to {size}x{size}")
+    return ImageSet("hopper-patches", split, images, labels, source=source, classes=("hopper",), inputs=(path,))
 
 
 @register_dataset("digits", ("train", "test", "ood"), "8x8 digits: classes 0-5 in-distribution, 6-9 held-out OOD",

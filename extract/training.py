@@ -25,13 +25,18 @@ from extract.store import atomic_target, content_key
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "onecycle")
+# The UM paper's four schedules (constant, cosine, linear, multi-step) and one-cycle.
+SCHEDULES = ("constant", "cosine", "linear", "multistep", "onecycle")
 AUGMENTATIONS = ("none", "flip", "crop")
+# Recipe fields that never change the weights: left out of their cache key.
+BOOKKEEPING = ("snapshot_every",)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to train a backbone (a benchmark file's ``train:`` mapping)."""
+    """How to train a backbone (a benchmark file's ``train:`` mapping). ``milestones`` (fractions of
+    the run) and ``gamma`` shape the multi-step schedule; ``snapshot_every`` = N > 0 keeps the
+    weights and metrics of every N-th epoch (and the last) for the per-epoch report."""
 
     epochs: int
     optimizer: str = "adam"
@@ -41,6 +46,9 @@ class Recipe:
     batch_size: int = 128
     schedule: str = "onecycle"
     augmentation: str = "none"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    snapshot_every: int = 0
 
     def __post_init__(self):
         for name, value, valid in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
@@ -49,6 +57,11 @@ class Recipe:
                 raise ValueError(f"training recipe: {name} {value!r} is not one of {valid}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"training recipe needs epochs >= 1, batch_size >= 1 and lr > 0, got {self}")
+        object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))
+        if not all(0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones) \
+                or not 0 < self.gamma <= 1 or self.snapshot_every < 0:
+            raise ValueError("training recipe: milestones must be increasing fractions in (0, 1), gamma in (0, 1] "
+                             f"and snapshot_every >= 0; got {self.milestones}, {self.gamma}, {self.snapshot_every}")
 
     @classmethod
     def from_config(cls, config: dict) -> "Recipe":
@@ -57,6 +70,14 @@ class Recipe:
         if unknown:
             raise ValueError(f"training recipe: unknown keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**config)
+
+    def identity(self) -> dict:
+        """What determines the trained weights: every field but bookkeeping, and the multi-step
+        shape only for that schedule."""
+        fields = {k: v for k, v in asdict(self).items() if k not in BOOKKEEPING}
+        if self.schedule != "multistep":
+            del fields["milestones"], fields["gamma"]
+        return fields
 
 
 def _optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
@@ -68,13 +89,18 @@ def _optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
 
 
 def learning_rate(recipe: Recipe, step: int, total_steps: int) -> float:
-    """The per-step learning rate: constant; cosine from lr to 0; or one-cycle (linear warm-up over
-    the first 30% of steps from lr/25 to lr, then cosine down to lr/1e4)."""
+    """The per-step learning rate at progress t = step / total_steps: constant; cosine,
+    0.5 lr (1 + cos(pi t)); linear, lr (1 - t); multi-step, lr * gamma^(milestones passed); or
+    one-cycle (linear warm-up over the first 30% of steps from lr/25 to lr, then cosine down to lr/1e4)."""
     progress = step / max(1, total_steps)
     if recipe.schedule == "constant":
         return recipe.lr
     if recipe.schedule == "cosine":
         return 0.5 * recipe.lr * (1 + math.cos(math.pi * progress))
+    if recipe.schedule == "linear":
+        return recipe.lr * (1 - progress)
+    if recipe.schedule == "multistep":
+        return recipe.lr * recipe.gamma ** sum(progress >= m for m in recipe.milestones)
     warmup = 0.3
     if progress < warmup:
         return recipe.lr / 25 + (recipe.lr - recipe.lr / 25) * progress / warmup
@@ -111,7 +137,7 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
 
 def weights_path(weights_dir: Path, spec: BackboneSpec, recipe: Recipe, train_set: ImageSet,
                  num_classes: int, seed: int) -> Path:
-    key = content_key("weights", spec.name, asdict(recipe), train_set.fingerprint(), num_classes, seed,
+    key = content_key("weights", spec.name, recipe.identity(), train_set.fingerprint(), num_classes, seed,
                       spec.preprocessing.describe())
     return Path(weights_dir) / f"{spec.name}-seed{seed}-{key}.pt"
 
@@ -121,68 +147,136 @@ def _atomic_torch_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def train_backbone(spec: BackboneSpec, recipe: Recipe, train_set: ImageSet, *, num_classes: int, seed: int,
-                   weights_dir: Path, test_set: ImageSet | None = None, device: str = "cpu",
-                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train (or load the cached result of training) ``spec`` on ``train_set``; return (state_dict, record).
+def gradient_step(loss_function):
+    """A training step from a loss: ``loss_function(model, inputs, labels, outliers)`` -> (loss, ID
+    logits); zero the gradients, back-propagate, step."""
+    def step(model, optimizer, inputs, labels, outliers):
+        loss, logits = loss_function(model, inputs, labels, outliers)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item(), logits
+    return step
 
-    The record holds the recipe, seed and per-epoch history (train loss; test loss and accuracy
-    when ``test_set`` is given).
+
+def cross_entropy_loss(model, inputs, labels, outliers):
+    logits = model(inputs)
+    return F.cross_entropy(logits, labels), logits
+
+
+def snapshot_folder(final: Path) -> Path:
+    """Where a run's per-epoch snapshots live: beside its final weights file."""
+    return final.with_name(final.stem + ".snapshots")
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, record) of a final weights file or a snapshot written by ``train_epochs``."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return saved["state_dict"], saved["record"]
+
+
+def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torch.Tensor, labels: torch.Tensor, *,
+                 seed: int, final: Path, describe: str, step=None, test=None, outliers: torch.Tensor | None = None,
+                 outlier_batch_size: int = 0, record: dict | None = None, export=None, device: str = "cpu",
+                 progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train ``model``'s ``trainable`` parameters by ``recipe`` and save the result to ``final``.
+
+    Each step draws the next ``recipe.batch_size`` rows of a permutation seeded with (seed, epoch),
+    augments them with the same generator and, when ``outliers`` are given, the next
+    ``outlier_batch_size`` rows of a seeded permutation of them; ``step(model, optimizer, inputs,
+    labels, outliers)`` (default: cross-entropy) returns (loss, ID logits). A resume state is saved
+    after every epoch, so an interrupted run continues where it stopped and follows the same path;
+    every ``recipe.snapshot_every``-th epoch (and the last) is kept in ``snapshot_folder(final)``.
+    The record (``record`` plus recipe, seed, history of train loss/accuracy and test loss/accuracy,
+    snapshot files) is saved with the weights, which are ``export(model)`` (default: its state dict).
     """
-    final = weights_path(weights_dir, spec, recipe, train_set, num_classes, seed)
-    if final.exists():
-        saved = torch.load(final, map_location="cpu", weights_only=True)
-        return saved["state_dict"], saved["record"]
+    step = step or gradient_step(cross_entropy_loss)
+    export = export or _cpu_state
     final.parent.mkdir(parents=True, exist_ok=True)
     resume = final.with_name(final.stem + ".resume.pt")
-
-    torch.manual_seed(seed)
-    model = spec.build(num_classes=num_classes).to(device)
-    optimizer = _optimizer(recipe, model.parameters())
+    model = model.to(device)
+    optimizer = _optimizer(recipe, trainable)
     history, first_epoch = [], 0
     if resume.exists():
         state = torch.load(resume, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch = state["history"], state["epoch"]
-        log.info("resuming training of %s seed %d at epoch %d", spec.name, seed, first_epoch + 1)
-
-    inputs = spec.preprocessing(train_set.images)
-    labels = torch.as_tensor(train_set.labels, dtype=torch.long)
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"training labels of {train_set.name} must lie in [0, {num_classes}); "
-                         f"got range [{int(labels.min())}, {int(labels.max())}]")
-    test = (spec.preprocessing(test_set.images).to(device),
-            torch.as_tensor(test_set.labels, dtype=torch.long).to(device)) if test_set is not None else None
+        log.info("resuming %s at epoch %d", describe, first_epoch + 1)
     steps_per_epoch = math.ceil(len(inputs) / recipe.batch_size)
     total_steps = recipe.epochs * steps_per_epoch
+    snapshots = snapshot_folder(final)
     for epoch in range(first_epoch, recipe.epochs):
         generator = torch.Generator().manual_seed(int(np.uint32(seed * 1_000_003 + epoch)))
         order = torch.randperm(len(inputs), generator=generator)
+        outlier_order = torch.randperm(len(outliers), generator=generator) if outliers is not None else None
         model.train()
-        running, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"train {spec.name} seed {seed} epoch {epoch + 1}/{recipe.epochs}",
+        running, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{describe} epoch {epoch + 1}/{recipe.epochs}",
                    disable=None if progress else True, leave=False)
-        for step in bar:
+        for index in bar:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(recipe, epoch * steps_per_epoch + step, total_steps)
-            rows = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
+                group["lr"] = learning_rate(recipe, epoch * steps_per_epoch + index, total_steps)
+            rows = order[index * recipe.batch_size:(index + 1) * recipe.batch_size]
             batch = augment(inputs[rows], recipe.augmentation, generator).to(device)
-            loss = F.cross_entropy(model(batch), labels[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.item() * len(rows)
+            target = labels[rows].to(device)
+            extra = None
+            if outlier_order is not None:  # cycle through the outliers' permutation
+                picks = outlier_order[torch.arange(index * outlier_batch_size, (index + 1) * outlier_batch_size)
+                                      % len(outlier_order)]
+                extra = augment(outliers[picks], recipe.augmentation, generator).to(device)
+            loss, logits = step(model, optimizer, batch, target, extra)
+            running += loss * len(rows)
+            correct += (logits.argmax(1) == target).sum().item()
             seen += len(rows)
-        entry = {"epoch": epoch + 1, "train_loss": running / seen}
+        entry = {"epoch": epoch + 1, "train_loss": running / seen, "train_acc": correct / seen}
         if test is not None:
             entry.update({f"test_{k}": v for k, v in evaluate(model, *test).items()})
         history.append(entry)
-        log.info("train %s seed %d: %s", spec.name, seed, entry)
+        log.info("%s: %s", describe, entry)
+        if recipe.snapshot_every and ((epoch + 1) % recipe.snapshot_every == 0 or epoch + 1 == recipe.epochs):
+            snapshots.mkdir(exist_ok=True)
+            _atomic_torch_save({"state_dict": export(model), "record": {**(record or {}), "seed": seed,
+                                                                             "history": list(history)}},
+                               snapshots / f"epoch-{epoch + 1:04d}.pt")
         _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "history": history, "epoch": epoch + 1}, resume)
-    record = {"recipe": asdict(recipe), "seed": seed, "train_set": train_set.fingerprint(), "history": history}
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_torch_save({"state_dict": state_dict, "record": record}, final)
+    full_record = {**(record or {}), "recipe": asdict(recipe), "seed": seed, "history": history,
+                   "snapshots": sorted(p.name for p in snapshots.glob("epoch-*.pt")) if snapshots.is_dir() else []}
+    state_dict = export(model)
+    _atomic_torch_save({"state_dict": state_dict, "record": full_record}, final)
     resume.unlink(missing_ok=True)
-    return state_dict, record
+    return state_dict, full_record
+
+
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def class_labels(images: ImageSet, num_classes: int) -> torch.Tensor:
+    labels = torch.as_tensor(images.labels, dtype=torch.long)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"training labels of {images.name} must lie in [0, {num_classes}); "
+                         f"got range [{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def train_backbone(spec: BackboneSpec, recipe: Recipe, train_set: ImageSet, *, num_classes: int, seed: int,
+                   weights_dir: Path, test_set: ImageSet | None = None, device: str = "cpu",
+                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train (or load the cached result of training) ``spec`` on ``train_set``; return (state_dict, record).
+
+    The record holds the recipe, seed and per-epoch history (train loss and accuracy; test loss
+    and accuracy when ``test_set`` is given) and the snapshot files (``recipe.snapshot_every``).
+    """
+    final = weights_path(weights_dir, spec, recipe, train_set, num_classes, seed)
+    if final.exists():
+        return load_weights(final)
+    labels = class_labels(train_set, num_classes)
+    torch.manual_seed(seed)
+    model = spec.build(num_classes=num_classes)
+    test = (spec.preprocessing(test_set.images).to(device),
+            torch.as_tensor(test_set.labels, dtype=torch.long).to(device)) if test_set is not None else None
+    return train_epochs(model, model.parameters(), recipe, spec.preprocessing(train_set.images), labels, seed=seed,
+                        final=final, describe=f"train {spec.name} seed {seed}", test=test,
+                        record={"train_set": train_set.fingerprint()}, device=device, progress=progress)
