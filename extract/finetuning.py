@@ -37,8 +37,9 @@ class FineTuneRecipe(Recipe):
     (defaults: SGD, lr 0.01, cosine, weight decay 1e-4, as the UM/OE fine-tuning configs) and
 
     - ``objective``: ce (plain cross-entropy), oe (lambda = ``oe_weight``), energy (``energy_weight``,
-      ``m_in``, ``m_out``); oe and energy need ``outliers``, a training set of auxiliary outliers
-      drawn ``outlier_batch_size`` per step and forwarded with the ID batch in one pass;
+      ``m_in``, ``m_out``); oe and energy need ``outliers``, a set of auxiliary outliers (a dataset
+      name, or {dataset, split, params} as a benchmark's OOD sets) disjoint from every test set, drawn
+      ``outlier_batch_size`` per step and forwarded with the ID batch in one train-mode pass;
     - ``forget``: none, um (fine-tune every weight with the ID term |CE - zeta| + zeta) or umap
       (learn only popup scores keeping ``keep`` of every Conv/Linear layer; weights frozen; batch-norm
       statistics ``bn_stats`` = frozen (default) or update, the official code's train-mode behaviour);
@@ -56,7 +57,7 @@ class FineTuneRecipe(Recipe):
     zeta: float | None = None
     keep: float = 0.8
     bn_stats: str = "frozen"
-    outliers: str = ""
+    outliers: str | dict = ""
     outlier_batch_size: int = 128
     oe_weight: float = 0.5
     energy_weight: float = 0.1

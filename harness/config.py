@@ -19,6 +19,7 @@ from methods import METHODS, make_method
 from results.metrics import CONVENTIONS
 
 if TYPE_CHECKING:
+    from extract.finetuning import FineTuneRecipe
     from extract.training import Recipe
 
 BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -57,6 +58,8 @@ class BackboneConfig:
     layers: tuple[str, ...] = ()
     preprocessing: dict = field(default_factory=dict)
     shaping_layer: str = ""
+    base: str = ""  # a fine-tuned backbone: the backbone it starts from, and how
+    finetune: FineTuneRecipe | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,9 @@ def _backbone(where: str, item: dict) -> BackboneConfig:
     from extract.training import Recipe
 
     _check_keys(where, item, {"name"}, {"arch", "train", "factory", "checkpoint", "kwargs", "head", "layers",
-                                         "preprocessing", "shaping_layer"})
+                                         "preprocessing", "shaping_layer", "finetune"})
+    if "finetune" in item:
+        return _finetuned_backbone(where, item)
     if bool(item.get("arch")) == bool(item.get("factory")):
         raise BenchmarkError(f"{where}: give either 'arch' (a registry architecture trained from 'train') or "
                              "'factory' + 'checkpoint' (a user model)")
@@ -151,6 +156,60 @@ def _backbone(where: str, item: dict) -> BackboneConfig:
                           kwargs=dict(item.get("kwargs", {})), head=item["head"],
                           layers=tuple(item.get("layers", ())), preprocessing=dict(item["preprocessing"]),
                           shaping_layer=str(item.get("shaping_layer", "")))
+
+
+def _finetuned_backbone(where: str, item: dict) -> BackboneConfig:
+    from extract.finetuning import FineTuneRecipe
+
+    if set(item) != {"name", "finetune"}:
+        raise BenchmarkError(f"{where}: a fine-tuned backbone has only 'name' and 'finetune' (its architecture, "
+                             f"weights and layers are its base's); got {sorted(item)}")
+    config = dict(item["finetune"]) if isinstance(item["finetune"], dict) else {}
+    base = config.pop("from", "")
+    if not base:
+        raise BenchmarkError(f"{where}: 'finetune' needs 'from', the name of the backbone it starts from")
+    try:
+        recipe = FineTuneRecipe.from_config(config)
+    except (ValueError, TypeError) as err:
+        raise BenchmarkError(f"{where}: {err}") from err
+    return BackboneConfig(item["name"], base=str(base), finetune=recipe)
+
+
+def outlier_ref(recipe: FineTuneRecipe) -> DatasetRef:
+    """The auxiliary outlier set of a fine-tuning recipe: a dataset name (its first split) or a
+    mapping {dataset, split, params} like any OOD set of a benchmark file."""
+    item = recipe.outliers if isinstance(recipe.outliers, dict) else {"dataset": recipe.outliers}
+    entry = DATASETS.get(item.get("dataset"))
+    item = {"split": entry.splits[0] if entry else "train", **item}
+    return _dataset_ref("outliers", item, "outliers")
+
+
+def _check_finetuned(source: str, backbones: tuple[BackboneConfig, ...], taken: set[str]) -> None:
+    """Fine-tuned backbones start from an earlier registry-architecture backbone, and their auxiliary
+    outliers are none of the benchmark's ID, test OOD or validation sets."""
+    for i, config in enumerate(backbones):
+        if config.finetune is None:
+            continue
+        where = f"{source}: backbones #{i + 1} ({config.name})"
+        earlier = {c.name: c for c in backbones[:i]}
+        if config.base not in earlier:
+            raise BenchmarkError(f"{where}: fine-tunes {config.base!r}, which is not a backbone listed before it "
+                                 f"({', '.join(earlier) or 'none'})")
+        if not (earlier[config.base].arch or earlier[config.base].finetune):
+            raise BenchmarkError(f"{where}: can only fine-tune a registry architecture ('arch'), not the factory "
+                                 f"backbone {config.base!r}")
+        if config.finetune.outliers:
+            try:
+                ref = outlier_ref(config.finetune)
+            except BenchmarkError as err:
+                raise BenchmarkError(f"{where}: {err}") from err
+            if ref.dataset in taken:
+                raise BenchmarkError(f"{where}: the auxiliary outliers {ref.dataset!r} must be disjoint from the ID "
+                                     f"set, every test OOD set and the validation set ({', '.join(sorted(taken))})")
+    names = [c.name for c in backbones]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BenchmarkError(f"{source}: backbones {duplicates} appear twice; give them distinct names")
 
 
 def _method(where: str, item) -> MethodRef:
@@ -202,11 +261,14 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
     seeds = data.get("seeds", [0])
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise BenchmarkError(f"{source}: seeds must be a non-empty list of integers, got {seeds!r}")
+    backbones = tuple(_backbone(f"{source}: backbones #{i + 1}", b) for i, b in enumerate(data["backbones"]))
+    _check_finetuned(source, backbones, {ref.dataset for ref in ood} | {id_ref.dataset}
+                     | ({validation.dataset} if validation else set()))
     return Benchmark(
         name=data["name"], description=data.get("description", ""), id_dataset=id_ref.dataset,
         fit_split=data["id"]["fit_split"], test_split=data["id"]["test_split"],
         num_classes=int(data["id"]["num_classes"]), ood=ood,
-        backbones=tuple(_backbone(f"{source}: backbones #{i + 1}", b) for i, b in enumerate(data["backbones"])),
+        backbones=backbones,
         methods=tuple(_method(f"{source}: methods #{i + 1}", m) for i, m in enumerate(method_items)),
         validation=validation, seeds=tuple(seeds), convention=convention,
         batch_size=int(extraction.get("batch_size", 256)),

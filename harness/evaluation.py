@@ -239,7 +239,7 @@ class Evaluation:
 
     def write_leaderboards(self, metrics: pd.DataFrame) -> dict[str, Leaderboard]:
         """One leaderboard per backbone (CSV, LaTeX, Markdown), the tidy metrics CSV and a report."""
-        boards = {}
+        boards, sections = {}, []
         out = self.out_dir()
         out.mkdir(parents=True, exist_ok=True)
         tidy = out / "metrics.csv"
@@ -250,20 +250,52 @@ class Evaluation:
             frame.attrs["convention"] = self.resolution.convention
             board = build_leaderboard(frame)
             folder = self.out_dir(name)
-            self.summary.outputs += [board.to_csv(folder / "leaderboard.csv"),
-                                     board.to_latex(folder / "leaderboard.tex"),
-                                     board.to_markdown(folder / "leaderboard.md")]
             boards[name] = board
-        self.summary.outputs.append(self._write_report(boards))
+            sections.append((name, self._export(board, folder)))
+        comparison = self.finetuning_comparison(metrics)
+        if comparison is not None:
+            board = build_leaderboard(comparison)
+            sections.append(("Fine-tuned backbones beside their base", self._export(board, out / "finetuning")))
+            boards["finetuning"] = board
+        self.summary.outputs.append(self._write_report(sections))
         return boards
 
-    def _write_report(self, boards: dict[str, Leaderboard]) -> Path:
+    def _export(self, board: Leaderboard, folder: Path) -> Path:
+        """CSV, LaTeX and Markdown of ``board`` in ``folder``; returns the Markdown file."""
+        markdown = board.to_markdown(folder / "leaderboard.md")
+        self.summary.outputs += [board.to_csv(folder / "leaderboard.csv"), board.to_latex(folder / "leaderboard.tex"),
+                                 markdown]
+        return markdown
+
+    def finetuning_comparison(self, metrics: pd.DataFrame) -> pd.DataFrame | None:
+        """The metrics of every base backbone and the backbones fine-tuned from it in one table, each
+        method of a fine-tuned backbone named '<method> [<fine-tuning>]' (e.g. 'energy [UM]'), so
+        'energy', 'energy [UM]' and 'energy [UMAP]' sit side by side with their ID accuracy. None
+        when the benchmark fine-tunes nothing."""
+        derived = {b.name: b.info for b in self.resolution.backbones if b.info.get("finetune")}
+        if not derived:
+            return None
+        bases = {info["base"] for info in derived.values()}
+        frame = metrics[metrics["backbone"].isin(bases | set(derived))].copy()
+        several = len(bases) > 1
+
+        def label(row):
+            info = derived.get(row["backbone"])
+            base = info["base"] if info else row["backbone"]
+            name = f"{row['method']} [{info['finetune']}]" if info else row["method"]
+            return f"{base}: {name}" if several else name
+        frame["method"] = frame.apply(label, axis=1)
+        frame["backbone"] = ", ".join(sorted(bases))
+        frame.attrs["convention"] = self.resolution.convention
+        return frame
+
+    def _write_report(self, sections: list[tuple[str, Path]]) -> Path:
         res = self.resolution
         lines = [f"# {res.benchmark}", "", res.description, "",
                  f"Seeds: {', '.join(map(str, res.seeds))}. Convention: {res.convention}.", ""]
         lines += [f"- {line}" for line in self.summary.lines + res.skipped]
-        for name, board in boards.items():
-            lines += ["", f"## {name}", "", (self.out_dir(name) / "leaderboard.md").read_text()]
+        for title, markdown in sections:
+            lines += ["", f"## {title}", "", markdown.read_text()]
         path = self.out_dir() / "report.md"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -19,8 +19,9 @@ from extract.backbones import (Backbone, checkpoint_backbone, get_backbone_spec,
 from extract.datasets import DatasetUnavailable, ImageSet, load_dataset
 from extract.extraction import entry_data_key, extract, resolve_device
 from extract.store import CachedSplit, CacheMissing, FeatureStore
+from extract.finetuning import finetune_backbone, finetune_path
 from extract.training import train_backbone, weights_path
-from harness.config import BackboneConfig, Benchmark, DatasetRef
+from harness.config import BackboneConfig, Benchmark, DatasetRef, outlier_ref
 from harness.evaluation import RunSummary
 from harness.resolution import Resolution, ResolvedBackbone, RunOptions, save_record
 
@@ -104,7 +105,10 @@ class BenchmarkRun:
         return matches[0]
 
     def backbone(self, config: BackboneConfig, seed: int, compute: bool = True) -> Backbone:
-        """The backbone entry for ``seed``: trained from its recipe (weights cached) or loaded from a checkpoint."""
+        """The backbone entry for ``seed``: trained from its recipe (weights cached), loaded from a
+        checkpoint, or fine-tuned from another backbone of the benchmark."""
+        if config.finetune is not None:
+            return self._finetuned(config, seed, compute)
         if config.factory:
             path = self.checkpoint_path(config)
             backbone = checkpoint_backbone(config.name, config.factory, path,
@@ -136,6 +140,34 @@ class BenchmarkRun:
         self.watched.add(path)
         last = record["history"][-1]
         info = {"seed": seed, "trained_epochs": last["epoch"], "test_acc_after_training": last.get("test_acc")}
+        return registered_backbone(spec, state, config.name, self.benchmark.num_classes, info)
+
+    def _finetuned(self, config: BackboneConfig, seed: int, compute: bool) -> Backbone:
+        """``config.base`` (same seed) fine-tuned by ``config.finetune`` (``extract.finetuning``)."""
+        base_config = next(c for c in self.benchmark.backbones if c.name == config.base)
+        base = self.backbone(base_config, seed, compute)
+        sets, recipe = self.datasets(), config.finetune
+        fit_set = sets[self.benchmark.id_fit.label][1]
+        outliers = self._load(outlier_ref(recipe)) if recipe.outliers else None
+        weights_dir = self.store.root / "weights"
+        path = finetune_path(weights_dir, config.name, base, recipe, fit_set, outliers, self.benchmark.num_classes, seed)
+        if not compute and not path.exists():
+            raise CacheMissing(f"backbone {config.name} seed {seed} has not been fine-tuned (no {path}); "
+                               f"run `oodbench extract {self.benchmark.name}` first")
+        started = time.perf_counter()
+        state, record = finetune_backbone(config.name, base, recipe, fit_set, num_classes=self.benchmark.num_classes,
+                                          seed=seed, weights_dir=weights_dir,
+                                          test_set=sets[self.benchmark.id_test.label][1], outlier_set=outliers,
+                                          device=str(resolve_device(self.options.device)),
+                                          progress=self.options.progress)
+        self.summary.add_time("fine-tune", time.perf_counter() - started)
+        self.watched.add(path)
+        if outliers is not None:
+            self.watched.update(outliers.inputs)
+        last = record["history"][-1]
+        info = {"seed": seed, "base": base.name, "finetune": recipe.label, "zeta": record.get("zeta"),
+                "trained_epochs": last["epoch"], "test_acc_after_training": last.get("test_acc")}
+        spec = get_backbone_spec(base.architecture["registry"])
         return registered_backbone(spec, state, config.name, self.benchmark.num_classes, info)
 
     def resolved_backbone(self, resolved: ResolvedBackbone) -> Backbone:

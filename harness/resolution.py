@@ -39,6 +39,7 @@ RECORD_VERSION = 1
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # The code and libraries that decide datasets, weights and entry keys.
 CODE_DIRS = ("extract", "harness")
+CODE_FILES = ("methods/training_objectives.py",)  # the losses that decide fine-tuned weights
 LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "pillow", "scikit-learn", "h5py")
 
 
@@ -111,7 +112,8 @@ class RunOptions:
 def code_stamp() -> dict:
     """Digest of the harness source that resolution runs, and the versions of the libraries it uses."""
     digest = hashlib.sha256()
-    for path in sorted(p for folder in CODE_DIRS for p in (PACKAGE_ROOT / folder).glob("*.py")):
+    sources = [p for folder in CODE_DIRS for p in (PACKAGE_ROOT / folder).glob("*.py")]
+    for path in sorted(sources + [PACKAGE_ROOT / name for name in CODE_FILES]):
         digest.update(f"{path.relative_to(PACKAGE_ROOT)}\0".encode() + path.read_bytes() + b"\0")
     return {"code": digest.hexdigest(), "libraries": {name: importlib.metadata.version(name) for name in LIBRARIES}}
 

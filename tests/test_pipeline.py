@@ -354,3 +354,52 @@ def test_a_registry_architecture_with_a_checkpoint_under_the_data_root_runs_end_
     (tmp_path / "data" / "ckpt" / "resnet20-0a1b2c.th").rename(tmp_path / "data" / "ckpt" / "other.th")
     code, _, err = oodbench(capsys, *argv)
     assert code == 2 and "checkpoint " in err and "resnet20-*.th must name one file; found nothing" in err
+
+
+def finetuned_digits_config() -> dict:
+    config = digits_config()
+    config["methods"] = ["energy", "msp"]
+    config["backbones"] += [
+        {"name": "digits-net+um", "finetune": {"from": "digits-net", "forget": "um", "epochs": 2, "lr": 0.01,
+                                               "batch_size": 64}},
+        {"name": "digits-net+oe+umap", "finetune": {
+            "from": "digits-net", "objective": "oe", "forget": "umap", "zeta": 0.05, "epochs": 2, "lr": 0.1,
+            "batch_size": 64, "outliers": {"dataset": "hopper-patches", "params": {"n": 500, "size": 8}}}}]
+    return config
+
+
+def test_fine_tuned_backbones_are_validated(tmp_path, capsys):
+    for change, message in (
+            ({"from": "nope"}, "fine-tunes 'nope', which is not a backbone listed before it"),
+            ({"objective": "oe", "outliers": "gaussian"}, "auxiliary outliers 'gaussian' must be disjoint"),
+            ({"objective": "oe", "outliers": "nothing"}, "unknown dataset 'nothing'"),
+            ({"forget": "forever"}, "forget 'forever' is not one of"),
+            ({"from": None}, "'finetune' needs 'from'")):
+        config = finetuned_digits_config()
+        config["backbones"][1]["finetune"].update(change)
+        code, _, err = oodbench(capsys, "run", write_yaml(tmp_path / "bad.yaml", config), "--cache-dir", tmp_path)
+        assert code == 2 and message in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_fine_tuned_backbones_get_their_own_entries_and_leaderboards(warm, cache_copy, tmp_path, capsys):
+    bench = write_yaml(tmp_path / "digits-finetuned.yaml", finetuned_digits_config())
+    code, out, err = oodbench(capsys, "run", bench, "--cache-dir", cache_copy, "--out", tmp_path / "out", "--quiet")
+    assert code == 0, err
+    boards = {name: read_board(tmp_path / "out/digits" / name / "leaderboard.csv")
+              for name in ("digits-net", "digits-net+um", "digits-net+oe+umap")}
+    metrics = pd.read_csv(tmp_path / "out/digits/metrics.csv")
+    base_energy = metrics[(metrics.backbone == "digits-net") & (metrics.method == "energy")]
+    warm_energy = pd.read_csv(warm.out / "digits/metrics.csv").query("method == 'energy'")
+    np.testing.assert_array_equal(base_energy["auroc"].to_numpy(), warm_energy["auroc"].to_numpy())  # base reused
+    accuracies = {name: board.loc["energy", "id_acc"] for name, board in boards.items()}
+    assert len(set(accuracies.values())) == 3 and min(accuracies.values()) > 0.8, accuracies
+    weights = sorted(p.name.split("-seed")[0] for p in (cache_copy / "weights").glob("*.pt"))
+    assert weights == ["digits-net", "digits-net+oe+umap", "digits-net+um"]
+    side_by_side = read_board(tmp_path / "out/digits/finetuning/leaderboard.csv")  # every method of each, renamed
+    assert sorted(side_by_side.index) == ["energy", "energy [OE + UMAP]", "energy [UM]",
+                                          "msp", "msp [OE + UMAP]", "msp [UM]"]
+    assert side_by_side.loc["energy [UM]", "id_acc"] == boards["digits-net+um"].loc["energy", "id_acc"]
+    assert side_by_side.loc["msp [OE + UMAP]", "avg/auroc"] == boards["digits-net+oe+umap"].loc["msp", "avg/auroc"]
+    assert "## Fine-tuned backbones beside their base" in (tmp_path / "out/digits/report.md").read_text()
