@@ -223,6 +223,251 @@ for _depth in (20, 32, 44, 56):
     _register_cifar_resnet(_depth)
 
 
+def _standard_init(model: nn.Module) -> None:
+    """The initialisation of the public DenseNet and Wide ResNet code: conv weights N(0, 2/(k*k*out)),
+    batch norm weight 1 and bias 0, linear bias 0 (training from scratch only; a checkpoint overwrites it)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+class BottleneckBlock(nn.Module):
+    """A DenseNet-BC layer: BN -> ReLU -> conv1x1 (4k channels) -> BN -> ReLU -> conv3x3 (k channels),
+    dropout after each conv when ``drop_rate`` > 0 (train mode only); the k new channels are
+    concatenated to the input. Key names follow the public CIFAR ``densenet.py`` (ODIN, energy_ood)."""
+
+    def __init__(self, in_planes: int, growth_rate: int, drop_rate: float = 0.0):
+        super().__init__()
+        inter_planes = 4 * growth_rate
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, inter_planes, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(inter_planes)
+        self.conv2 = nn.Conv2d(inter_planes, growth_rate, 3, padding=1, bias=False)
+        self.drop_rate = drop_rate
+
+    def forward(self, x):
+        out = F.dropout(self.conv1(F.relu(self.bn1(x))), p=self.drop_rate, training=self.training)
+        out = F.dropout(self.conv2(F.relu(self.bn2(out))), p=self.drop_rate, training=self.training)
+        return torch.cat([x, out], 1)
+
+
+class TransitionBlock(nn.Module):
+    """A DenseNet transition: BN -> ReLU -> conv1x1 (compression) -> (dropout, as the public code) ->
+    2x2 average pooling."""
+
+    def __init__(self, in_planes: int, out_planes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 1, bias=False)
+        self.drop_rate = drop_rate
+
+    def forward(self, x):
+        out = F.dropout(self.conv1(F.relu(self.bn1(x))), p=self.drop_rate, training=self.training)
+        return F.avg_pool2d(out, 2)
+
+
+class DenseBlock(nn.Module):
+    """``n`` bottleneck layers in ``layer`` (an ``nn.Sequential``), each adding ``growth_rate`` channels."""
+
+    def __init__(self, n: int, in_planes: int, growth_rate: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.layer = nn.Sequential(*(BottleneckBlock(in_planes + i * growth_rate, growth_rate, drop_rate)
+                                     for i in range(n)))
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class DenseNetBC(nn.Module):
+    """DenseNet-BC for 32x32 inputs (Huang et al. 2017): conv3x3 3 -> 2k, three dense blocks of
+    (depth - 4) / 6 bottleneck layers with growth rate k, a compressing transition (x ``reduction``,
+    2x2 average pooling) after the first two, then BN (``bn1``) -> ReLU (``relu``) -> global average
+    pooling -> ``fc``. Depth 100, k = 12: 24 -> 216 -> 108 -> 300 -> 150 -> 342 channels, a 342-d
+    feature. Module names follow the public CIFAR ``densenet.py`` (DenseNet3 of ODIN / energy_ood)."""
+
+    def __init__(self, depth: int = 100, growth_rate: int = 12, reduction: float = 0.5, num_classes: int = 10,
+                 drop_rate: float = 0.0):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"a DenseNet-BC has depth 6n + 4 (40, 100, 190, ...), got {depth}")
+        n = (depth - 4) // 6
+        planes = 2 * growth_rate
+        self.conv1 = nn.Conv2d(3, planes, 3, padding=1, bias=False)
+        self.block1 = DenseBlock(n, planes, growth_rate, drop_rate)
+        planes += n * growth_rate
+        self.trans1 = TransitionBlock(planes, int(planes * reduction), drop_rate)
+        planes = int(planes * reduction)
+        self.block2 = DenseBlock(n, planes, growth_rate, drop_rate)
+        planes += n * growth_rate
+        self.trans2 = TransitionBlock(planes, int(planes * reduction), drop_rate)
+        planes = int(planes * reduction)
+        self.block3 = DenseBlock(n, planes, growth_rate, drop_rate)
+        planes += n * growth_rate
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()  # not in place: a hook on bn1 keeps its own output
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(planes, num_classes)
+        self.in_planes = planes
+        _standard_init(self)
+
+    def forward(self, x):
+        out = self.trans2(self.block2(self.trans1(self.block1(self.conv1(x)))))
+        return self.fc(self.pool(self.relu(self.bn1(self.block3(out)))))
+
+
+# the normalisation of the CIFAR DenseNet / ResNet-18 checkpoints of DICE, ASH, ReAct and KNN
+CIFAR_NORM = Preprocessing(input_size=32, channels=3, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+
+
+# shaping_layer: the final batch norm's output, before its ReLU (the end of the last dense block;
+# values can be negative), the counterpart of ASH's placement in a ResNet's last block
+@register_backbone("densenet-bc-100", preprocessing=CIFAR_NORM, head="fc",
+                   layers=("conv1", "trans1", "trans2", "relu"), shaping_layer="bn1",
+                   description="DenseNet-BC-100, k=12 (Huang et al. 2017), 342-d GAP feature; shaping at the "
+                               "final BN (bn1) before its ReLU")
+def densenet_bc_100(num_classes: int = 10, drop_rate: float = 0.0) -> nn.Module:
+    return DenseNetBC(depth=100, growth_rate=12, reduction=0.5, num_classes=num_classes, drop_rate=drop_rate)
+
+
+class WideBasicBlock(nn.Module):
+    """The pre-activation block of the Wide ResNet (Zagoruyko & Komodakis 2016): BN -> ReLU -> conv3x3
+    (stride s) -> BN -> ReLU -> dropout (train mode only) -> conv3x3, plus the input; when the width
+    changes, the shortcut is a 1x1 conv (``convShortcut``, stride s) of the pre-activated input.
+    Key names follow the public ``wrn.py`` (Outlier Exposure, energy_ood)."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int = 1, drop_rate: float = 0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.convShortcut = (nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+                             if in_planes != out_planes else None)
+        if self.convShortcut is None and stride != 1:
+            raise ValueError("a Wide ResNet block with an identity shortcut cannot have stride != 1")
+
+    def forward(self, x):
+        act = self.relu1(self.bn1(x))
+        out = F.dropout(self.relu2(self.bn2(self.conv1(act))), p=self.drop_rate, training=self.training)
+        out = self.conv2(out)
+        return out + (x if self.convShortcut is None else self.convShortcut(act))
+
+
+class NetworkBlock(nn.Module):
+    """``n`` Wide ResNet blocks in ``layer``; the first changes the width and applies the stride."""
+
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.layer = nn.Sequential(*(WideBasicBlock(in_planes if i == 0 else out_planes, out_planes,
+                                                    stride if i == 0 else 1, drop_rate) for i in range(n)))
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k for 32x32 inputs: conv3x3 3 -> 16, three groups (``block1``-``block3``) of
+    (depth - 4) / 6 blocks of widths 16k, 32k, 64k (strides 1, 2, 2), then BN (``bn1``) -> ReLU ->
+    global average pooling -> 64k-d feature -> ``fc``."""
+
+    def __init__(self, depth: int = 40, widen_factor: int = 2, num_classes: int = 10, drop_rate: float = 0.3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"a Wide ResNet has depth 6n + 4 (16, 28, 40, ...), got {depth}")
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.block1 = NetworkBlock(n, widths[0], widths[1], 1, drop_rate)
+        self.block2 = NetworkBlock(n, widths[1], widths[2], 2, drop_rate)
+        self.block3 = NetworkBlock(n, widths[2], widths[3], 2, drop_rate)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.relu = nn.ReLU()  # not in place: a hook on bn1 keeps its own output
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(widths[3], num_classes)
+        self.nChannels = widths[3]
+        _standard_init(self)
+
+    def forward(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(self.pool(self.relu(self.bn1(out))))
+
+
+# the normalisation of the Outlier Exposure / energy_ood WRN checkpoints (Hendrycks)
+WRN_NORM = Preprocessing(input_size=32, channels=3, mean=(125.3 / 255, 123.0 / 255, 113.9 / 255),
+                         std=(63.0 / 255, 62.1 / 255, 66.7 / 255))
+
+
+def _register_wrn(depth: int, k: int) -> None:
+    register_backbone(f"wrn-{depth}-{k}", preprocessing=WRN_NORM, head="fc",
+                      layers=("block1", "block2", "block3"), shaping_layer="bn1",
+                      description=f"WRN-{depth}-{k} (Zagoruyko & Komodakis 2016; OE's wrn.py), dropout 0.3 (train "
+                                  f"mode), {64 * k}-d GAP feature; shaping at the final BN (bn1) before its ReLU")(
+        lambda num_classes=10, drop_rate=0.3: WideResNet(depth, k, num_classes, drop_rate))
+
+
+for _k in (2, 4):
+    _register_wrn(40, _k)
+
+
+class ProjectionBlock(nn.Module):
+    """The CIFAR ResNet-18 BasicBlock (kuangliu-style, as ReAct / KNN): conv3x3 (stride s) -> BN -> ReLU
+    -> conv3x3 -> BN, plus ``shortcut`` (empty, or 1x1 conv (stride s) + BN when the shape changes),
+    then ReLU. ``merge`` is the sum before the final ReLU (an identity module for a shaping hook)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+        self.merge = nn.Identity()
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(self.merge(out + self.shortcut(x)))
+
+
+class CifarResNet18(nn.Module):
+    """ResNet-18 for 32x32 inputs: conv3x3 3 -> 64 (stride 1, no max pooling) -> bn1 -> ReLU ->
+    ``layer1``-``layer4`` of 2 blocks (64, 128, 256, 512 channels; strides 1, 2, 2, 2) -> global
+    average pooling -> 512-d feature -> ``linear``."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, in_planes = [], 64
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(ProjectionBlock(in_planes, planes, stride), ProjectionBlock(planes, planes)))
+            in_planes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.linear(self.pool(self.layer4(self.layer3(self.layer2(self.layer1(out))))))
+
+
+@register_backbone("cifar-resnet18", preprocessing=CIFAR_NORM, head="linear",
+                   layers=("layer1", "layer2", "layer3", "layer4"), shaping_layer="layer4.1.merge",
+                   description="CIFAR ResNet-18 (3x3 stem, no max pooling; ReAct/KNN), 512-d GAP feature")
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    return CifarResNet18(num_classes=num_classes)
+
+
 def get_backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone architecture {name!r}; registered: {', '.join(sorted(BACKBONES))}")

@@ -28,8 +28,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 # The UM paper's four schedules (constant, cosine, linear, multi-step) and one-cycle.
 SCHEDULES = ("constant", "cosine", "linear", "multistep", "onecycle")
 AUGMENTATIONS = ("none", "flip", "crop")
-# Recipe fields that never change the weights: left out of their cache key.
-BOOKKEEPING = ("snapshot_every",)
 
 
 @dataclass(frozen=True)
@@ -72,9 +70,12 @@ class Recipe:
         return cls(**config)
 
     def identity(self) -> dict:
-        """What determines the trained weights: every field but bookkeeping, and the multi-step
-        shape only for that schedule."""
-        fields = {k: v for k, v in asdict(self).items() if k not in BOOKKEEPING}
+        """What keys the trained weights: every field that changes them - the multi-step shape only
+        for that schedule - and ``snapshot_every`` when snapshots are kept, so asking for snapshots
+        trains a run that has them (to the same weights) instead of finding one without."""
+        fields = asdict(self)
+        if not self.snapshot_every:
+            del fields["snapshot_every"]
         if self.schedule != "multistep":
             del fields["milestones"], fields["gamma"]
         return fields

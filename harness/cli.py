@@ -6,6 +6,7 @@
     oodbench sweep BENCHMARK --method NAME [--grid k=v1,v2 ...]  a hyperparameter grid from the cache,
                                       selected on the benchmark's validation OOD set
     oodbench leaderboard BENCHMARK    re-render the leaderboard from cached scores
+    oodbench epochs BENCHMARK --backbone NAME [--methods energy,msp]   OOD metrics of every training snapshot
     oodbench cache ls | verify | rm   inspect, check or delete cache files
     oodbench fetch DATASET            download a dataset with torchvision (needs internet)
     oodbench list                     registered benchmarks, datasets, backbones and methods
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--criterion", default="auroc", choices=tuple(METRICS),
                        help="validation metric to select by (default auroc; fpr95 is minimised)")
     commands.add_parser("leaderboard", parents=[bench], help="re-render the leaderboard from cached scores")
+    epochs = commands.add_parser("epochs", parents=[bench], help="OOD metrics against the training epoch: every "
+                                 "snapshot of a backbone extracted and scored (its recipe needs snapshot_every)")
+    epochs.add_argument("--backbone", required=True, help="the benchmark's backbone whose snapshots to score")
+    epochs.add_argument("--methods", default="energy,msp", help="comma-separated cache-only methods (default "
+                        "energy,msp)")
     cache = commands.add_parser("cache", parents=[common], help="inspect, verify or remove cache files")
     cache.add_argument("action", choices=("ls", "verify", "rm"))
     cache.add_argument("patterns", nargs="*", help="glob patterns on the relative path (rm needs at least one; "
@@ -231,6 +237,24 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_epochs(args) -> int:
+    from harness.epochs import write_epoch_report  # imports torch
+
+    started = time.perf_counter()
+    methods = tuple(MethodRef(name.strip()) for name in args.methods.split(",") if name.strip())
+    for ref in methods:
+        make_method(ref.name)
+    summary = RunSummary()
+    run = _LazyRun(_options(args), args.benchmark, summary)()
+    table, paths = write_epoch_report(run, args.backbone, methods)
+    summary.outputs += paths
+    averages = table.groupby(["method", "epoch"])[["fpr95", "auroc", "test_acc"]].mean().mul(100).round(2)
+    print(f"{args.backbone} on {run.benchmark.name}: average over the OOD sets by epoch (%)")
+    print(averages.to_string())
+    _print_summary(summary, run.resolution([]), started)
+    return 0
+
+
 def cmd_cache(args) -> int:
     store = FeatureStore(args.cache_dir or default_cache_dir())
     files = [p for p in store.files()
@@ -286,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(levelname)s %(message)s")
     handlers = {"run": cmd_run, "extract": cmd_extract, "score": cmd_score, "sweep": cmd_sweep,
-                "leaderboard": lambda a: cmd_run(a, compute=False), "cache": cmd_cache, "list": cmd_list,
+                "leaderboard": lambda a: cmd_run(a, compute=False), "epochs": cmd_epochs, "cache": cmd_cache,
+                "list": cmd_list,
                 "fetch": lambda a: fetch_dataset(a.dataset, a.data_root) or 0}
     try:
         return handlers[args.command](args)

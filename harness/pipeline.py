@@ -139,7 +139,8 @@ class BenchmarkRun:
         self.summary.add_time("train", time.perf_counter() - started)
         self.watched.add(path)
         last = record["history"][-1]
-        info = {"seed": seed, "trained_epochs": last["epoch"], "test_acc_after_training": last.get("test_acc")}
+        info = {"seed": seed, "trained_epochs": last["epoch"], "test_acc_after_training": last.get("test_acc"),
+                "weights": str(path)}
         return registered_backbone(spec, state, config.name, self.benchmark.num_classes, info)
 
     def _finetuned(self, config: BackboneConfig, seed: int, compute: bool) -> Backbone:
@@ -166,7 +167,7 @@ class BenchmarkRun:
             self.watched.update(outliers.inputs)
         last = record["history"][-1]
         info = {"seed": seed, "base": base.name, "finetune": recipe.label, "zeta": record.get("zeta"),
-                "trained_epochs": last["epoch"], "test_acc_after_training": last.get("test_acc")}
+                "trained_epochs": last["epoch"], "test_acc_after_training": last.get("test_acc"), "weights": str(path)}
         spec = get_backbone_spec(base.architecture["registry"])
         return registered_backbone(spec, state, config.name, self.benchmark.num_classes, info)
 
@@ -233,22 +234,26 @@ class BenchmarkRun:
     def resolve(self, compute: bool = True) -> Resolution:
         """Every (backbone, seed) with its cache entries - trained and extracted where missing when
         ``compute`` - recorded so that later scoring can skip this (``harness.resolution``)."""
-        bench = self.benchmark
-        backbones = []
-        for config in bench.backbones:
-            for seed in self.seeds:
-                backbone = self.backbone(config, seed, compute=compute)
-                entries = self.entries(backbone, compute=compute)
-                backbones.append(ResolvedBackbone(
-                    config.name, seed, backbone.key, backbone.info,
-                    {label: str(entry.path.relative_to(self.store.root)) for label, entry in entries.items()}))
-        sets = self.datasets()
-        validation = bench.validation.label if bench.validation and bench.validation.label in sets else None
-        resolution = Resolution(bench.name, bench.description, bench.convention, self.seeds, bench.methods,
-                                bench.id_fit.label, bench.id_test.label,
-                                {ref.label: ref.group for ref in bench.ood if ref.label in sets}, validation,
-                                self.skipped, backbones)
-        source = Path(bench.source)
+        backbones = [self.resolved(self.backbone(config, seed, compute=compute), seed, compute)
+                     for config in self.benchmark.backbones for seed in self.seeds]
+        resolution = self.resolution(backbones)
+        source = Path(self.benchmark.source)
         if source.is_file():  # a benchmark parsed from a mapping has no file to key a record by
             save_record(self.options.record_path(source), resolution, self.watched)
         return resolution
+
+    def resolved(self, backbone: Backbone, seed: int, compute: bool = True) -> ResolvedBackbone:
+        """``backbone`` (of ``seed``) with the cache entry of every dataset (extracted where missing
+        when ``compute``)."""
+        entries = self.entries(backbone, compute=compute)
+        return ResolvedBackbone(backbone.name, seed, backbone.key, backbone.info,
+                                {label: str(entry.path.relative_to(self.store.root)) for label, entry in entries.items()})
+
+    def resolution(self, backbones: list[ResolvedBackbone]) -> Resolution:
+        """The benchmark's sets, methods and conventions with these resolved backbones."""
+        bench, sets = self.benchmark, self.datasets()
+        validation = bench.validation.label if bench.validation and bench.validation.label in sets else None
+        return Resolution(bench.name, bench.description, bench.convention, self.seeds, bench.methods,
+                          bench.id_fit.label, bench.id_test.label,
+                          {ref.label: ref.group for ref in bench.ood if ref.label in sets}, validation,
+                          self.skipped, backbones)

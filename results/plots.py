@@ -60,3 +60,48 @@ def plot_score_histograms(
     figure.savefig(path, format="png", dpi=100)
     figure.clear()
     return path
+
+
+def plot_epoch_curves(metrics, path: str | Path, title: str | None = None) -> Path:
+    """The OOD metrics of a training run's snapshots against the epoch, with its loss and accuracy
+    (the Unleashing Mask paper's Figures 1 and 2 for any backbone); save a PNG, return its path.
+
+    ``metrics``: a tidy frame with one row per (method, ood_set, epoch) holding ``fpr95`` and
+    ``auroc``, and per epoch ``train_loss``, ``test_loss``, ``train_acc``, ``test_acc`` (values
+    as fractions; means over seeds when several). One row of panels per method: FPR@95 and AUROC
+    per OOD set plus their unweighted average (thick, black); a last row with the losses and the
+    accuracies.
+    """
+    if len(metrics) == 0:
+        raise ValueError("no snapshot metrics to plot")
+    methods = list(dict.fromkeys(metrics["method"]))
+    figure = Figure(figsize=(11, 3.2 * (len(methods) + 1)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(methods) + 1, 2, squeeze=False)
+    for row, method in zip(axes, methods):
+        frame = metrics[metrics["method"] == method]
+        for ax, metric, label in zip(row, ("fpr95", "auroc"), ("FPR@95TPR (%)", "AUROC (%)")):
+            table = frame.pivot_table(index="epoch", columns="ood_set", values=metric, sort=False)
+            for index, name in enumerate(table.columns):
+                ax.plot(table.index, 100 * table[name], marker=".", linewidth=1, color=f"C{index}", label=name)
+            ax.plot(table.index, 100 * table.mean(axis=1), marker="o", linewidth=2.5, color="black", label="average")
+            ax.set_title(f"{method}: {label}")
+            ax.set_xlabel("epoch")
+        row[0].legend(fontsize="x-small", ncol=2)
+    curves = metrics.groupby("epoch")[["train_loss", "test_loss", "train_acc", "test_acc"]].mean()
+    loss_ax, acc_ax = axes[-1]
+    for ax, names, label in ((loss_ax, ("train_loss", "test_loss"), "cross-entropy"),
+                             (acc_ax, ("train_acc", "test_acc"), "accuracy (%)")):
+        for name in names:
+            values = curves[name] * (100 if "acc" in name else 1)
+            ax.plot(curves.index, values, marker="o", label=name.replace("_", " "))
+        ax.set_title(label)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize="small")
+    if title is not None:
+        figure.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    figure.clear()
+    return path

@@ -7,6 +7,7 @@ from torch import nn
 from extract.backbones import (BACKBONES, CheckpointMismatch, CifarResNet, Preprocessing, checkpoint_backbone,
                                get_backbone_spec, import_factory, read_state_dict, registered_backbone)
 from extract.datasets import load_dataset
+from extract.extraction import forward_rows
 
 
 def digits_backbone(seed=0):
@@ -42,8 +43,9 @@ def test_registry_layers_exist_and_head_is_linear():
         modules = dict(model.named_modules())
         assert isinstance(modules[spec.head], nn.Linear)
         assert all(layer in modules for layer in spec.layers)
-    with pytest.raises(ValueError, match="unknown backbone architecture 'nope'; registered: cifar-resnet20, "
-                                         "cifar-resnet32, cifar-resnet44, cifar-resnet56, cnn28, digits-net"):
+    with pytest.raises(ValueError, match="unknown backbone architecture 'nope'; registered: cifar-resnet18, "
+                                         "cifar-resnet20, cifar-resnet32, cifar-resnet44, cifar-resnet56, cnn28, "
+                                         "densenet-bc-100, digits-net, wrn-40-2, wrn-40-4"):
         get_backbone_spec("nope")
 
 
@@ -198,3 +200,175 @@ def test_real_cifar_resnet_checkpoints_classify_lossless_cifar10(shared_data):
         with torch.no_grad():
             predictions = backbone.model(spec.preprocessing(data["images"])).argmax(1).numpy()
         assert (predictions == data["labels"]).mean() > 0.9  # the data README: 92-94% on the lossless images
+
+
+# Parameter counts by hand: a conv k x k from a to b channels (no bias) has k*k*a*b weights, a batch norm
+# over c channels 2c (weight, bias), a linear head D -> 10 has 10*D + 10.
+def densenet_bc_100_parameters():
+    # bottleneck layer on c input channels, k = 12: BN(c) + conv1x1 c -> 48 + BN(48) + conv3x3 48 -> 12
+    # = 2c + 48c + 96 + 5184 = 50c + 5280; a dense block of 16 layers from c0 sums c = 16*c0 + 12*(0+...+15)
+    block = lambda c0: 50 * (16 * c0 + 12 * 120) + 16 * 5280  # noqa: E731
+    transition = lambda c: 2 * c + c * (c // 2)  # noqa: E731  BN(c) + conv1x1 c -> c/2
+    # conv1 3 -> 24; blocks from 24 (-> 216), 108 (-> 300), 150 (-> 342); final BN(342); fc 342 -> 10
+    return (9 * 3 * 24 + block(24) + transition(216) + block(108) + transition(300) + block(150)
+            + 2 * 342 + 342 * 10 + 10)
+
+
+def wrn_40_parameters(k):
+    # pre-activation block a -> w: BN(a) + conv3x3 a -> w + BN(w) + conv3x3 w -> w (+ 1x1 shortcut a -> w)
+    block = lambda a, w: 2 * a + 9 * a * w + 2 * w + 9 * w * w + (a * w if a != w else 0)  # noqa: E731
+    group = lambda a, w: block(a, w) + 5 * block(w, w)  # noqa: E731  6 blocks per group for depth 40
+    return (9 * 3 * 16 + group(16, 16 * k) + group(16 * k, 32 * k) + group(32 * k, 64 * k)
+            + 2 * 64 * k + 64 * k * 10 + 10)
+
+
+def resnet18_parameters():
+    # block a -> w: conv3x3 a -> w + BN(w) + conv3x3 w -> w + BN(w) (+ shortcut conv1x1 a -> w + BN(w))
+    block = lambda a, w: 9 * a * w + 2 * w + 9 * w * w + 2 * w + (a * w + 2 * w if a != w else 0)  # noqa: E731
+    stage = lambda a, w: block(a, w) + block(w, w)  # noqa: E731
+    return 9 * 3 * 64 + 2 * 64 + stage(64, 64) + stage(64, 128) + stage(128, 256) + stage(256, 512) + 512 * 10 + 10
+
+
+# name -> (parameters, published count, penultimate dimension, {layer: (C, H, W)} incl. the shaping layer)
+CIFAR_ARCHITECTURES = {
+    "densenet-bc-100": (densenet_bc_100_parameters(), 769_162, 342,
+                        {"conv1": (24, 32, 32), "trans1": (108, 16, 16), "trans2": (150, 8, 8), "relu": (342, 8, 8),
+                         "bn1": (342, 8, 8)}),
+    "wrn-40-2": (wrn_40_parameters(2), 2_243_546, 128,
+                 {"block1": (32, 32, 32), "block2": (64, 16, 16), "block3": (128, 8, 8), "bn1": (128, 8, 8)}),
+    "wrn-40-4": (wrn_40_parameters(4), 8_949_210, 256,
+                 {"block1": (64, 32, 32), "block2": (128, 16, 16), "block3": (256, 8, 8), "bn1": (256, 8, 8)}),
+    "cifar-resnet18": (resnet18_parameters(), 11_173_962, 512,
+                       {"layer1": (64, 32, 32), "layer2": (128, 16, 16), "layer3": (256, 8, 8),
+                        "layer4": (512, 4, 4), "layer4.1.merge": (512, 4, 4)}),
+}
+
+
+def cifar_images(n=2, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def random_backbone(arch, seed=0):
+    """A registry architecture with seeded random weights and non-trivial batch-norm statistics."""
+    torch.manual_seed(seed)
+    spec = get_backbone_spec(arch)
+    model = spec.build()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return registered_backbone(spec, model.state_dict(), arch, 10)
+
+
+@pytest.mark.parametrize("arch", sorted(CIFAR_ARCHITECTURES))
+def test_cifar_architectures_parameter_counts(arch):
+    derived, published, _, _ = CIFAR_ARCHITECTURES[arch]
+    model = get_backbone_spec(arch).build()
+    assert derived == published
+    assert sum(p.numel() for p in model.parameters()) == published
+    assert get_backbone_spec(arch).build(num_classes=100)(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
+
+
+@pytest.mark.parametrize("arch", sorted(CIFAR_ARCHITECTURES))
+def test_cifar_architectures_features_layers_and_shaping_layer(arch):
+    _, _, dim, shapes = CIFAR_ARCHITECTURES[arch]
+    backbone = random_backbone(arch)
+    assert set(shapes) == {*backbone.layers, backbone.shaping_layer}
+    rows = forward_rows(backbone, cifar_images(), tuple(shapes), batch_size=2, device=torch.device("cpu"))
+    for layer, shape in shapes.items():
+        assert rows[layer].shape == (2, *shape), layer
+    # the hooked head input is the penultimate feature: the logits are W v + b
+    W, b = backbone.head_parameters()
+    assert rows["features"].shape == (2, dim) and W.shape == (10, dim)
+    np.testing.assert_allclose(rows["logits"], rows["features"] @ W.T + b, rtol=1e-5, atol=1e-4)  # float32 rounding
+    # ... and the global average of the ReLU of the shaping layer (the last block before its final ReLU),
+    # which can be negative, while the feature cannot
+    shaping = rows[backbone.shaping_layer]
+    assert (shaping < 0).any() and (rows["features"] >= 0).all()
+    np.testing.assert_allclose(rows["features"], np.maximum(shaping, 0).mean(axis=(2, 3)), rtol=1e-5, atol=1e-5)
+
+
+def test_densenet_and_resnet18_stage_outputs():
+    backbone = random_backbone("densenet-bc-100")
+    model = backbone.model
+    x = backbone.preprocessing(cifar_images(1))
+    with torch.no_grad():
+        grown = model.block1(model.conv1(x))
+        assert grown.shape == (1, 216, 32, 32)  # 24 + 16 * 12
+        torch.testing.assert_close(grown[:, :24], model.conv1(x))  # dense connectivity keeps the input channels
+        layer = model.block1.layer[0]  # bn1, conv1 (1x1, 48), bn2, conv2 (3x3, 12)
+        assert (layer.conv1.weight.shape, layer.conv2.weight.shape) == ((48, 24, 1, 1), (12, 48, 3, 3))
+        assert model.trans1.conv1.weight.shape == (108, 216, 1, 1)
+        assert model.trans2.conv1.weight.shape == (150, 300, 1, 1)
+    resnet = random_backbone("cifar-resnet18")
+    rows = forward_rows(resnet, cifar_images(), ("layer4", "layer4.1.merge"), 2, torch.device("cpu"))
+    np.testing.assert_array_equal(rows["layer4"], np.maximum(rows["layer4.1.merge"], 0))
+
+
+def test_wrn_block_is_pre_activation_with_projection_of_the_activated_input():
+    model = random_backbone("wrn-40-2").model
+    block, same = model.block2.layer[0], model.block2.layer[1]  # 32 -> 64, stride 2; then 64 -> 64
+    assert block.convShortcut.weight.shape == (64, 32, 1, 1) and same.convShortcut is None
+    assert model.block1.layer[0].convShortcut is not None  # 16 -> 32 for k = 2
+    x = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        act = torch.relu(block.bn1(x))
+        residual = block.conv2(torch.relu(block.bn2(block.conv1(act))))
+        torch.testing.assert_close(block(x), residual + block.convShortcut(act))
+        y = torch.randn(2, 64, 8, 8)
+        residual = same.conv2(torch.relu(same.bn2(same.conv1(torch.relu(same.bn1(y))))))
+        torch.testing.assert_close(same(y), residual + y)
+
+
+@pytest.mark.parametrize("arch", ["densenet-bc-100", "wrn-40-2", "cifar-resnet18"])
+def test_cifar_architectures_are_deterministic_in_eval_mode(arch):
+    model = random_backbone(arch).model
+    x = get_backbone_spec(arch).preprocessing(cifar_images())
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_wrn_dropout_acts_only_in_train_mode():
+    spec = get_backbone_spec("wrn-40-2")
+    x = spec.preprocessing(cifar_images())
+    torch.manual_seed(0)
+    model = spec.build()  # dropout 0.3 by default, the OE setting
+    assert {b.drop_rate for b in model.modules() if hasattr(b, "drop_rate")} == {0.3}
+    with torch.no_grad():
+        model.train()  # batch statistics: deterministic apart from dropout
+        assert not torch.equal(model(x), model(x))
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        torch.manual_seed(0)
+        plain = spec.build(drop_rate=0.0).train()
+        assert torch.equal(plain(x), plain(x))
+
+
+# keys of the public checkpoints (densenet.py of ODIN / energy_ood, wrn.py of OE, kuangliu's resnet.py)
+PUBLIC_KEYS = {
+    "densenet-bc-100": {"conv1.weight": (24, 3, 3, 3), "block1.layer.0.bn1.weight": (24,),
+                        "block1.layer.0.conv1.weight": (48, 24, 1, 1), "block1.layer.15.conv2.weight": (12, 48, 3, 3),
+                        "trans1.bn1.running_var": (216,), "trans1.conv1.weight": (108, 216, 1, 1),
+                        "block3.layer.15.bn2.bias": (48,), "bn1.weight": (342,), "fc.weight": (10, 342)},
+    "wrn-40-2": {"conv1.weight": (16, 3, 3, 3), "block1.layer.0.bn1.weight": (16,),
+                 "block1.layer.0.convShortcut.weight": (32, 16, 1, 1), "block3.layer.5.conv2.weight": (128, 128, 3, 3),
+                 "block3.layer.0.convShortcut.weight": (128, 64, 1, 1), "bn1.running_mean": (128,), "fc.bias": (10,)},
+    "cifar-resnet18": {"conv1.weight": (64, 3, 3, 3), "bn1.weight": (64,), "layer1.0.conv1.weight": (64, 64, 3, 3),
+                       "layer2.0.shortcut.0.weight": (128, 64, 1, 1), "layer2.0.shortcut.1.running_var": (128,),
+                       "layer4.1.bn2.bias": (512,), "linear.weight": (10, 512)},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLIC_KEYS))
+def test_cifar_architectures_load_public_checkpoint_layout(tmp_path, arch):
+    state = random_backbone(arch, seed=4).model.state_dict()
+    for key, shape in PUBLIC_KEYS[arch].items():
+        assert tuple(state[key].shape) == shape, key
+    # no shortcut keys where the shape is kept; identity helpers (merge, relu) add no keys
+    assert "block2.layer.1.convShortcut.weight" not in state and "layer1.0.shortcut.0.weight" not in state
+    assert not any("merge" in k or "relu" in k for k in state)
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+                "epoch": 100}, path)
+    loaded = registered_backbone(get_backbone_spec(arch), read_state_dict(path), arch, 10)
+    assert loaded.key == random_backbone(arch, seed=4).key

@@ -403,3 +403,32 @@ def test_fine_tuned_backbones_get_their_own_entries_and_leaderboards(warm, cache
     assert side_by_side.loc["energy [UM]", "id_acc"] == boards["digits-net+um"].loc["energy", "id_acc"]
     assert side_by_side.loc["msp [OE + UMAP]", "avg/auroc"] == boards["digits-net+oe+umap"].loc["msp", "avg/auroc"]
     assert "## Fine-tuned backbones beside their base" in (tmp_path / "out/digits/report.md").read_text()
+
+
+@pytest.mark.slow
+def test_epoch_report_scores_every_snapshot_and_its_last_equals_the_trained_backbone(warm, cache_copy, tmp_path,
+                                                                                     capsys):
+    config = digits_config()
+    config["backbones"][0]["train"]["snapshot_every"] = 5
+    bench = write_yaml(tmp_path / "digits-snapshots.yaml", config)
+    argv = ("epochs", bench, "--backbone", "digits-net", "--methods", "energy,msp", "--cache-dir", cache_copy,
+            "--out", tmp_path / "out", "--quiet")
+    code, out, err = oodbench(capsys, *argv)
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "out/digits/epochs/digits-net/epochs.csv")
+    assert sorted(table["epoch"].unique()) == [5, 10, 15]
+    assert set(table["ood_set"]) == set(OOD_SETS) and set(table["method"]) == {"energy", "msp"}
+    assert table["test_acc"].notna().all() and table["train_loss"].notna().all()
+    assert (tmp_path / "out/digits/epochs/digits-net/epochs.png").read_bytes().startswith(PNG_MAGIC)
+    # the last snapshot is the trained network (same weights, same entry): the run's own metrics
+    last = table[table["epoch"] == 15].sort_values(["method", "ood_set"]).reset_index(drop=True)
+    trained = pd.read_csv(warm.out / "digits/metrics.csv").query("method in ['energy', 'msp']")
+    trained = trained.sort_values(["method", "ood_set"]).reset_index(drop=True)
+    np.testing.assert_allclose(last["auroc"], trained["auroc"])
+    np.testing.assert_allclose(last["id_acc"], trained["id_acc"])
+    assert "average over the OOD sets by epoch" in out
+    code, _, err = oodbench(capsys, "epochs", "digits", "--backbone", "digits-net", "--cache-dir", cache_copy,
+                            "--out", tmp_path / "out", "--quiet")
+    assert code == 2 and "keeps no per-epoch snapshots; set 'snapshot_every: N'" in err
+    code, _, err = oodbench(capsys, *argv[:5], "odin", *argv[6:])
+    assert code == 2 and "odin need network passes per snapshot" in err

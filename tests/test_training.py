@@ -37,6 +37,13 @@ def test_learning_rate_schedules():
     assert learning_rate(cosine, 0, 10) == pytest.approx(0.1)
     assert learning_rate(cosine, 5, 10) == pytest.approx(0.05)
     assert learning_rate(cosine, 10, 10) == pytest.approx(0.0, abs=1e-12)
+    linear = Recipe(epochs=1, lr=0.1, schedule="linear")
+    assert [learning_rate(linear, step, 10) for step in (0, 5, 10)] == pytest.approx([0.1, 0.05, 0.0])
+    multistep = Recipe(epochs=1, lr=0.1, schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
+    assert [learning_rate(multistep, step, 100) for step in (0, 49, 50, 74, 75, 99)] == \
+        pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    with pytest.raises(ValueError, match="milestones must be increasing fractions"):
+        Recipe(epochs=1, schedule="multistep", milestones=[0.75, 0.5])
     onecycle = Recipe(epochs=1, lr=0.1, schedule="onecycle")
     assert learning_rate(onecycle, 0, 100) == pytest.approx(0.004)
     assert learning_rate(onecycle, 30, 100) == pytest.approx(0.1)
@@ -75,6 +82,21 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, digits, monk
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4, 5, 6]
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
     assert not list((tmp_path / "interrupted").glob("*.resume.pt"))
+
+
+def test_snapshots_keep_every_nth_epoch_and_the_last_and_end_on_the_same_weights(tmp_path, digits):
+    recipe = Recipe(epochs=5, optimizer="adam", lr=0.01, batch_size=32, schedule="cosine", snapshot_every=2)
+    state, record = train(tmp_path, digits, recipe)
+    assert record["snapshots"] == ["epoch-0002.pt", "epoch-0004.pt", "epoch-0005.pt"]
+    (folder,) = tmp_path.glob("*.snapshots")
+    last, last_record = training.load_weights(folder / "epoch-0005.pt")
+    assert all(torch.equal(state[k], last[k]) for k in state)
+    assert last_record["history"] == record["history"]
+    assert [h["epoch"] for h in training.load_weights(folder / "epoch-0002.pt")[1]["history"]] == [1, 2]
+    assert {"train_loss", "train_acc", "test_loss", "test_acc"} <= set(record["history"][0])
+    plain, _ = train(tmp_path / "plain", digits, Recipe(epochs=5, optimizer="adam", lr=0.01, batch_size=32,
+                                                       schedule="cosine"))
+    assert all(torch.equal(state[k], plain[k]) for k in state)  # keeping snapshots changes nothing
 
 
 def test_labels_outside_the_class_range_are_rejected(tmp_path):
