@@ -178,21 +178,24 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torch.Tensor, labels: torch.Tensor, *,
                  seed: int, final: Path, describe: str, step=None, test=None, outliers: torch.Tensor | None = None,
-                 outlier_batch_size: int = 0, record: dict | None = None, export=None, device: str = "cpu",
-                 progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                 outlier_batch_size: int = 0, before_epoch=None, record: dict | None = None, export=None,
+                 device: str = "cpu", progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Train ``model``'s ``trainable`` parameters by ``recipe`` and save the result to ``final``.
 
     Each step draws the next ``recipe.batch_size`` rows of a permutation seeded with (seed, epoch),
     augments them with the same generator and, when ``outliers`` are given, the next
     ``outlier_batch_size`` rows of a seeded permutation of them; ``step(model, optimizer, inputs,
-    labels, outliers)`` (default: cross-entropy) returns (loss, ID logits). A resume state is saved
-    after every epoch, so an interrupted run continues where it stopped and follows the same path;
-    every ``recipe.snapshot_every``-th epoch (and the last) is kept in ``snapshot_folder(final)``.
+    labels, outliers)`` (default: cross-entropy) returns (loss, ID logits). ``before_epoch(model,
+    epoch, generator)``, when given, runs at the start of every epoch (before train mode) with that
+    epoch's generator and returns the rows of ``outliers`` the epoch draws from (None: all of them).
+    A resume state is saved after every epoch, so an interrupted run continues where it stopped and
+    follows the same path; every ``recipe.snapshot_every``-th epoch (and the last) is kept in
+    ``snapshot_folder(final)``.
     The record (``record`` plus recipe, seed, history of train loss/accuracy and test loss/accuracy,
     snapshot files) is saved with the weights, which are ``export(model)`` (default: its state dict).
     """
     step = step or gradient_step(cross_entropy_loss)
-    export = export or _cpu_state
+    export = export or cpu_state
     final.parent.mkdir(parents=True, exist_ok=True)
     resume = final.with_name(final.stem + ".resume.pt")
     model = model.to(device)
@@ -210,7 +213,11 @@ def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torc
     for epoch in range(first_epoch, recipe.epochs):
         generator = torch.Generator().manual_seed(int(np.uint32(seed * 1_000_003 + epoch)))
         order = torch.randperm(len(inputs), generator=generator)
-        outlier_order = torch.randperm(len(outliers), generator=generator) if outliers is not None else None
+        outlier_order = None
+        if outliers is not None:
+            rows = before_epoch(model, epoch, generator) if before_epoch is not None else None
+            rows = torch.arange(len(outliers)) if rows is None else rows
+            outlier_order = rows[torch.randperm(len(rows), generator=generator)]
         model.train()
         running, correct, seen = 0.0, 0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"{describe} epoch {epoch + 1}/{recipe.epochs}",
@@ -250,7 +257,8 @@ def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torc
     return state_dict, full_record
 
 
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model``'s state dict: the weights a run saves."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 

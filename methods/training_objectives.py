@@ -1,12 +1,14 @@
 """Training objectives: Unleashing Mask (UM), UMAP's popup masks, outlier exposure, energy-bounded
-fine-tuning (METHODS.md section 2). The loss functions are small and pure; the loop that uses
-them is ``extract.finetuning``. Imports torch (the scoring methods of this package do not).
+fine-tuning, DOE's extrapolation direction and POEM's posterior sampling (METHODS.md section 2).
+The loss functions are small and pure; the loop that uses them is ``extract.finetuning``.
+Imports torch (the scoring methods of this package do not).
 
 Mask convention (METHODS.md 6.1): a keep fraction ``keep`` zeroes the j = floor((1 - keep) * numel)
 entries of a layer with the smallest |score| and keeps the rest; UM's delta = 0.975 keeps 97.5%.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -102,6 +104,62 @@ def energy_bounded_loss(id_logits, labels, outlier_logits, weight: float = 0.1, 
     energy_out = -torch.logsumexp(outlier_logits, dim=1)
     bound = F.relu(energy_in - m_in).pow(2).mean() + F.relu(m_out - energy_out).pow(2).mean()
     return id_loss(id_logits, labels, zeta) + weight * bound
+
+
+DOE_GAMMAS = (1e-1, 1e-2, 1e-3, 1e-4)  # DOE's perturbation strengths, one drawn uniformly per step
+
+
+def extrapolation_direction(network: nn.Module, names: list[str], batch: torch.Tensor,
+                            num_id: int) -> list[torch.Tensor]:
+    """DOE's informative extrapolation (Zhu et al. 2023, "Diversified Outlier Exposure for OOD
+    detection via informative extrapolation"; METHODS.md 2.5b step 2): the step that one SGD update
+    (lr 1) of a dropout-free copy of ``network`` takes on g^2, where g = d l_sur / d scale at
+    scale = 1 and l_sur = -uniform_cross_entropy(scale * f(x_out)) over the outlier rows (from
+    ``num_id`` on) of ``batch``. That step is diff = -d(g^2)/dw for every parameter named in
+    ``names`` (zero for one g^2 does not depend on). The copy runs in ``network``'s mode (train:
+    batch statistics, as the official proxy) and is discarded, so ``network`` is left untouched.
+    Dropout: ``nn.Dropout`` modules' ``p`` and the registry's ``drop_rate`` attributes are set to 0."""
+    proxy = copy.deepcopy(network)
+    for module in proxy.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        if hasattr(module, "drop_rate"):
+            module.drop_rate = 0.0
+    parameters = dict(proxy.named_parameters())
+    scale = torch.ones((), device=batch.device, requires_grad=True)
+    surrogate = -uniform_cross_entropy(scale * proxy(batch)[num_id:])
+    (slope,) = torch.autograd.grad(surrogate, scale, create_graph=True)
+    grads = torch.autograd.grad(slope ** 2, [parameters[name] for name in names], allow_unused=True)
+    return [torch.zeros_like(parameters[name]) if grad is None else -grad.detach() for name, grad in zip(names, grads)]
+
+
+POEM_SIGMA, POEM_SIGMA_N = 20.0, 0.5  # POEM's prior scale and noise variance
+
+
+def bayesian_posterior(features: torch.Tensor, targets: torch.Tensor, sigma: float = POEM_SIGMA,
+                       sigma_n: float = POEM_SIGMA_N) -> tuple[torch.Tensor, torch.Tensor]:
+    """POEM's Bayesian linear regression y = beta^T z + n (Ming et al. 2022, "POEM: Out-of-distribution
+    detection with posterior sampling"; METHODS.md 2.5 step 6), prior beta ~ N(0, sigma I), noise
+    variance sigma_n: A = Z^T Z / sigma_n + I / sigma, mu = A^-1 Z^T y / sigma_n and, as the code
+    scales it, Sigma = sigma * A^-1. In float64."""
+    z, y = features.double(), targets.double()
+    precision = z.T @ z / sigma_n + torch.eye(z.shape[1], dtype=torch.float64, device=z.device) / sigma
+    inverse = torch.linalg.inv(precision)
+    return inverse @ z.T @ y / sigma_n, sigma * inverse
+
+
+def thompson_sample(mu: torch.Tensor, covariance: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """POEM's Thompson sample beta ~ N(mu, Sigma) = mu + V sqrt(|Lambda|) e, e ~ N(0, I), from the
+    eigendecomposition of the symmetrised Sigma; |Lambda| is POEM's repair of negative eigenvalues."""
+    values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+    noise = torch.randn(len(mu), generator=generator, dtype=torch.float64).to(mu.device)
+    return mu + vectors @ (values.abs().sqrt() * noise)
+
+
+def boundary_outliers(features: torch.Tensor, beta: torch.Tensor, keep: int) -> torch.Tensor:
+    """POEM's selection: the rows of the ``keep`` outliers with the smallest |beta^T z|, those nearest
+    the sampled boundary, nearest first (ties by row)."""
+    return torch.argsort((features.double() @ beta).abs(), stable=True)[:keep]
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
-"""Training objectives and fine-tuning (UM, UMAP, OE, energy-bounded): losses against hand-computed
-values, gradients against their definitions, masks against their exact counts, and the fine-tuned
-weights against what UMAP must leave untouched."""
+"""Training objectives and fine-tuning (UM, UMAP, OE, energy-bounded, DOE, POEM): losses against
+hand-computed values, gradients against their definitions, masks against their exact counts, the
+fine-tuned weights against what UMAP must leave untouched, DOE's step against its two updates
+computed by hand and POEM's posterior against the closed form."""
+import copy
 import math
 from fractions import Fraction
 
@@ -13,10 +15,11 @@ from torch import nn
 import extract.training as training
 from extract.backbones import get_backbone_spec, registered_backbone
 from extract.datasets import load_dataset
-from extract.finetuning import FineTuneRecipe, PopupNetwork, finetune_backbone
+from extract.finetuning import DiversifiedOutlierExposure, FineTuneRecipe, PopupNetwork, doe_step, finetune_backbone
 from extract.training import Recipe, train_backbone
-from methods.training_objectives import (energy_bounded_loss, estimate_zeta, keep_mask, masked_layers, oe_loss,
-                                         popup_mask, popup_scores, um_loss)
+from methods.training_objectives import (bayesian_posterior, boundary_outliers, energy_bounded_loss, estimate_zeta,
+                                         keep_mask, masked_layers, oe_loss, popup_mask, popup_scores, thompson_sample,
+                                         um_loss)
 
 
 class Tiny(nn.Module):
@@ -33,6 +36,19 @@ class Tiny(nn.Module):
 def tiny_data(n=32, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, 1, 4, 4, generator=generator), torch.randint(0, 4, (n,), generator=generator)
+
+
+def crash_after_epochs(monkeypatch, epochs):
+    """Make training raise KeyboardInterrupt right after it saves its ``epochs``-th resume state."""
+    saves, original = [], training._atomic_torch_save
+
+    def save(obj, path):
+        original(obj, path)
+        saves.append(path)
+        if sum(p.name.endswith(".resume.pt") for p in saves) == epochs:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(training, "_atomic_torch_save", save)
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +170,7 @@ def test_um_fine_tuning_estimates_zeta_and_resumes_to_the_same_weights(digits_ba
     assert record["zeta_estimated"] and record["zeta"] > 0 and record["snapshots"] == [
         "epoch-0001.pt", "epoch-0002.pt", "epoch-0003.pt"]
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
-    saves, original = [], training._atomic_torch_save
-
-    def crash_after_the_second_epoch(obj, path):
-        original(obj, path)
-        saves.append(path)
-        if sum(p.name.endswith(".resume.pt") for p in saves) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(training, "_atomic_torch_save", crash_after_the_second_epoch)
+    crash_after_epochs(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         finetune_backbone("digits-net+um", base, recipe, train, num_classes=6, seed=0,
                           weights_dir=tmp_path / "interrupted", test_set=test, progress=False)
@@ -204,3 +212,179 @@ def test_fine_tuning_recipes_are_validated():
         FineTuneRecipe(epochs=1, forget="um", zeta=0.2).identity()
     assert FineTuneRecipe(epochs=1, gamma=0.5).identity() == FineTuneRecipe(epochs=1).identity()  # cosine: unused
     assert np.isclose(FineTuneRecipe(epochs=1).lr, 0.01)
+    for objective in ("doe", "poem"):
+        with pytest.raises(ValueError, match=f"objective '{objective}' needs 'outliers'"):
+            FineTuneRecipe(epochs=1, objective=objective)
+    with pytest.raises(ValueError, match="doe_warmup >= 0 and poem_keep >= 1"):
+        FineTuneRecipe(epochs=1, objective="poem", outliers="digits-ood", poem_keep=0)
+    doe, poem = (FineTuneRecipe(epochs=1, objective=o, outliers="digits-ood", forget="um", zeta=0.1)
+                 for o in ("doe", "poem"))
+    assert "doe_warmup" in doe.identity() and not {"poem_keep", "poem_conf", "m_in", "oe_weight"} & set(doe.identity())
+    assert {"poem_keep", "poem_conf", "m_in", "m_out", "energy_weight"} <= set(poem.identity())
+    assert "doe_warmup" not in poem.identity() and "doe_warmup" not in FineTuneRecipe(epochs=1).identity()
+    assert (doe.label, poem.label) == ("DOE + UM", "POEM + UM")
+
+
+def extrapolated(net, batch, num_id):
+    """DOE's diff by its official recipe: one SGD step (lr 1) of a copy on g^2, g = d(-L_OE(scale * f))/d scale;
+    the copy's weights minus the network's."""
+    proxy = copy.deepcopy(net)
+    scale = torch.tensor(1.0, requires_grad=True)
+    out = scale * proxy(batch)[num_id:]
+    (slope,) = torch.autograd.grad((out.mean(1) - torch.logsumexp(out, 1)).mean(), scale, create_graph=True)
+    sgd = torch.optim.SGD(proxy.parameters(), lr=1.0)
+    sgd.zero_grad()
+    (slope ** 2).backward()
+    sgd.step()
+    return [q.detach() - p.detach() for q, p in zip(proxy.parameters(), net.parameters())]
+
+
+def test_one_doe_step_is_exactly_the_two_clipped_updates_and_removes_the_perturbation():
+    torch.manual_seed(0)
+    model = Tiny()
+    with torch.no_grad():
+        model.fc.weight.mul_(4)  # gradients large enough to be clipped
+    x, y = tiny_data(16)
+    outliers = tiny_data(8, seed=1)[0]
+    batch, start = torch.cat([x, outliers]), copy.deepcopy(model)
+    doe = DiversifiedOutlierExposure(model, list(model.parameters()), zeta=None, warmup_steps=0, seed=0, gammas=(0.1,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # no momentum, no weight decay
+    loss, logits = doe_step(doe, optimizer, x, y, outliers)
+
+    def at(weights):  # a copy of the starting network (its batch-norm statistics) with these weights
+        net = copy.deepcopy(start)
+        with torch.no_grad():
+            for parameter, weight in zip(net.parameters(), weights):
+                parameter.copy_(weight)
+        return net
+
+    def clipped_gradient(net, objective):  # clip_grad_norm_(1): scale by min(1, 1 / (norm + 1e-6))
+        grads = torch.autograd.grad(objective, list(net.parameters()))
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+        return [g * min(1.0, 1.0 / (norm + 1e-6)) for g in grads], norm
+
+    w = [p.detach().clone() for p in start.parameters()]
+    diff = extrapolated(start, batch, 16)  # the first post-warm-up step uses it as is
+    perturbed = at([p + 0.1 * d for p, d in zip(w, diff)])
+    out = perturbed(batch)[16:]
+    outlier_loss = (torch.logsumexp(out, 1) - out.mean(1)).mean()
+    g1, norm1 = clipped_gradient(perturbed, outlier_loss)
+    w1 = [p - 0.5 * g for p, g in zip(w, g1)]  # the perturbation removed: the second pass is at w1
+    restored = at(w1)
+    restored_logits = restored(batch)[:16]
+    id_term = F.cross_entropy(restored_logits, y)
+    g2, norm2 = clipped_gradient(restored, id_term)
+    w2 = [p - 0.5 * g for p, g in zip(w1, g2)]
+    assert max(norm1, norm2) > 1  # the clipping took effect
+    for parameter, expected in zip(model.parameters(), w2):
+        torch.testing.assert_close(parameter.detach(), expected, atol=1e-6, rtol=0)
+    assert loss == pytest.approx(outlier_loss.item() + id_term.item(), rel=1e-6)
+    torch.testing.assert_close(logits, restored_logits)
+    for kept, expected in zip(doe.diffs, diff):  # the running diff is the model's state, not its weights
+        torch.testing.assert_close(kept, expected, atol=1e-6, rtol=1e-5)
+    # batch norm moved once, by the unperturbed pass: neither the proxy nor the perturbed pass touched it
+    assert int(model.bn.num_batches_tracked) == 1
+    torch.testing.assert_close(model.bn.running_mean, restored.bn.running_mean)
+    torch.testing.assert_close(model.bn.running_var, restored.bn.running_var)
+    new = extrapolated(copy.deepcopy(model), batch, 16)
+    doe_step(doe, optimizer, x, y, outliers)
+    assert int(doe.updates) == 2
+    for kept, old, fresh in zip(doe.diffs, diff, new):  # afterwards an exponential average
+        torch.testing.assert_close(kept, 0.6 * old + 0.4 * fresh, atol=1e-6, rtol=1e-5)
+
+
+def test_doe_warm_up_is_one_clipped_step_on_ce_plus_the_full_oe_term():
+    torch.manual_seed(0)
+    model = Tiny()
+    x, y = tiny_data(16)
+    outliers = 3 * tiny_data(8, seed=1)[0]
+    reference = copy.deepcopy(model)
+    doe = DiversifiedOutlierExposure(model, list(model.parameters()), zeta=0.5, warmup_steps=1, seed=0)
+    loss, _ = doe_step(doe, torch.optim.SGD(model.parameters(), lr=0.5), x, y, outliers)
+    logits = reference(torch.cat([x, outliers]))
+    expected = oe_loss(logits[:16], y, logits[16:], weight=1.0, zeta=0.5)
+    expected.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    torch.optim.SGD(reference.parameters(), lr=0.5).step()
+    assert loss == pytest.approx(expected.item(), rel=1e-6) and int(doe.updates) == 1
+    assert not any(d.any() for d in doe.diffs)  # no direction during warm-up
+    for parameter, expected_parameter in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(parameter, expected_parameter)
+
+
+def test_poem_posterior_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(30, 4)), rng.normal(size=30)
+    for sigma, sigma_n in ((20.0, 0.5), (2.0, 3.0)):
+        mu, covariance = bayesian_posterior(torch.from_numpy(z), torch.from_numpy(y), sigma, sigma_n)
+        a = z.T @ z / sigma_n + np.eye(4) / sigma
+        np.testing.assert_allclose(mu.numpy(), np.linalg.inv(a) @ z.T @ y / sigma_n, rtol=1e-10)
+        np.testing.assert_allclose(covariance.numpy(), sigma * np.linalg.inv(a), rtol=1e-10)
+    mu, _ = bayesian_posterior(torch.from_numpy(z).float(), torch.from_numpy(y))  # defaults 20, 0.5; in float64
+    np.testing.assert_allclose(mu.numpy(), np.linalg.solve(z.T @ z / 0.5 + np.eye(4) / 20, z.T @ y / 0.5), rtol=1e-6)
+
+
+def test_thompson_selection_keeps_the_outliers_nearest_the_sampled_boundary():
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.5], [0.1, -0.1]])
+    beta = torch.tensor([1.0, -1.0], dtype=torch.float64)  # |beta^T z| = 1, 1, 0, 1.5, 0.2
+    assert boundary_outliers(features, beta, 2).tolist() == [2, 4]
+    assert boundary_outliers(features, beta, 3).tolist() == [2, 4, 0]  # a tie goes to the first row
+    rng = np.random.default_rng(1)
+    z, b = rng.normal(size=(200, 6)), rng.normal(size=6)
+    chosen = boundary_outliers(torch.from_numpy(z), torch.from_numpy(b), 50).numpy()
+    assert set(chosen) == set(np.argsort(np.abs(z @ b))[:50])
+    # beta ~ N(mu, Sigma); a negative eigenvalue (numerical trouble) is taken by its magnitude
+    vectors = torch.linalg.qr(torch.from_numpy(rng.normal(size=(3, 3))))[0]
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    for values in ((2.0, 1.0, 0.5), (2.0, -1.0, 0.5)):
+        covariance = vectors @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ vectors.T
+        samples = torch.stack([thompson_sample(mu, covariance, generator) for _ in range(4000)]).numpy()
+        np.testing.assert_allclose(samples.mean(0), mu.numpy(), atol=0.1)
+        expected = (vectors @ torch.diag(torch.tensor(values, dtype=torch.float64).abs()) @ vectors.T).numpy()
+        np.testing.assert_allclose(np.cov(samples.T), expected, atol=0.15)
+
+
+@pytest.mark.slow
+def test_poem_fine_tuning_runs_on_half_the_pool_and_widens_the_energy_gap(digits_backbone, tmp_path):
+    base, train, test = digits_backbone
+    outliers = load_dataset("digits", "ood")
+
+    def energy_gap(model):  # mean energy of the outliers minus that of the ID test set
+        with torch.no_grad():
+            energy = [-torch.logsumexp(model.eval()(base.preprocessing(images)), 1).mean().item()
+                      for images in (outliers.images, test.images)]
+        return energy[0] - energy[1]
+
+    recipe = FineTuneRecipe(epochs=2, lr=0.02, batch_size=64, objective="poem", outliers="digits-ood",
+                            outlier_batch_size=64, m_in=-6.0, m_out=-2.0)  # margins on this tiny network's scale
+    state, record = finetune_backbone("digits-net+poem", base, recipe, train, num_classes=6, seed=0,
+                                      weights_dir=tmp_path, test_set=test, outlier_set=outliers, progress=False)
+    assert record["label"] == "POEM" and record["poem_keep"] == len(outliers.images) // 2
+    tuned = registered_backbone(get_backbone_spec("digits-net"), state, "digits-net+poem", 6)  # no POEM state left
+    assert energy_gap(tuned.model) > energy_gap(base.model) + 0.2
+    assert [h["epoch"] for h in record["history"]] == [1, 2] and record["history"][-1]["test_acc"] > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, forget, label", [("doe", "um", "DOE + UM"), ("doe", "umap", "DOE + UMAP"),
+                                                      ("poem", "um", "POEM + UM")])
+def test_doe_and_poem_resume_to_the_same_weights(digits_backbone, tmp_path, monkeypatch, objective, forget, label):
+    base, train, test = digits_backbone
+    outliers = load_dataset("digits", "ood")
+    recipe = FineTuneRecipe(epochs=2, lr=0.02, batch_size=128, objective=objective, outliers="digits-ood",
+                            outlier_batch_size=64, forget=forget, zeta=0.05, doe_warmup=0, poem_keep=200)
+
+    def run(folder):
+        return finetune_backbone(f"digits-net+{objective}", base, recipe, train, num_classes=6, seed=0,
+                                 weights_dir=tmp_path / folder, test_set=test, outlier_set=outliers, progress=False)
+
+    reference, record = run("reference")
+    assert record["label"] == label and set(reference) == set(base.model.state_dict())
+    crash_after_epochs(monkeypatch, 1)  # DOE's running diff / POEM's last choice must survive the interruption
+    with pytest.raises(KeyboardInterrupt):
+        run("interrupted")
+    monkeypatch.undo()
+    resumed, again = run("interrupted")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    assert again["history"] == record["history"]

@@ -14,7 +14,6 @@ from extract.extraction import partial_folder
 from extract.network import (PENULTIMATE, EntryRows, Network, derive, derive_state, fgsm_inputs, gradnorm_loss, layer_means,
                              mahalanobis_perturbed_confidences, network_tail, numpy_rows, odin_perturbed_inputs,
                              per_sample_gradnorm)
-from extract.store import CachedSplit
 from harness.config import MethodRef, load_benchmark
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
