@@ -12,6 +12,17 @@ N_BINS = 50
 MAX_COLUMNS = 3
 
 
+def _save(figure: Figure, path: str | Path, title: str | None) -> Path:
+    """Title ``figure``, save it as a PNG at ``path`` (folders created) and release it."""
+    if title is not None:
+        figure.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=100)
+    figure.clear()
+    return path
+
+
 def plot_score_histograms(
     scores: dict[str, dict[str, np.ndarray]], path: str | Path, title: str | None = None
 ) -> Path:
@@ -52,14 +63,7 @@ def plot_score_histograms(
         ax.legend(fontsize="small")
     for ax in axes[len(scores):]:
         ax.set_visible(False)
-    if title is not None:
-        figure.suptitle(title)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
-    figure.clear()
-    return path
+    return _save(figure, path, title)
 
 
 def plot_epoch_curves(metrics, path: str | Path, title: str | None = None) -> Path:
@@ -98,10 +102,4 @@ def plot_epoch_curves(metrics, path: str | Path, title: str | None = None) -> Pa
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.legend(fontsize="small")
-    if title is not None:
-        figure.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
-    figure.clear()
-    return path
+    return _save(figure, path, title)
