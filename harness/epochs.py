@@ -65,5 +65,5 @@ def write_epoch_report(run: BenchmarkRun, backbone_name: str,
     mean = metrics.groupby(["method", "ood_set", "epoch"], sort=False, as_index=False)[
         ["fpr95", "auroc", *HISTORY]].mean()
     title = (f"{run.benchmark.name} / {backbone_name}: OOD detection across training "
-             f"(seeds {', '.join(map(str, seeds))}; {metrics['convention'].iloc[0]})")
+             f"(seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; {metrics['convention'].iloc[0]})")
     return metrics, [table, plot_epoch_curves(mean, folder / "epochs.png", title)]

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 N_BINS = 50
 MAX_COLUMNS = 3
@@ -90,7 +91,6 @@ def plot_epoch_curves(metrics, path: str | Path, title: str | None = None) -> Pa
                 ax.plot(table.index, 100 * table[name], marker=".", linewidth=1, color=f"C{index}", label=name)
             ax.plot(table.index, 100 * table.mean(axis=1), marker="o", linewidth=2.5, color="black", label="average")
             ax.set_title(f"{method}: {label}")
-            ax.set_xlabel("epoch")
         row[0].legend(fontsize="x-small", ncol=2)
     curves = metrics.groupby("epoch")[["train_loss", "test_loss", "train_acc", "test_acc"]].mean()
     loss_ax, acc_ax = axes[-1]
@@ -100,6 +100,8 @@ def plot_epoch_curves(metrics, path: str | Path, title: str | None = None) -> Pa
             values = curves[name] * (100 if "acc" in name else 1)
             ax.plot(curves.index, values, marker="o", label=name.replace("_", " "))
         ax.set_title(label)
-        ax.set_xlabel("epoch")
         ax.legend(fontsize="small")
+    for ax in axes.ravel():
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(figure, path, title)
