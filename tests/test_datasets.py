@@ -524,12 +524,30 @@ def test_photo_patches_grayscale_is_luma():
     assert min(errors) < 1e-5
 
 
+def test_hopper_patches_are_crops_of_matplotlibs_photograph_in_luma():
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    with Image.open(path) as image:
+        luma = (np.asarray(image.convert("RGB"), dtype=np.float32) @ np.array([0.299, 0.587, 0.114],
+                                                                            dtype=np.float32)) / 255
+    side = min(luma.shape)  # a crop as large as the photo allows, resized to its own size: an exact crop
+    outliers = load_dataset("hopper-patches", "train", n=3, size=side, seed=2)
+    assert outliers.images.shape == (3, side, side) and (outliers.labels == 0).all() and outliers.inputs == (path,)
+    for patch in outliers.images:
+        errors = [np.abs(patch - luma[row:row + side]).max() for row in range(luma.shape[0] - side + 1)]
+        assert min(errors) < 1e-5
+    small = load_dataset("hopper-patches", "train", n=50)
+    assert small.images.shape == (50, 28, 28) and 0 <= small.images.min() and small.images.max() <= 1
+    assert small.fingerprint() != load_dataset("hopper-patches", "train", n=50, seed=1).fingerprint()
+
+
 # ---------------------------------------------------------------- registry and argument errors
 
 def test_registry_names():
     assert set(DATASETS) == {
         "fashion-mnist", "mnist", "notmnist", "kmnist", "animal-mnist", "textures", "digits28",
-        "photo-patches", "gaussian", "bernoulli", "blobs", "uniform", "digits", "cifar10-jpeg",
+        "photo-patches", "gaussian", "bernoulli", "blobs", "uniform", "digits", "cifar10-jpeg", "hopper-patches",
     }
     assert DATASETS["gaussian"].defaults == {"n": 10000, "size": 28, "seed": 0}
     assert DATASETS["digits"].splits == ("train", "test", "ood")
