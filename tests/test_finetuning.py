@@ -159,6 +159,13 @@ def test_umap_leaves_every_weight_bit_identical_and_keeps_the_requested_fraction
     for key in before:  # biases and batch-norm statistics (frozen by default) unchanged
         if not any(key == f"{name}.weight" for name in masked_layers(base.model)):
             assert torch.equal(state[key], before[key]), key
+    # the official code's behaviour, on request: train mode moves the batch-norm statistics (only them)
+    updated, _ = finetune_backbone("digits-net+umap", base, FineTuneRecipe(
+        epochs=1, lr=0.05, batch_size=64, forget="umap", keep=0.8, zeta=0.05, bn_stats="update"), train,
+        num_classes=6, seed=0, weights_dir=tmp_path, progress=False)
+    statistics = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    assert statistics and all(not torch.equal(updated[k], before[k]) for k in statistics)
+    assert all(torch.equal(updated[k], before[k]) for k in before if k.endswith("bias"))
 
 
 @pytest.mark.slow
