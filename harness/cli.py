@@ -297,7 +297,7 @@ def cmd_list(args) -> int:
         print(f"  {name:14} splits {','.join(entry.splits):16} {entry.description}")
     print("\nbackbones:")
     for name, spec in sorted(BACKBONES.items()):
-        print(f"  {name:14} head {spec.head:4} layers {','.join(spec.layers):22} {spec.description}")
+        print(f"  {name:16} head {spec.head:6} layers {','.join(spec.layers):29} {spec.description}")
     print("\nmethods:")
     for name, cls in sorted(METHODS.items()):
         params = ", ".join(f"{k}={v}" for k, v in cls.defaults().items()) or "-"
