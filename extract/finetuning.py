@@ -23,7 +23,8 @@ from extract.backbones import Backbone
 from extract.datasets import ImageSet
 from extract.extraction import capture_outputs
 from extract.store import content_key
-from extract.training import Recipe, augment, class_labels, cpu_state, gradient_step, load_weights, train_epochs
+from extract.training import (Recipe, augment, class_labels, cpu_state, gradient_step, load_weights, test_tensors,
+                              train_epochs)
 from methods.training_objectives import (DOE_GAMMAS, POEM_SIGMA, POEM_SIGMA_N, bayesian_posterior,
                                          boundary_outliers, energy_bounded_loss, estimate_zeta,
                                          extrapolation_direction, id_loss, keep_mask, masked_layers, masked_weights,
@@ -397,11 +398,8 @@ def finetune_backbone(name: str, base: Backbone, recipe: FineTuneRecipe, train_s
     if recipe.objective in ("doe", "poem"):  # export the network without the objective's state
         export = (lambda wrapper, unwrapped=export: unwrapped(wrapper.network))
 
-    test = (preprocess(test_set.images).to(device), torch.as_tensor(test_set.labels, dtype=torch.long).to(device)) \
-        if test_set is not None else None
-    state, full = train_epochs(network, trainable, recipe, inputs, labels, seed=seed, final=final,
-                               describe=f"fine-tune {name} ({recipe.label}) seed {seed}", step=step, test=test,
-                               outliers=outliers, outlier_batch_size=recipe.outlier_batch_size,
-                               before_epoch=before_epoch, record=record, export=export, device=device,
-                               progress=progress)
-    return state, full
+    return train_epochs(network, trainable, recipe, inputs, labels, seed=seed, final=final,
+                        describe=f"fine-tune {name} ({recipe.label}) seed {seed}", step=step,
+                        test=test_tensors(preprocess, test_set, device), outliers=outliers,
+                        outlier_batch_size=recipe.outlier_batch_size, before_epoch=before_epoch, record=record,
+                        export=export, device=device, progress=progress)

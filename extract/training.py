@@ -262,6 +262,13 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+def test_tensors(preprocessing, test_set: ImageSet | None, device: str):
+    """(inputs, labels) of the set a run evaluates after every epoch, on ``device``; None without one."""
+    if test_set is None:
+        return None
+    return preprocessing(test_set.images).to(device), torch.as_tensor(test_set.labels, dtype=torch.long).to(device)
+
+
 def class_labels(images: ImageSet, num_classes: int) -> torch.Tensor:
     labels = torch.as_tensor(images.labels, dtype=torch.long)
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -284,8 +291,7 @@ def train_backbone(spec: BackboneSpec, recipe: Recipe, train_set: ImageSet, *, n
     labels = class_labels(train_set, num_classes)
     torch.manual_seed(seed)
     model = spec.build(num_classes=num_classes)
-    test = (spec.preprocessing(test_set.images).to(device),
-            torch.as_tensor(test_set.labels, dtype=torch.long).to(device)) if test_set is not None else None
+    test = test_tensors(spec.preprocessing, test_set, device)
     return train_epochs(model, model.parameters(), recipe, spec.preprocessing(train_set.images), labels, seed=seed,
                         final=final, describe=f"train {spec.name} seed {seed}", test=test,
                         record={"train_set": train_set.fingerprint()}, device=device, progress=progress)
