@@ -106,7 +106,13 @@ class BenchmarkRun:
 
     def backbone(self, config: BackboneConfig, seed: int, compute: bool = True) -> Backbone:
         """The backbone entry for ``seed``: trained from its recipe (weights cached), loaded from a
-        checkpoint, or fine-tuned from another backbone of the benchmark."""
+        checkpoint, or fine-tuned from another backbone of the benchmark; built once per run (a base
+        backbone serves itself and every backbone fine-tuned from it)."""
+        if (config.name, seed) not in self._backbones:
+            self._backbones[config.name, seed] = self._build(config, seed, compute)
+        return self._backbones[config.name, seed]
+
+    def _build(self, config: BackboneConfig, seed: int, compute: bool) -> Backbone:
         if config.finetune is not None:
             return self._finetuned(config, seed, compute)
         if config.factory:
@@ -172,19 +178,17 @@ class BenchmarkRun:
         return registered_backbone(spec, state, config.name, self.benchmark.num_classes, info)
 
     def resolved_backbone(self, resolved: ResolvedBackbone) -> Backbone:
-        """The backbone of a resolved (name, seed), loaded once per run; it must still be the entry
-        the resolution recorded."""
-        if (resolved.name, resolved.seed) not in self._backbones:
-            config = next((c for c in self.benchmark.backbones if c.name == resolved.name), None)
-            if config is None:
-                raise CacheMissing(f"benchmark {self.benchmark.name} has no backbone {resolved.name!r} any more; "
-                                   f"run `oodbench run {self.benchmark.name}`")
-            backbone = self.backbone(config, resolved.seed)
-            if backbone.key != resolved.key:
-                raise CacheMissing(f"backbone {resolved.name} seed {resolved.seed} is now entry {backbone.key}, not "
-                                   f"{resolved.key}; run `oodbench run {self.benchmark.name}` to extract it")
-            self._backbones[resolved.name, resolved.seed] = backbone
-        return self._backbones[resolved.name, resolved.seed]
+        """The backbone of a resolved (name, seed) (``backbone``); it must still be the entry the
+        resolution recorded."""
+        config = next((c for c in self.benchmark.backbones if c.name == resolved.name), None)
+        if config is None:
+            raise CacheMissing(f"benchmark {self.benchmark.name} has no backbone {resolved.name!r} any more; "
+                               f"run `oodbench run {self.benchmark.name}`")
+        backbone = self.backbone(config, resolved.seed)
+        if backbone.key != resolved.key:
+            raise CacheMissing(f"backbone {resolved.name} seed {resolved.seed} is now entry {backbone.key}, not "
+                               f"{resolved.key}; run `oodbench run {self.benchmark.name}` to extract it")
+        return backbone
 
     def _entry(self, resolved: ResolvedBackbone, label: str) -> CachedSplit:
         entry = self.store.open_entry(self.store.root / resolved.entries[label])
