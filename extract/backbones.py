@@ -23,21 +23,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from extract.datasets import ImageFiles
+
 
 @dataclass(frozen=True)
 class Preprocessing:
     """How raw images become network inputs: channel count, square input size, mean/std normalisation.
 
-    Images arrive as uint8 [0,255] or float32 [0,1], (N,H,W) grayscale or (N,H,W,3) RGB. They are
+    Arrays arrive as uint8 [0,255] or float32 [0,1], (N,H,W) grayscale or (N,H,W,3) RGB. They are
     scaled to [0,1], converted to ``channels`` (grayscale->RGB by repetition, RGB->grayscale by
     ITU-R 601 luma), resized bilinearly (antialiased) to ``input_size`` when the size differs, and
     normalised per channel: x' = (x - mean) / std.
+
+    Image files of varying sizes (``ImageFiles``: ImageNet-scale sets) are decoded one by one with
+    Pillow (mode RGB or L, whose luma is ITU-R 601 too) and resized as torchvision's transforms
+    do: with ``resize_to`` > 0, Resize(resize_to) (shorter side, bilinear, antialiased) then
+    CenterCrop(input_size) - the ImageNet evaluation transform with 256/224; with 0,
+    Resize((input_size, input_size)), the aspect ratio not kept (BiT's 480x480).
     """
 
     input_size: int
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize_to: int = 0
 
     def __post_init__(self):
         if self.channels not in (1, 3):
@@ -46,13 +55,21 @@ class Preprocessing:
             raise ValueError(
                 f"preprocessing mean/std need {self.channels} values each, got mean={self.mean} std={self.std}"
             )
+        if self.resize_to and self.resize_to < self.input_size:
+            raise ValueError(f"preprocessing resize_to ({self.resize_to}) must be 0 or at least input_size "
+                             f"({self.input_size}), as it is the size before the center crop")
 
     def describe(self) -> dict:
-        return {"input_size": self.input_size, "channels": self.channels,
-                "mean": list(self.mean), "std": list(self.std), "resize": "bilinear-antialias"}
+        described = {"input_size": self.input_size, "channels": self.channels,
+                     "mean": list(self.mean), "std": list(self.std), "resize": "bilinear-antialias"}
+        if self.resize_to:  # only when set, so the keys of every earlier preprocessing stay the same
+            described["resize_to"] = self.resize_to
+        return described
 
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        """Turn a batch of raw images (numpy) into a normalised float32 tensor (N, C, H, W)."""
+    def __call__(self, images) -> torch.Tensor:
+        """Turn a batch of raw images (numpy, or ``ImageFiles``) into a normalised float32 tensor (N, C, H, W)."""
+        if isinstance(images, ImageFiles):
+            return torch.stack([self.decode(images.open(i)) for i in range(len(images))])
         x = torch.from_numpy(np.ascontiguousarray(images))
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
@@ -64,9 +81,24 @@ class Preprocessing:
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std per channel of a [0,1] tensor (N, C, H, W) or (C, H, W)."""
+        shape = (-1, 1, 1)
+        return (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+
+    def decode(self, image) -> torch.Tensor:
+        """One Pillow image as a normalised (C, input_size, input_size) tensor (see the class docstring)."""
+        from torchvision.transforms import functional as TF  # imported where used: torchvision is slow to import
+
+        image = image.convert("RGB" if self.channels == 3 else "L")
+        size = self.input_size
+        if self.resize_to:
+            image = TF.center_crop(TF.resize(image, self.resize_to, antialias=True), [size, size])
+        else:
+            image = TF.resize(image, [size, size], antialias=True)
+        return self.normalise(TF.pil_to_tensor(image).float().div_(255.0))
 
 
 @dataclass(frozen=True)
@@ -468,6 +500,276 @@ def cifar_resnet18(num_classes: int = 10) -> nn.Module:
     return CifarResNet18(num_classes=num_classes)
 
 
+class SigmoidGELU(nn.Module):
+    """The sigmoid approximation of GELU used by the Outlier Exposure MNIST code: x * sigmoid(1.702 x)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class OEConvNet(nn.Module):
+    """The MNIST ConvNet of Outlier Exposure (Hendrycks et al. 2019, ``MNIST/models/conv_net.py``):
+    conv1 5x5 1->10 -> max-pool 2 -> act; conv2 5x5 10->20 -> dropout2d -> max-pool 2 -> act;
+    flatten 320 -> fc1 50 -> act (the penultimate feature; it can be slightly negative) -> dropout
+    -> fc2 10. act is ``SigmoidGELU``; the dropouts are identities in eval mode. Each step is a
+    module so hooks can read (``act1``, ``act2``, ``act3``) or shape (``act2``) it."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, 5)
+        self.pool1 = nn.MaxPool2d(2)
+        self.act1 = SigmoidGELU()
+        self.conv2 = nn.Conv2d(10, 20, 5)
+        self.conv2_drop = nn.Dropout2d()
+        self.pool2 = nn.MaxPool2d(2)
+        self.act2 = SigmoidGELU()
+        self.fc1 = nn.Linear(320, 50)
+        self.act3 = SigmoidGELU()
+        self.fc1_drop = nn.Dropout()
+        self.fc2 = nn.Linear(50, num_classes)
+
+    def forward(self, x):
+        x = self.act1(self.pool1(self.conv1(x)))
+        x = self.act2(self.pool2(self.conv2_drop(self.conv2(x))))
+        return self.fc2(self.fc1_drop(self.act3(self.fc1(x.flatten(1)))))
+
+
+# shaping_layer: the activated conv2 map (>= -0.17, as x * sigmoid(1.702 x) is). Before the activation
+# it is signed, and ASH-S's exp(sum / kept sum) overflows there (measured: 88 of 10,000 notMNIST images).
+@register_backbone("mnist-convnet-oe", preprocessing=Preprocessing(28, 1, (0.0,), (1.0,)), head="fc2",
+                   layers=("act1", "act2", "act3"), shaping_layer="act2",
+                   description="Outlier Exposure's MNIST ConvNet (2 conv + 2 fc, x*sigmoid(1.702x)), 50-d fc1 "
+                               "feature; inputs in [0,1], no normalisation")
+def mnist_convnet_oe(num_classes: int = 10) -> nn.Module:
+    return OEConvNet(num_classes=num_classes)
+
+
+# ImageNet backbones of the OOD papers: ResNet-50 (ReAct, DICE, ASH, KNN, ViM), MobileNetV2 (ReAct, ASH),
+# DenseNet-121 (ASH's code) and BiT-S-R101x1 (MOS, GradNorm, ViM). torchvision is imported inside the factories:
+# it is slow to import.
+
+# torchvision's ImageNet evaluation transform: Resize(256) -> CenterCrop(224) -> normalise
+IMAGENET_NORM = Preprocessing(input_size=224, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                              resize_to=256)
+
+
+# shaping_layer: layer4's output, the last bottleneck's ReLU(sum), the (N, 2048, 7, 7) map before the average
+# pooling (non-negative). The sum before that ReLU has no module of its own: torchvision's Bottleneck runs one
+# ``relu`` module three times.
+@register_backbone("resnet50", preprocessing=IMAGENET_NORM, head="fc",
+                   layers=("layer1", "layer2", "layer3", "layer4"), shaping_layer="layer4",
+                   description="ResNet-50 (He et al. 2016; torchvision, v1 weights resnet50-19c8e357.pth, 76.13% "
+                               "top-1), 2048-d GAP feature; shaping at layer4's output (after its ReLU)")
+def resnet50(num_classes: int = 1000) -> nn.Module:
+    from torchvision import models
+
+    return models.resnet50(weights=None, num_classes=num_classes)
+
+
+# layers: the ends of the 24-, 32- and 96-channel stages (strides 4, 8, 16; linear bottlenecks, so signed) and
+# the final 1280-channel map. shaping_layer: features.18, the last 1x1 conv block (320 -> 1280, BN, ReLU6), so
+# values lie in [0, 6]; torchvision's forward only average-pools it into the head (no further activation).
+@register_backbone("mobilenet-v2", preprocessing=IMAGENET_NORM, head="classifier.1",
+                   layers=("features.3", "features.6", "features.13", "features.18"), shaping_layer="features.18",
+                   description="MobileNetV2 (Sandler et al. 2018; torchvision, weights mobilenet_v2-b0353104.pth), "
+                               "1280-d GAP feature; shaping at the last conv block (ReLU6 output, in [0, 6])")
+def mobilenet_v2(num_classes: int = 1000) -> nn.Module:
+    from torchvision import models
+
+    return models.mobilenet_v2(weights=None, num_classes=num_classes)
+
+
+def remap_densenet_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's published DenseNet checkpoints (densenet121-a639ec97.pth) name a dense layer's modules
+    ``norm.1``, ``conv.1``, ... (dots are no longer allowed in module names); rename them ``norm1``, ``conv1``, ...
+    with the pattern of ``torchvision.models.densenet._load_state_dict``. Other keys are kept, in order."""
+    import re
+
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                         r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    renamed = {}
+    for key, value in state.items():
+        match = pattern.match(key)
+        renamed[match.group(1) + match.group(2) if match else key] = value
+    return renamed
+
+
+class DenseNet121(nn.Module):
+    """torchvision's DenseNet-121 (Huang et al. 2017: growth rate 32, dense blocks of 6, 12, 24, 16 layers):
+    its ``features`` and ``classifier`` modules, so its key names, with torchvision's forward written out:
+    features (ending in the batch norm ``features.norm5``) -> ReLU -> global average pooling -> 1024-d feature
+    -> ``classifier``. The ReLU is not in place (torchvision's is), so a hook on ``features.norm5`` keeps the
+    signed batch-norm output. Checkpoints with the old dotted key names load (``remap_state_dict``)."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        from torchvision import models
+
+        reference = models.densenet121(weights=None, num_classes=num_classes)
+        self.features = reference.features
+        self.classifier = reference.classifier
+
+    def forward(self, x):
+        out = F.adaptive_avg_pool2d(F.relu(self.features(x)), 1)
+        return self.classifier(torch.flatten(out, 1))
+
+    @staticmethod
+    def remap_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Called by ``load_state_dict_strict`` before it compares keys."""
+        return remap_densenet_keys(state)
+
+
+# shaping_layer: the final batch norm's output, before the ReLU and pooling (signed), as for densenet-bc-100
+@register_backbone("densenet121", preprocessing=IMAGENET_NORM, head="classifier",
+                   layers=("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5"),
+                   shaping_layer="features.norm5",
+                   description="DenseNet-121 (Huang et al. 2017; torchvision, weights densenet121-a639ec97.pth, old "
+                               "key names renamed), 1024-d GAP feature; shaping at the final BN (norm5) before its "
+                               "ReLU")
+def densenet121(num_classes: int = 1000) -> nn.Module:
+    return DenseNet121(num_classes=num_classes)
+
+
+def named_sequential(**modules: nn.Module) -> nn.Sequential:
+    """An ``nn.Sequential`` whose children have the given names, in keyword order."""
+    sequential = nn.Sequential()
+    for name, module in modules.items():
+        sequential.add_module(name, module)
+    return sequential
+
+
+class StdConv2d(nn.Conv2d):
+    """A convolution with weight standardisation (Qiao et al. 2019), as Big Transfer uses it: each output
+    filter's weights are standardised to zero mean and unit (biased) variance, eps 1e-10, at every call."""
+
+    def forward(self, x):
+        variance, mean = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
+        weight = (self.weight - mean) / torch.sqrt(variance + 1e-10)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PreActBottleneck(nn.Module):
+    """BiT's pre-activation (v2) bottleneck unit: a = ReLU(gn1(x)); out = conv1 1x1 (cin -> cmid) -> gn2 -> ReLU
+    -> conv2 3x3 (stride s) -> gn3 -> ReLU -> conv3 1x1 (cmid -> cout), plus the shortcut: x, or ``downsample``
+    (1x1, stride s) of a when the shape changes. No activation after the sum. GroupNorm(32), StdConv2d."""
+
+    def __init__(self, cin: int, cout: int, cmid: int, stride: int = 1):
+        super().__init__()
+        self.gn1 = nn.GroupNorm(32, cin)
+        self.conv1 = StdConv2d(cin, cmid, 1, bias=False)
+        self.gn2 = nn.GroupNorm(32, cmid)
+        self.conv2 = StdConv2d(cmid, cmid, 3, stride=stride, padding=1, bias=False)
+        self.gn3 = nn.GroupNorm(32, cmid)
+        self.conv3 = StdConv2d(cmid, cout, 1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = StdConv2d(cin, cout, 1, stride=stride, bias=False)
+
+    def forward(self, x):
+        out = self.relu(self.gn1(x))
+        shortcut = x if self.downsample is None else self.downsample(out)
+        out = self.conv2(self.relu(self.gn2(self.conv1(out))))
+        return self.conv3(self.relu(self.gn3(out))) + shortcut
+
+
+class ResNetV2(nn.Module):
+    """Big Transfer's ResNet-v2 (Kolesnikov et al. 2020), module names of google-research/big_transfer
+    ``bit_pytorch/models.py`` as split by the MOS / GradNorm code (``before_head`` + ``head``), so their
+    checkpoints load: ``root`` (StdConv2d 7x7 stride 2, zero padding 1, 3x3 max pooling stride 2), ``body``
+    of ``block1``-``block4`` with ``unit01``... (256, 512, 1024, 2048 times ``width_factor`` channels, the
+    first unit of blocks 2-4 with stride 2), ``before_head`` (``gn`` -> ``relu`` -> ``avg``: the 2048-d
+    pooled feature) and ``head`` (``conv``: a 1x1 convolution with bias, the classifier).
+
+    ``block4``'s output is the pre-activation sum, signed; the GroupNorm after it divides out any per-sample
+    scale, so shaping is placed after it, at ``before_head.gn`` (signed; ReLU and pooling follow)."""
+
+    def __init__(self, block_units=(3, 4, 23, 3), width_factor: int = 1, num_classes: int = 1000):
+        super().__init__()
+        wf = width_factor
+        # zero padding then an unpadded pool: the root output is not activated, so the pool's own -inf
+        # padding would give different border values
+        self.root = named_sequential(conv=StdConv2d(3, 64 * wf, 7, stride=2, padding=3, bias=False),
+                                     pad=nn.ConstantPad2d(1, 0), pool=nn.MaxPool2d(3, stride=2, padding=0))
+        blocks, cin = {}, 64 * wf
+        for b, units in enumerate(block_units):
+            cout, cmid = 256 * wf * 2 ** b, 64 * wf * 2 ** b
+            blocks[f"block{b + 1}"] = named_sequential(**{
+                f"unit{u:02d}": PreActBottleneck(cin if u == 1 else cout, cout, cmid, 2 if u == 1 and b > 0 else 1)
+                for u in range(1, units + 1)})
+            cin = cout
+        self.body = named_sequential(**blocks)
+        self.before_head = named_sequential(gn=nn.GroupNorm(32, cin),
+                                            relu=nn.ReLU(),  # not in place: a hook on gn keeps its own output
+                                            avg=nn.AdaptiveAvgPool2d(1))
+        self.head = named_sequential(conv=nn.Conv2d(cin, num_classes, 1, bias=True))
+
+    def forward(self, x):
+        return self.head(self.before_head(self.body(self.root(x))))[..., 0, 0]
+
+    @staticmethod
+    def remap_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """google-research's own code keeps the final GroupNorm in ``head`` (``head.gn.*``); called by
+        ``load_state_dict_strict`` before it compares keys, this renames those keys ``before_head.gn.*``."""
+        return {("before_head." + key[len("head."):] if key.startswith("head.gn.") else key): value
+                for key, value in state.items()}
+
+
+# The official BiT .npz names (TF) of the top-level arrays and of a unit's arrays, and their torch keys,
+# as ``ResNetV2.load_from`` / ``PreActBottleneck.load_from`` of bit_pytorch/models.py copy them.
+BIT_NPZ_TOP = {"root_block/standardized_conv2d/kernel": "root.conv.weight",
+               "group_norm/gamma": "before_head.gn.weight", "group_norm/beta": "before_head.gn.bias",
+               "head/conv2d/kernel": "head.conv.weight", "head/conv2d/bias": "head.conv.bias"}
+BIT_NPZ_UNIT = {"a/standardized_conv2d/kernel": "conv1.weight", "b/standardized_conv2d/kernel": "conv2.weight",
+                "c/standardized_conv2d/kernel": "conv3.weight",
+                "a/proj/standardized_conv2d/kernel": "downsample.weight",
+                "a/group_norm/gamma": "gn1.weight", "a/group_norm/beta": "gn1.bias",
+                "b/group_norm/gamma": "gn2.weight", "b/group_norm/beta": "gn2.bias",
+                "c/group_norm/gamma": "gn3.weight", "c/group_norm/beta": "gn3.bias"}
+
+
+def bit_npz_key(name: str) -> str:
+    """The ``ResNetV2`` state-dict key of one array of an official BiT .npz, e.g.
+    ``resnet/block1/unit01/a/group_norm/gamma`` -> ``body.block1.unit01.gn1.weight``."""
+    prefix, _, rest = name.partition("/")
+    if prefix == "resnet" and rest in BIT_NPZ_TOP:
+        return BIT_NPZ_TOP[rest]
+    block, _, rest = rest.partition("/")
+    unit, _, part = rest.partition("/")
+    if prefix != "resnet" or not block.startswith("block") or not unit.startswith("unit") or part not in BIT_NPZ_UNIT:
+        raise ValueError(f"not a BiT ResNet-v2 array name: {name!r}")
+    return f"body.{block}.{unit}.{BIT_NPZ_UNIT[part]}"
+
+
+def load_bit_npz(path: str | Path) -> dict[str, torch.Tensor]:
+    """An official BiT checkpoint (e.g. BiT-S-R101x1.npz, TF names and HWIO kernels) as a ``ResNetV2`` state
+    dict: every array under ``bit_npz_key``, 4-d kernels transposed to OIHW (``tf2th`` of bit_pytorch)."""
+    state = {}
+    with np.load(path) as arrays:
+        for name in arrays.files:
+            array = arrays[name]
+            state[bit_npz_key(name)] = torch.from_numpy(np.ascontiguousarray(
+                array.transpose(3, 2, 0, 1) if array.ndim == 4 else array))
+    return state
+
+
+# BiT's fine-tuning and OOD evaluation resolution (MOS, GradNorm): Resize((480, 480)), the aspect ratio not kept
+BIT_NORM = Preprocessing(input_size=480, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+# shaping_layer: before_head.gn, the final GroupNorm's output before its ReLU (signed), as the WRN's bn1 in
+# the same pre-activation layout. Not body.block4: GN(c * h) = GN(h) for any per-sample c > 0, so ASH-S's and
+# ASH-B's rescaling there would be divided out again.
+@register_backbone("bit-s-r101x1", preprocessing=BIT_NORM, head="head.conv",
+                   layers=("body.block1", "body.block2", "body.block3", "body.block4"),
+                   shaping_layer="before_head.gn",
+                   description="BiT-S-R101x1 (Kolesnikov et al. 2020; MOS, GradNorm): ResNet-v2 101, GroupNorm + "
+                               "weight standardisation, 480x480 inputs, 2048-d GAP feature, 1x1-conv head; weights "
+                               "BiT-S-R101x1.npz via load_bit_npz; shaping at the final GN before its ReLU")
+def bit_s_r101x1(num_classes: int = 1000) -> nn.Module:
+    return ResNetV2((3, 4, 23, 3), width_factor=1, num_classes=num_classes)
+
+
 def get_backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone architecture {name!r}; registered: {', '.join(sorted(BACKBONES))}")
@@ -479,13 +781,16 @@ class CheckpointMismatch(ValueError):
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file: a plain state dict, or a dict with a ``state_dict``/``model`` entry.
+    """Read a checkpoint file: a plain state dict, or a dict with a ``state_dict``/``model`` entry;
+    an ``.npz`` is Big Transfer's official release format (``load_bit_npz``).
 
     A ``module.`` prefix on every key (``nn.DataParallel`` checkpoints) is stripped.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".npz":
+        return load_bit_npz(path)
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -503,6 +808,8 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     Checkpoints saved before PyTorch 0.4.1 have no batch-norm ``num_batches_tracked`` counters (e.g.
     the public CIFAR option-A ResNets); those alone are taken from the model (the counter only
     matters for training with momentum=None)."""
+    if hasattr(model, "remap_state_dict"):  # published checkpoints with older key names (DenseNet121, ResNetV2)
+        state = model.remap_state_dict(state)
     expected = model.state_dict()
     state = {**{k: v for k, v in expected.items() if k.endswith(".num_batches_tracked") and k not in state}, **state}
     missing = sorted(set(expected) - set(state))
@@ -559,7 +866,7 @@ class Backbone:
     layers: tuple[str, ...]
     architecture: dict
     info: dict = field(default_factory=dict)
-    shaping_layer: str = ""  # the default inner layer of activation shaping (``extract.network.LAST_BLOCK``)
+    shaping_layer: str = ""  # the default inner layer of activation shaping (``methods.network_scores.LAST_BLOCK``)
 
     def __post_init__(self):
         self.model.eval()
@@ -583,6 +890,11 @@ class Backbone:
         weight = weight.reshape(weight.shape[0], -1)
         bias = head.bias.detach().cpu().float() if head.bias is not None else torch.zeros(weight.shape[0])
         return weight.numpy(), bias.numpy()
+
+    def declared(self) -> dict:
+        """The layers this backbone declares, which symbolic layer parameters of network methods
+        ('last_block', 'backbone') stand for: part of those methods' cache keys."""
+        return {"shaping_layer": self.shaping_layer, "layers": list(self.layers)}
 
     def describe(self) -> dict:
         return {"name": self.name, "key": self.key, "architecture": self.architecture,
@@ -610,13 +922,15 @@ def checkpoint_backbone(name: str, factory: str, checkpoint: str | Path, preproc
 
 
 def preprocessing_from_config(config: dict) -> Preprocessing:
-    """Build ``Preprocessing`` from a benchmark file's mapping (input_size, channels, mean, std)."""
+    """Build ``Preprocessing`` from a benchmark file's mapping (input_size, channels, mean, std;
+    optional resize_to)."""
     known = {"input_size", "channels", "mean", "std"}
-    unknown = set(config) - known
+    unknown = set(config) - known - {"resize_to"}
     if unknown or not known <= set(config):
-        raise ValueError(f"preprocessing needs exactly {sorted(known)}; got {sorted(config)}")
+        raise ValueError(f"preprocessing needs {sorted(known)} (and optionally resize_to); got {sorted(config)}")
     return Preprocessing(int(config["input_size"]), int(config["channels"]),
-                         tuple(float(m) for m in config["mean"]), tuple(float(s) for s in config["std"]))
+                         tuple(float(m) for m in config["mean"]), tuple(float(s) for s in config["std"]),
+                         int(config.get("resize_to", 0)))
 
 
 def spec_summary(spec: BackboneSpec) -> dict:

@@ -16,6 +16,8 @@ Where the data comes from:
 
 Nothing is cached: each call reads or generates fresh arrays, which the caller owns.
 """
+from __future__ import annotations
+
 import hashlib
 import importlib.util
 import os
@@ -45,10 +47,21 @@ TEXTURE_NAMES = ("brick", "grass", "gravel")
 PHOTO_NAMES = ("china", "flower")
 ITU_R_601_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-# Datasets torchvision can download, and the torchvision class (also the folder name of its layout).
-_TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+# Datasets torchvision can download: its class (for the MNIST family also the folder name of its
+# layout), the constructor's arguments for a split, and the folder under the root it downloads into.
+TORCHVISION_DOWNLOADS = {
+    "mnist": ("MNIST", lambda split: {"train": False}, ""),
+    "fashion-mnist": ("FashionMNIST", lambda split: {"train": False}, ""),
+    "kmnist": ("KMNIST", lambda split: {"train": False}, ""),
+    "cifar10": ("CIFAR10", lambda split: {"train": split == "train"}, ""),
+    "cifar100": ("CIFAR100", lambda split: {"train": split == "train"}, ""),
+    "svhn": ("SVHN", lambda split: {"split": split}, "svhn"),
+    "dtd": ("DTD", lambda split: {}, ""),
+    "places365": ("Places365", lambda split: {"split": "val", "small": True}, "places365"),  # torchvision has no test
+}
+IDX_DOWNLOADS = ("mnist", "fashion-mnist", "kmnist")
 
-_HOW_TO_GET = {
+HOW_TO_GET = {
     "fashion-mnist": (
         "`apt-get install dataset-fashion-mnist` (installs the files in /usr/share/datasets/fashion-mnist/), "
         "or `oodbench fetch fashion-mnist` or `oodbench run ... --download` (torchvision download); "
@@ -95,6 +108,54 @@ class DatasetUnavailable(RuntimeError):
         self.searched = tuple(Path(p) for p in searched)
 
 
+class ImageFiles:
+    """Image files decoded on demand, for sets too large to hold in memory or whose images differ in
+    size (ImageNet and its OOD sets): what ``ImageSet.images`` holds instead of an array. Indexing
+    with a slice or an index array gives the files of those rows; ``open(i)`` returns the i-th as a
+    Pillow image, which the backbone's preprocessing converts, resizes and crops.
+
+    ``size`` > 0 fixes the set's own image size first, as a benchmark protocol does for every
+    backbone (the CIFAR benchmarks bring their OOD sets to 32x32): ``fit`` "crop" is torchvision's
+    Resize(size) then CenterCrop(size) (DICE, ASH, energy_ood), "squash" is Resize((size, size))
+    (ReAct, UM); bilinear with antialiasing."""
+
+    FITS = ("crop", "squash")
+
+    def __init__(self, paths, root: Path, size: int = 0, fit: str = "crop"):
+        if fit not in self.FITS:
+            raise ValueError(f"fit must be one of {self.FITS}, got {fit!r}")
+        self.paths = tuple(Path(p) for p in paths)
+        self.root, self.size, self.fit = Path(root), int(size), fit
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index) -> ImageFiles:
+        paths = self.paths[index] if isinstance(index, slice) else [self.paths[i] for i in np.asarray(index).reshape(-1)]
+        return ImageFiles(paths, self.root, self.size, self.fit)
+
+    def open(self, i: int):
+        with Image.open(self.paths[i]) as image:
+            image = image.convert("RGB") if image.mode not in ("RGB", "L") else image.copy()
+        if not self.size:
+            return image
+        from torchvision.transforms import functional as TF  # imported where used: torchvision is slow to import
+
+        if self.fit == "crop":
+            return TF.center_crop(TF.resize(image, self.size, antialias=True), [self.size, self.size])
+        return TF.resize(image, [self.size, self.size], antialias=True)
+
+    def identity(self) -> str:
+        """SHA-256 over the size and fit and every file's path relative to the root, size and
+        modification time (ns): a file replaced, rewritten, added or removed changes it, without
+        reading gigabytes of images."""
+        digest = hashlib.sha256(f"size={self.size} fit={self.fit}\0".encode())
+        for path in self.paths:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        return digest.hexdigest()
+
+
 @dataclass
 class ImageSet:
     """Images of one split of one dataset, with labels and a note of where they came from.
@@ -116,6 +177,11 @@ class ImageSet:
 
     def __post_init__(self):
         images, labels = self.images, self.labels
+        if isinstance(images, ImageFiles):
+            if labels.dtype != np.int64 or labels.shape != (len(images),):
+                raise ValueError(f"{self.name}/{self.split}: labels must be int64 of shape ({len(images)},), "
+                                 f"got {labels.dtype} {labels.shape}")
+            return
         if images.dtype not in (np.uint8, np.float32):
             raise TypeError(f"{self.name}/{self.split}: images must be uint8 or float32, got {images.dtype}")
         if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
@@ -130,8 +196,14 @@ class ImageSet:
         return len(self.images)
 
     def fingerprint(self) -> str:
-        """SHA-256 hex digest of name, split, image dtype, shape and bytes, and label bytes."""
+        """SHA-256 hex digest of name, split, image dtype, shape and bytes (for ``ImageFiles``: their
+        ``identity``), and label bytes."""
         digest = hashlib.sha256()
+        if isinstance(self.images, ImageFiles):  # files decoded on demand: their paths, sizes and times
+            for part in (self.name, self.split, "files", self.images.identity()):
+                digest.update(part.encode() + b"\0")
+            digest.update(np.ascontiguousarray(self.labels).data)
+            return digest.hexdigest()
         for part in (self.name, self.split, self.images.dtype.str, repr(self.images.shape)):
             digest.update(part.encode() + b"\0")
         digest.update(np.ascontiguousarray(self.images).data)
@@ -205,45 +277,46 @@ def load_dataset(name, split="test", *, data_root=None, download=False, **params
     return entry.loader(split, root, download, **{**entry.defaults, **params})
 
 
-def fetch_dataset(name, data_root=None) -> None:
-    """Download a dataset with torchvision into ``data_root`` or ``download_dir()`` (mnist, fashion-mnist,
-    kmnist only)."""
+def fetch_dataset(name, data_root=None, split="test") -> None:
+    """Download a dataset with torchvision into ``data_root`` or ``download_dir()`` (the sets of
+    ``TORCHVISION_DOWNLOADS`` only)."""
     _get_entry(name)
-    if name not in _TORCHVISION_CLASSES:
-        how = _HOW_TO_GET.get(name, "it needs no files: it is generated or bundled with scikit-learn")
+    if name not in TORCHVISION_DOWNLOADS:
+        how = HOW_TO_GET.get(name, "it needs no files: it is generated or bundled with scikit-learn")
         raise ValueError(
-            f"dataset {name!r} cannot be fetched automatically (only {', '.join(sorted(_TORCHVISION_CLASSES))} can); "
+            f"dataset {name!r} cannot be fetched automatically (only {', '.join(sorted(TORCHVISION_DOWNLOADS))} can); "
             f"{how}"
         )
-    _torchvision_download(name, Path(data_root) if data_root is not None else None)
+    torchvision_download(name, Path(data_root) if data_root is not None else None, split)
 
 
-def _torchvision_download(name, data_root):
-    """Download with torchvision's dataset class into ``<data_root or download_dir()>/<Class>/raw/``."""
+def torchvision_download(name, data_root, split="test"):
+    """Download with torchvision's dataset class into ``<data_root or download_dir()>/<folder>``
+    (the MNIST family lands in ``<Class>/raw/``, which its loaders search)."""
     import torchvision.datasets
 
-    data_root = data_root if data_root is not None else download_dir()
-
-    dataset_class = getattr(torchvision.datasets, _TORCHVISION_CLASSES[name])
-    data_root.mkdir(parents=True, exist_ok=True)
+    class_name, arguments, folder = TORCHVISION_DOWNLOADS[name]
+    target = (data_root if data_root is not None else download_dir()) / folder
+    dataset_class = getattr(torchvision.datasets, class_name)
+    target.mkdir(parents=True, exist_ok=True)
     try:
-        # download() fetches all four idx files whichever split is constructed.
-        dataset_class(root=str(data_root), train=False, download=True)
+        # the MNIST family's download() fetches all four idx files whichever split is constructed
+        dataset_class(root=str(target), download=True, **arguments(split))
     except (RuntimeError, OSError) as exc:
         raise DatasetUnavailable(
-            f"downloading dataset {name!r} with torchvision into {data_root} failed: {exc}\n"
-            f"How to get it: {_HOW_TO_GET[name]}"
+            f"downloading dataset {name!r} with torchvision into {target} failed: {exc}\n"
+            f"How to get it: {HOW_TO_GET[name]}"
         ) from exc
 
 
-def _unavailable(name, split, data_root, searched, expected) -> DatasetUnavailable:
+def unavailable(name, split, data_root, searched, expected) -> DatasetUnavailable:
     """The error for missing files: the dataset, every path searched, the layout expected, how to get it."""
     lines = [f"dataset {name!r} (split {split!r}) not found.", "Searched:"]
     lines += [f"  {path}" for path in searched] or ["  nothing"]
     if data_root is None:
         lines.append(f"No data root given: pass data_root (--data-root) or set ${DATA_ROOT_ENV}.")
     lines.append(f"Expected: {expected}")
-    lines.append(f"How to get it: {_HOW_TO_GET[name]}")
+    lines.append(f"How to get it: {HOW_TO_GET[name]}")
     return DatasetUnavailable("\n".join(lines), searched)
 
 
@@ -258,11 +331,11 @@ def _idx_dirs(name, data_root, extra_dirs):
     dirs = []
     if data_root is not None:
         dirs.append(data_root / name)
-        if name in _TORCHVISION_CLASSES:
-            dirs.append(data_root / _TORCHVISION_CLASSES[name] / "raw")
+        if name in IDX_DOWNLOADS:
+            dirs.append(data_root / TORCHVISION_DOWNLOADS[name][0] / "raw")
     dirs += list(extra_dirs)
-    if name in _TORCHVISION_CLASSES:
-        dirs.append(download_dir() / _TORCHVISION_CLASSES[name] / "raw")
+    if name in IDX_DOWNLOADS:
+        dirs.append(download_dir() / TORCHVISION_DOWNLOADS[name][0] / "raw")
     return dirs
 
 
@@ -277,7 +350,7 @@ def _locate_idx_pair(name, split, data_root, extra_dirs=()):
         ]
         if all(found):
             return found, dirs[:i + 1]
-    raise _unavailable(
+    raise unavailable(
         name, split, data_root, dirs,
         f"{stems[0]}.gz and {stems[1]}.gz (or uncompressed) together in one of those folders",
     )
@@ -288,9 +361,9 @@ def _load_idx_set(name, split, data_root, download, classes, extra_dirs=()):
     try:
         (images_path, labels_path), searched = _locate_idx_pair(name, split, data_root, extra_dirs)
     except DatasetUnavailable:
-        if not (download and name in _TORCHVISION_CLASSES):
+        if not (download and name in IDX_DOWNLOADS):
             raise
-        _torchvision_download(name, data_root)
+        torchvision_download(name, data_root, split)
         (images_path, labels_path), searched = _locate_idx_pair(name, split, data_root, extra_dirs)
     images = read_idx(images_path)
     labels = read_idx(labels_path).astype(np.int64)
@@ -313,10 +386,46 @@ def load_fashion_mnist(split, data_root, download):
     return _load_idx_set("fashion-mnist", split, data_root, download, FASHION_MNIST_CLASSES, [DEBIAN_FASHION_MNIST])
 
 
-@register_dataset("mnist", ("train", "test"), "MNIST handwritten digits, 28x28 grayscale, 10 classes")
-def load_mnist(split, data_root, download):
-    """MNIST (LeCun et al.): idx files in <data_root>/mnist/ or <data_root>/MNIST/raw/, uint8 (N,28,28)."""
+def seeded_fit_split(images: ImageSet, split: str, fit_fraction: float, seed: int, what: str) -> ImageSet:
+    """The ``split`` ("fit" or the other one) part of a stratified ``train_test_split(train_size=fit_fraction,
+    random_state=seed, stratify=labels)`` of ``images``, in the original order: how a benchmark with
+    only a test set gets a fit split for its ID statistics and a disjoint evaluation split."""
+    from sklearn.model_selection import train_test_split  # imported here: scikit-learn is slow to import
+
+    if not 0 < fit_fraction < 1:
+        raise ValueError(f"fit_fraction must lie strictly between 0 and 1, got {fit_fraction}")
+    fit, rest = train_test_split(np.arange(len(images)), train_size=fit_fraction, random_state=seed,
+                                 stratify=images.labels)
+    index = np.sort(fit if split == "fit" else rest)
+    return ImageSet(images.name, split, images.images[index], images.labels[index],
+                    source=f"{images.source}; {what}: stratified {split} part of a fit_fraction={fit_fraction} "
+                           f"split, seed={seed}",
+                    classes=images.classes, inputs=images.inputs)
+
+
+@register_dataset("mnist", ("train", "test", "fit", "eval"), "MNIST handwritten digits, 28x28 grayscale, 10 "
+                  "classes; fit/eval: seeded stratified halves of the test set", fit_fraction=0.5, seed=0)
+def load_mnist(split, data_root, download, *, fit_fraction, seed):
+    """MNIST (LeCun et al.): idx files in <data_root>/mnist/ or <data_root>/MNIST/raw/, uint8 (N,28,28).
+
+    ``fit`` and ``eval`` split the 10,000 test images (``seeded_fit_split``; ``fit_fraction`` and
+    ``seed`` apply to them only), for benchmarks run where only the test set exists."""
+    if split in ("fit", "eval"):
+        test = _load_idx_set("mnist", "test", data_root, download, DIGIT_CLASSES)
+        return seeded_fit_split(test, split, fit_fraction, seed, "MNIST test")
     return _load_idx_set("mnist", split, data_root, download, DIGIT_CLASSES)
+
+
+@register_dataset("negative-mnist", ("test",), "MNIST test digits inverted (1 - x): black on white")
+def load_negative_mnist(split, data_root, download):
+    """Negative MNIST: every MNIST test image with its intensities inverted, 255 - x (1 - x in [0,1]),
+    a covariate-shift OOD set with the same shapes as the ID digits. Labels are the digits."""
+    try:
+        test = _load_idx_set("mnist", "test", data_root, download, DIGIT_CLASSES)
+    except DatasetUnavailable as err:
+        raise DatasetUnavailable(f"dataset 'negative-mnist' is made from MNIST's test set: {err}", err.searched) from err
+    return ImageSet("negative-mnist", split, 255 - test.images, test.labels, source=f"255 - ({test.source})",
+                    classes=DIGIT_CLASSES, inputs=test.inputs)
 
 
 @register_dataset("notmnist", ("test",), "notMNIST letters A-J in many fonts, 28x28 grayscale")
@@ -341,7 +450,7 @@ def load_animal_mnist(split, data_root, download):
     """
     path = None if data_root is None else data_root / "animal-mnist" / "animal_mnist_10k.npz"
     if path is None or not path.is_file():
-        raise _unavailable(
+        raise unavailable(
             "animal-mnist", split, data_root, [path] if path else [],
             "animal_mnist_10k.npz with arrays `images` (N,28,28) uint8 and `labels` (N,)",
         )
@@ -379,7 +488,7 @@ def load_textures(split, data_root, download, *, n, size, seed):
     folder = None if data_root is None else data_root / "textures"
     paths = [] if folder is None else [folder / f"{texture}.png" for texture in TEXTURE_NAMES]
     if folder is None or not all(p.is_file() for p in paths):
-        raise _unavailable(
+        raise unavailable(
             "textures", split, data_root, [folder] if folder else [],
             "brick.png, grass.png and gravel.png (grayscale photographs, at least size x size) in that folder",
         )
@@ -557,23 +666,17 @@ def load_cifar10_jpeg(split, data_root, download, *, fit_fraction, seed):
     training set, so ID statistics are fit on a seeded stratified ``fit_fraction`` of the images
     and the rest is the ID test split (``train_test_split(train_size=fit_fraction,
     random_state=seed, stratify=labels)``); samples keep their folder order."""
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < fit_fraction < 1:
-        raise ValueError(f"fit_fraction must lie strictly between 0 and 1, got {fit_fraction}")
     root = None if data_root is None else data_root / "cifar10-test-jpeg"
     if root is None or not root.is_dir() or not any(d.is_dir() for d in root.iterdir()):
-        raise _unavailable("cifar10-jpeg", split, data_root, [root] if root else [],
+        raise unavailable("cifar10-jpeg", split, data_root, [root] if root else [],
                            "an ImageFolder tree cifar10-test-jpeg/<class>/<NNNN>.jpg with the 10 CIFAR-10 classes")
     classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
     if classes != CIFAR10_CLASSES:
         raise ValueError(f"{root}: class folders {list(classes)}, expected the CIFAR-10 classes {list(CIFAR10_CLASSES)}")
     images, labels, classes, files = read_image_folder(root)
-    fit, test = train_test_split(np.arange(len(labels)), train_size=fit_fraction, random_state=seed, stratify=labels)
-    index = np.sort(fit if split == "fit" else test)
-    source = f"{root} (JPEG), stratified {split} part of a fit_fraction={fit_fraction} split, seed={seed}"
-    return ImageSet("cifar10-jpeg", split, images[index], labels[index], source=source, classes=classes,
-                    inputs=(root, *(root / c for c in classes), *files))
+    whole = ImageSet("cifar10-jpeg", "all", images, labels, source=f"{root} (JPEG)", classes=classes,
+                     inputs=(root, *(root / c for c in classes), *files))
+    return seeded_fit_split(whole, split, fit_fraction, seed, "CIFAR-10 (JPEG)")
 
 
 # ---------------------------------------------------------------- synthetic (Outlier Exposure, Hendrycks et al. 2019)
@@ -626,3 +729,8 @@ def load_blobs(split, data_root, download, *, n, size, seed):
     source = (f"default_rng({seed}).random (float32) < 0.7, blurred with sigma 1.5, zeroed below 0.75; n={n}, "
               f"size={size}")
     return _unlabelled("blobs", split, images, source)
+
+
+# The paper-scale sets (CIFAR, SVHN, DTD, Places365, the LSUN/iSUN/MOS/ImageNet image folders)
+# register themselves into DATASETS from their own module.
+import extract.paper_datasets  # noqa: E402,F401

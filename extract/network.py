@@ -28,11 +28,12 @@ from extract.backbones import Backbone
 from extract.datasets import ImageSet
 from extract.extraction import capture_outputs, compute_in_chunks, forward_rows, partial_folder, resolve_device
 from extract.store import CachedSplit, CacheCorrupt, FeatureStore, file_lock, write_h5_atomic
+from methods.base import NonFiniteOutputs
+from methods.network_scores import LAST_BLOCK
 
 log = logging.getLogger(__name__)
 
 PENULTIMATE = "penultimate"  # the head's input: the pooled feature v (shaping there = the cache-only methods)
-LAST_BLOCK = "last_block"  # the backbone's declared inner shaping placement (``Backbone.shaping_layer``)
 
 
 def numpy_rows(function: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -472,7 +473,7 @@ def derive_state(method, backbone: Backbone, images: ImageSet, entry: CachedSpli
                                  batch_size, chunk_batches, progress)
         return method.network_fit(network, EntryRows(images, entry, 0, len(images)), passes), method.network_meta()
 
-    return _derived_entry(store, entry, f"{method.name}-fit", method.network_key(), backbone,
+    return _derived_entry(store, entry, f"{method.name}-fit", method.network_key(backbone.declared()), backbone,
                           f"{method.label()} fitted", compute)
 
 
@@ -483,7 +484,7 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
     under ``key`` (default ``method.network_key()``; methods fitted through the network add their
     fit entry), computed by ``method.network_outputs(network, rows)`` in resumable chunks."""
     _check_images(images, entry)
-    key = method.network_key() if key is None else key
+    key = method.network_key(backbone.declared()) if key is None else key
 
     def compute(path):
         network = Network(backbone, resolve_device(device), batch_size)
@@ -491,6 +492,13 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
                                  batch_size, chunk_batches, progress)
         arrays = passes("", len(images), tuple(method.outputs),
                         lambda start, stop: method.network_outputs(network, EntryRows(images, entry, start, stop)))
+        bad = ~(np.isfinite(arrays["logits"]).all(axis=1) & np.isfinite(arrays["features"]).all(axis=1))
+        if bad.any():  # nothing is written: no derived entry ever holds them
+            raise NonFiniteOutputs(
+                f"{method.label()} produced NaN or infinite outputs on {bad.sum()} of {len(bad)} {images.name}/"
+                f"{images.split} samples (first row {np.flatnonzero(bad)[0]}) through {backbone.name}; its "
+                f"operation overflows on this backbone's activations (ASH and ReAct assume non-negative, ReLU-like "
+                f"ones) - choose another layer or parameters")
         arrays["labels"] = np.asarray(images.labels, dtype=np.int64)
         return arrays, {"num_classes": int(arrays["logits"].shape[1]), "feature_dim": int(arrays["features"].shape[1]),
                         **method.network_meta()}

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from extract.backbones import BackboneSpec
 from extract.datasets import ImageSet
-from extract.store import atomic_target, content_key
+from extract.store import atomic_target, content_key, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,18 @@ def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torc
     The record (``record`` plus recipe, seed, history of train loss/accuracy and test loss/accuracy,
     snapshot files) is saved with the weights, which are ``export(model)`` (default: its state dict).
     """
-    step = step or gradient_step(cross_entropy_loss)
-    export = export or cpu_state
     final.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(final):  # two processes (e.g. extraction shards) train one set of weights once
+        if final.exists():  # trained by another process while this one waited
+            return load_weights(final)
+        return _train_epochs(model, trainable, recipe, inputs, labels, seed=seed, final=final, describe=describe,
+                             step=step or gradient_step(cross_entropy_loss), test=test, outliers=outliers,
+                             outlier_batch_size=outlier_batch_size, before_epoch=before_epoch, record=record,
+                             export=export or cpu_state, device=device, progress=progress)
+
+
+def _train_epochs(model, trainable, recipe, inputs, labels, *, seed, final, describe, step, test, outliers,
+                  outlier_batch_size, before_epoch, record, export, device, progress):
     resume = final.with_name(final.stem + ".resume.pt")
     model = model.to(device)
     optimizer = _optimizer(recipe, trainable)

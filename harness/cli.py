@@ -24,7 +24,7 @@ from pathlib import Path
 from extract.datasets import DATASETS, DatasetUnavailable, default_data_root, fetch_dataset
 from extract.store import CacheCorrupt, CacheMissing, FeatureStore, verify_file
 from harness.config import BenchmarkError, MethodRef, available_benchmarks, benchmark_path, load_benchmark
-from harness.evaluation import Evaluation, RunSummary
+from harness.evaluation import BACKENDS, Evaluation, RunSummary, ScoringGrid
 from harness.resolution import Resolution, RunOptions, load_record
 from methods import METHODS, make_method, parameter_grid
 from results.leaderboard import METRICS
@@ -60,6 +60,24 @@ def _grid_axis(text: str) -> tuple[str, list[str]]:
     return key, [v for v in values.split(",") if v]
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (shard I of N, 0-based), got {text!r}") from None
+    if not 0 <= shard[0] < shard[1]:
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text!r}")
+    return shard
+
+
+def torchrun_shard() -> tuple[int, int] | None:
+    """(rank, world size) from the environment ``torchrun`` (or a Slurm wrapper setting RANK and
+    WORLD_SIZE) gives each process; None for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cache-dir", type=Path, default=None,
@@ -74,13 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     bench.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default: the benchmark's)")
     bench.add_argument("--download", action="store_true", help="download missing torchvision datasets first")
+    bench.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+                       help="data-loading processes decoding image files (ImageNet-scale sets; default "
+                            "min(4, cores - 1)); 0 decodes in the main process")
+    bench.add_argument("--amp", action="store_true", help="mixed-precision extraction (float16 on CUDA, bfloat16 "
+                       "on the CPU); cached as entries of their own")
 
+    grid = argparse.ArgumentParser(add_help=False)
+    grid.add_argument("--jobs", type=int, default=1, help="workers scoring cache-only methods (default 1; -1: one "
+                      "per core)")
+    grid.add_argument("--backend", default="loky", choices=BACKENDS, help="joblib backend of the scoring grid "
+                      "(default loky; dask and ray reach a cluster with --scheduler)")
+    grid.add_argument("--scheduler", default="", metavar="ADDRESS", help="the Dask scheduler (tcp://host:8786) or "
+                      "Ray cluster (host:6379) address; without one dask starts a local cluster")
     parser = argparse.ArgumentParser(prog="oodbench", description="OOD detection benchmark harness with an HDF5 "
                                      "feature cache.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", parents=[bench], help="extract what is missing, score, write the leaderboard")
+    run = commands.add_parser("run", parents=[bench, grid], help="extract what is missing, score, write the leaderboard")
     run.add_argument("--methods", default=None, help="comma-separated method names (default: the benchmark's)")
-    commands.add_parser("extract", parents=[bench], help="train and extract only")
+    extract = commands.add_parser("extract", parents=[bench], help="train and extract only")
+    extract.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                         help="extract only shard I of N of every entry (0-based; default: $RANK/$WORLD_SIZE under "
+                              "torchrun); the shard that completes an entry merges it")
     score = commands.add_parser("score", parents=[bench], help="run one scorer from the cache (no network)")
     score.add_argument("--method", required=True)
     score.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE")
@@ -91,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace or add one axis of the registry's grid (repeatable)")
     sweep.add_argument("--criterion", default="auroc", choices=tuple(METRICS),
                        help="validation metric to select by (default auroc; fpr95 is minimised)")
-    commands.add_parser("leaderboard", parents=[bench], help="re-render the leaderboard from cached scores")
+    commands.add_parser("leaderboard", parents=[bench, grid], help="re-render the leaderboard from cached scores")
     epochs = commands.add_parser("epochs", parents=[bench], help="OOD metrics against the training epoch: every "
                                  "snapshot of a backbone extracted and scored (its recipe needs snapshot_every)")
     epochs.add_argument("--backbone", required=True, help="the benchmark's backbone whose snapshots to score")
@@ -111,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _options(args) -> RunOptions:
     return RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out,
                       data_root=args.data_root or default_data_root(), device=args.device, seeds=args.seeds,
-                      download=args.download, progress=not args.quiet)
+                      download=args.download, progress=not args.quiet, workers=args.workers, amp=args.amp)
 
 
 class _LazyRun:
@@ -152,9 +185,9 @@ def _evaluation(args, compute: bool) -> Evaluation:
     return Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary, network=run)
 
 
-def _print_summary(summary: RunSummary, resolution: Resolution, started: float) -> None:
+def _print_summary(summary: RunSummary, resolution: Resolution | None, started: float) -> None:
     print()
-    for line in summary.lines + resolution.skipped:
+    for line in summary.lines + (resolution.skipped if resolution else []):
         print(line)
     stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in summary.timings.items())
     print(f"time: {time.perf_counter() - started:.1f}s ({stages})")
@@ -169,8 +202,9 @@ def cmd_run(args, compute: bool = True) -> int:
         methods = tuple(MethodRef(name.strip()) for name in args.methods.split(","))
         for ref in methods:
             make_method(ref.name)
+    grid = ScoringGrid(args.backend, args.jobs, args.scheduler)  # checked before any work
     evaluation = _evaluation(args, compute=compute)
-    metrics = evaluation.evaluate(methods, compute_scores=compute)
+    metrics = evaluation.evaluate(methods, compute_scores=compute, grid=grid)
     boards = evaluation.write_leaderboards(metrics)
     for board in boards.values():
         print()
@@ -182,6 +216,12 @@ def cmd_run(args, compute: bool = True) -> int:
 def cmd_extract(args) -> int:
     started = time.perf_counter()
     summary = RunSummary()
+    shard = args.shard or torchrun_shard()
+    if shard is not None:
+        run = _LazyRun(_options(args), args.benchmark, summary)()
+        summary.lines += run.extract_shard(shard) + run.skipped
+        _print_summary(summary, None, started)
+        return 0
     resolution = _resolve(_LazyRun(_options(args), args.benchmark, summary), compute=True)
     for backbone in resolution.backbones:
         for label, path in backbone.entries.items():

@@ -80,14 +80,17 @@ class Benchmark:
     layers: tuple[str, ...] = ()
     activations_dtype: str = "float32"
     source: str = ""
+    fit_params: dict = field(default_factory=dict)  # the ID dataset's parameters for each split
+    test_params: dict = field(default_factory=dict)
 
     @property
     def id_fit(self) -> DatasetRef:
-        return DatasetRef(self.id_dataset, self.fit_split, name=f"{self.id_dataset}-{self.fit_split}")
+        return DatasetRef(self.id_dataset, self.fit_split, self.fit_params, name=f"{self.id_dataset}-{self.fit_split}")
 
     @property
     def id_test(self) -> DatasetRef:
-        return DatasetRef(self.id_dataset, self.test_split, name=f"{self.id_dataset}-{self.test_split}")
+        return DatasetRef(self.id_dataset, self.test_split, self.test_params,
+                          name=f"{self.id_dataset}-{self.test_split}")
 
 
 class BenchmarkError(ValueError):
@@ -228,9 +231,13 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
     """Validate a benchmark mapping (as loaded from YAML) into a ``Benchmark``."""
     _check_keys(source, data, {"name", "id", "ood", "backbones"},
                 {"description", "validation", "seeds", "convention", "methods", "extraction"})
-    _check_keys(f"{source}: id", data["id"], {"dataset", "fit_split", "test_split", "num_classes"}, set())
-    id_ref = _dataset_ref(f"{source}: id", {"dataset": data["id"]["dataset"], "split": data["id"]["test_split"]}, "")
-    _dataset_ref(f"{source}: id fit split", {"dataset": id_ref.dataset, "split": data["id"]["fit_split"]}, "")
+    _check_keys(f"{source}: id", data["id"], {"dataset", "fit_split", "test_split", "num_classes"},
+                {"fit_params", "test_params"})
+    id_config = data["id"]
+    id_ref = _dataset_ref(f"{source}: id", {"dataset": id_config["dataset"], "split": id_config["test_split"],
+                                            "params": id_config.get("test_params") or {}}, "")
+    fit_ref = _dataset_ref(f"{source}: id fit split", {"dataset": id_ref.dataset, "split": id_config["fit_split"],
+                                                       "params": id_config.get("fit_params") or {}}, "")
     ood_config = data["ood"]
     grouped = isinstance(ood_config, dict)
     if grouped:
@@ -273,7 +280,7 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
         validation=validation, seeds=tuple(seeds), convention=convention,
         batch_size=int(extraction.get("batch_size", 256)),
         layers=tuple(extraction.get("layers", ())), activations_dtype=extraction.get("activations_dtype", "float32"),
-        source=source)
+        source=source, fit_params=fit_ref.params, test_params=id_ref.params)
 
 
 def available_benchmarks() -> list[str]:

@@ -7,8 +7,10 @@ cache alone. Scores are cached per (method, parameters, fit entry, scored entry)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +22,10 @@ from extract.store import CachedSplit, CacheCorrupt, CacheMissing, FeatureStore,
 from harness.config import MethodRef
 from harness.resolution import Resolution, ResolvedBackbone
 from methods import Method, make_method
+from methods.base import NonFiniteOutputs
 from results.leaderboard import LOWER_IS_BETTER, METRICS, Leaderboard, build_leaderboard
 from results.metrics import accuracy, ood_metrics
+from results.reproduction import load_published, reproduction_frame, write_reproduction
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,84 @@ class RunSummary:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
 
 
+@dataclass
+class CellResult:
+    """What one (backbone, method) cell of the scoring grid gives back to the run."""
+
+    rows: list[dict]  # tidy metric rows, one per OOD set
+    histogram: dict[str, np.ndarray]  # scores on the ID test set and every OOD set, for the plot
+    left_out: str | None  # why the method was left out of this backbone (non-finite outputs), else None
+    timings: dict[str, float]
+
+
+BACKENDS = ("loky", "threading", "dask", "ray")
+
+
+@dataclass(frozen=True)
+class ScoringGrid:
+    """Where the cache-only scoring grid runs: joblib's ``backend`` with ``jobs`` workers (-1: one per
+    core). ``loky`` (the default) and ``threading`` are local; ``dask`` connects to the Dask
+    scheduler at ``address`` (e.g. tcp://host:8786), or starts a local cluster of ``jobs`` worker
+    processes without one; ``ray`` joins the Ray cluster at ``address`` (or starts a local one).
+    Workers need this package installed and read the cache at the same path (a shared file system)."""
+
+    backend: str = "loky"
+    jobs: int = 1
+    address: str = ""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"scoring backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.jobs == 0 or self.jobs < -1:
+            raise ValueError(f"jobs must be a positive number of workers or -1 (one per core), got {self.jobs}")
+
+    def run(self, function, arguments: list[tuple]) -> list:
+        """``[function(*a) for a in arguments]`` through joblib on this grid, in order."""
+        import joblib
+
+        with contextlib.ExitStack() as stack:
+            if self.backend == "dask":
+                stack.enter_context(self._dask_client())
+            elif self.backend == "ray":
+                self._join_ray()
+            with joblib.parallel_config(backend=self.backend, n_jobs=self.jobs):
+                return joblib.Parallel()(joblib.delayed(function)(*a) for a in arguments)
+
+    def _dask_client(self):
+        try:
+            from dask.distributed import Client
+        except ImportError as err:
+            raise ValueError("scoring backend dask needs `pip install 'dask[distributed]'`") from err
+        if self.address:
+            return Client(self.address)
+        workers = self.jobs if self.jobs > 0 else None
+        return Client(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+
+    def _join_ray(self):
+        try:
+            import ray
+            from ray.util.joblib import register_ray
+        except ImportError as err:
+            raise ValueError("scoring backend ray needs `pip install ray`") from err
+        register_ray()
+        if not ray.is_initialized():
+            ray.init(address=self.address or None)
+
+
+_WORKER_EVALUATION: dict[str, Evaluation] = {}  # per worker process: the evaluation of the grid run it serves
+
+
+def score_cell_in_worker(run: str, resolution: Resolution, store_root: Path, backbone: ResolvedBackbone,
+                         method_ref: MethodRef, compute_scores: bool) -> CellResult:
+    """``Evaluation.score_cell`` in a grid worker (no network: cache-only methods). Within one grid
+    run (``run``, a fresh token per ``evaluate``) a worker reuses its evaluation, so it opens each
+    backbone's entries once; a later run opens them again and sees the cache as it is then."""
+    if run not in _WORKER_EVALUATION:
+        _WORKER_EVALUATION.clear()
+        _WORKER_EVALUATION[run] = Evaluation(resolution, FeatureStore(store_root), Path("."))
+    return _WORKER_EVALUATION[run].score_cell(backbone, method_ref, compute_scores)
+
+
 class Evaluation:
     """Scores, metrics and leaderboards of one resolved benchmark, from the cache."""
 
@@ -58,6 +140,7 @@ class Evaluation:
         self.out_root = Path(out_dir)
         self.summary = summary or RunSummary()
         self.network = network
+        self._entries: dict[str, dict[str, CachedSplit]] = {}  # the last backbone's open entries
 
     def open_entries(self, backbone: ResolvedBackbone) -> dict[str, CachedSplit]:
         """Every entry of ``backbone``, verified; a missing or corrupt one is an error naming the fix."""
@@ -90,7 +173,8 @@ class Evaluation:
         through_network = "network" in method.reads
         for label in (res.id_test, *res.ood_labels, *([res.validation] if res.validation else [])):
             entry = entries[label]
-            data_key = entry.derived_key(method.name, method.output_key(fit_entry)) if through_network else entry.data_key
+            data_key = entry.derived_key(method.name, method.output_key(fit_entry, backbone.info.get("declared"))) \
+                if through_network else entry.data_key
             key = content_key("scores", method.name, method.get_params(), method.version, fit_entry.data_key, data_key)
             path = self.store.scores_path(backbone.key, method.name, key)
             try:
@@ -110,6 +194,10 @@ class Evaluation:
                 fitted = method.fit(fit_entry)
             scores, predictions = fitted.score_and_predict(entry)
             scored = Scored(np.asarray(scores, dtype=np.float64), predictions)
+            bad = ~np.isfinite(scored.scores)
+            if bad.any():  # never cached: a NaN score has no rank
+                raise NonFiniteOutputs(f"{method.label()} gave {bad.sum()} NaN or infinite scores of {len(bad)} on "
+                                       f"{label} through {backbone.name} (first row {np.flatnonzero(bad)[0]})")
             write_h5_atomic(path, {"scores": scored.scores, "predictions": scored.predictions},
                             {"kind": "scores", "method": method.name, "params": method.get_params(),
                              "backbone_name": backbone.name, "fit": fit_entry.data_key, "entry": entry.data_key,
@@ -139,13 +227,14 @@ class Evaluation:
                       fit_entry: CachedSplit | None = None) -> CachedSplit:
         """A network method's outputs on ``entry``'s images (``fit_entry``: where a method fitted through
         the network learned its state; it keys the outputs)."""
-        key = method.output_key(fit_entry)
+        key = method.output_key(fit_entry, backbone.info.get("declared"))
         return self._derived(entry.derived_path(method.name, key), backbone, method, f"network outputs on {label}",
                              lambda network: network.derive(backbone, method, label, key))
 
     def network_state(self, backbone: ResolvedBackbone, method: Method, fit_entry: CachedSplit) -> CachedSplit:
         """What a network method learned through the network on the fit entry."""
-        return self._derived(fit_entry.derived_path(f"{method.name}-fit", method.network_key()), backbone, method,
+        key = method.network_key(backbone.info.get("declared"))
+        return self._derived(fit_entry.derived_path(f"{method.name}-fit", key), backbone, method,
                              f"fitted state on {self.resolution.id_fit}",
                              lambda network: network.derive_state(backbone, method, self.resolution.id_fit))
 
@@ -164,21 +253,41 @@ class Evaluation:
         return rows
 
     def evaluate(self, methods: tuple[MethodRef, ...] | None = None, compute_scores: bool = True,
-                 plot: bool = True) -> pd.DataFrame:
+                 plot: bool = True, grid: ScoringGrid | None = None) -> pd.DataFrame:
         """Tidy metrics for every (seed, backbone, method, OOD set); with ``plot``, score histograms of
-        the first seed per backbone."""
-        res = self.resolution
+        the first seed per backbone.
+
+        The (backbone, method) cells of cache-only methods run through joblib (``grid``: its backend
+        and worker count; default one in-process worker); network methods run here, in this
+        process, which owns the network (and the GPU). A method with NaN or infinite outputs is left
+        out of its backbone with one line in the summary."""
+        res, grid = self.resolution, grid or ScoringGrid()
         methods = methods or res.methods
+        cells = [(b, m) for b in range(len(res.backbones)) for m in range(len(methods))]  # indices: refs hold dicts
+        through_network = ["network" in make_method(m.name, **m.params).reads for m in methods]
+        rest = [(b, m) for b, m in cells if not through_network[m]]
+        started, run = time.perf_counter(), uuid.uuid4().hex
+        results = dict(zip(rest, grid.run(score_cell_in_worker, [
+            (run, res, self.store.root, res.backbones[b], methods[m], compute_scores) for b, m in rest])))
+        if rest and grid.jobs != 1:
+            self.summary.add_time(f"score grid ({grid.backend}, {grid.jobs} jobs)", time.perf_counter() - started)
+        # then the network methods, in this process: the costly passes come after every cheap check
+        results.update({(b, m): self.score_cell(res.backbones[b], methods[m], compute_scores)
+                        for b, m in cells if through_network[m]})
         rows = []
-        for backbone in res.backbones:
-            entries = self.open_entries(backbone)
+        for b, backbone in enumerate(res.backbones):
             histograms = {}
-            for method_ref in methods:
-                scored = self.scores(backbone, method_ref, entries, compute=compute_scores)
-                rows += self.metric_rows(backbone, method_ref, scored, entries)
+            for m in range(len(methods)):
+                result = results[b, m]
+                for stage, seconds in result.timings.items():
+                    self.summary.add_time(stage, seconds)
+                if result.left_out:
+                    self.summary.lines.append(result.left_out)
+                    log.warning(result.left_out)
+                    continue
+                rows += result.rows
                 if backbone.seed == res.seeds[0]:
-                    histograms[rows[-1]["method"]] = {"ID": scored[res.id_test].scores,
-                                                      **{k: scored[k].scores for k in res.ood_labels}}
+                    histograms[result.rows[-1]["method"]] = result.histogram
             if plot and histograms:
                 from results.plots import plot_score_histograms  # matplotlib is slow to import; only runs plot
 
@@ -189,6 +298,27 @@ class Evaluation:
         frame = pd.DataFrame(rows)
         frame.attrs["convention"] = res.convention
         return frame
+
+    def score_cell(self, backbone: ResolvedBackbone, method_ref: MethodRef, compute_scores: bool) -> CellResult:
+        """One (backbone, method) cell of the grid: its metric rows and score histogram, or the line
+        saying why it was left out; with the time it took per stage."""
+        summary, self.summary = self.summary, RunSummary()
+        try:
+            if backbone.key not in self._entries:
+                self._entries = {backbone.key: self.open_entries(backbone)}  # one backbone's entries at a time
+            entries = self._entries[backbone.key]
+            try:
+                scored = self.scores(backbone, method_ref, entries, compute=compute_scores)
+            except NonFiniteOutputs as err:  # one method failing one backbone leaves the rest standing
+                label = make_method(method_ref.name, **method_ref.params).label()
+                return CellResult([], {}, f"left out {label} on {backbone.name} seed {backbone.seed}: {err}",
+                                  self.summary.timings)
+            histogram = {"ID": scored[self.resolution.id_test].scores,
+                         **{k: scored[k].scores for k in self.resolution.ood_labels}}
+            return CellResult(self.metric_rows(backbone, method_ref, scored, entries), histogram, None,
+                              self.summary.timings)
+        finally:
+            self.summary = summary
 
     def sweep(self, method: str, points: list[dict], criterion: str = "auroc") -> pd.DataFrame:
         """Every parameter setting of ``method`` scored from the cache, selected on the validation OOD set.
@@ -257,8 +387,21 @@ class Evaluation:
             board = build_leaderboard(comparison)
             sections.append(("Fine-tuned backbones beside their base", self._export(board, out / "finetuning")))
             boards["finetuning"] = board
+        sections += self._write_reproductions(boards)
         self.summary.outputs.append(self._write_report(sections))
         return boards
+
+    def _write_reproductions(self, boards: dict[str, Leaderboard]) -> list[tuple[str, Path]]:
+        """Every published table of this benchmark (``results.reproduction``) that one of the
+        run's backbones answers, beside the paper, in ``<out>/reproduction/``."""
+        sections = []
+        for table in load_published():
+            if table.benchmark != self.resolution.benchmark or not {r.backbone for r in table.rows} & set(boards):
+                continue
+            paths = write_reproduction(table, reproduction_frame(table, boards), self.out_dir() / "reproduction")
+            self.summary.outputs += paths
+            sections.append((f"Beside the paper: {table.source}", paths[-1]))
+        return sections
 
     def _export(self, board: Leaderboard, folder: Path) -> Path:
         """CSV, LaTeX and Markdown of ``board`` in ``folder``; returns the Markdown file."""

@@ -88,9 +88,14 @@ class BenchmarkRun:
 
     # ------------------------------------------------------------------ backbones
     def checkpoint_path(self, config: BackboneConfig) -> Path:
-        """The checkpoint file of ``config``: ``{data_root}`` in it is the data root, and a glob
+        """The checkpoint file of ``config``: ``{data_root}`` in it is the data root, ``{torch_hub}``
+        the torch hub's checkpoint folder (where torchvision keeps downloaded weights), and a glob
         pattern (e.g. a name with a hash, ``resnet20-*.th``) must match exactly one file."""
         pattern = config.checkpoint
+        if "{torch_hub}" in pattern:
+            import torch.hub
+
+            pattern = pattern.replace("{torch_hub}", str(Path(torch.hub.get_dir()) / "checkpoints"))
         if "{data_root}" in pattern:
             if self.options.data_root is None:
                 raise FileNotFoundError(f"backbone {config.name}: checkpoint {pattern} is under the data root; pass "
@@ -214,17 +219,22 @@ class BenchmarkRun:
                             device=self.options.device, progress=self.options.progress)
 
     # ------------------------------------------------------------------ extraction
+    def _extract(self, backbone: Backbone, images: ImageSet, shard: tuple[int, int] | None = None) -> CachedSplit | None:
+        """``extract.extraction.extract`` with the benchmark's and the run's settings."""
+        bench, options = self.benchmark, self.options
+        return extract(backbone, images, self.store, layers=bench.layers, batch_size=bench.batch_size,
+                       device=options.device, activations_dtype=bench.activations_dtype, progress=options.progress,
+                       shard=shard, workers=options.workers, amp=options.amp)
+
     def entries(self, backbone: Backbone, compute: bool = True) -> dict[str, CachedSplit]:
         """The cache entry of every dataset for ``backbone``, extracting what is missing when ``compute``."""
         bench, entries = self.benchmark, {}
         started = time.perf_counter()
         for label, (ref, images) in self.datasets().items():
             if compute:
-                entries[label] = extract(backbone, images, self.store, layers=bench.layers,
-                                         batch_size=bench.batch_size, device=self.options.device,
-                                         activations_dtype=bench.activations_dtype, progress=self.options.progress)
+                entries[label] = self._extract(backbone, images)
                 continue
-            data_key = entry_data_key(backbone, images, bench.layers, bench.activations_dtype)
+            data_key = entry_data_key(backbone, images, bench.layers, bench.activations_dtype, self.options.amp)
             path = self.store.entry_path(backbone.key, images.name, images.split, data_key)
             entry = self.store.open_entry(path)
             if entry is None:
@@ -233,6 +243,24 @@ class BenchmarkRun:
             entries[label] = entry
         self.summary.add_time("extract" if compute else "open cache", time.perf_counter() - started)
         return entries
+
+    def extract_shard(self, shard: tuple[int, int]) -> list[str]:
+        """Shard ``shard`` (i, n) of every entry's extraction (``extract.extraction.extract``): one
+        line per (backbone, seed) saying how many of its entries are complete. The shard that
+        completes the last entry also writes the benchmark's record, as ``resolve`` does."""
+        bench, lines, complete = self.benchmark, [], True
+        started = time.perf_counter()
+        for config in bench.backbones:
+            for seed in self.seeds:
+                backbone = self.backbone(config, seed)
+                done = [self._extract(backbone, images, shard) is not None for _, images in self.datasets().values()]
+                complete &= all(done)
+                lines.append(f"shard {shard[0]}/{shard[1]}: {config.name} seed {seed}: {sum(done)} of {len(done)} "
+                             "entries complete" + ("" if all(done) else " (the others wait for the other shards)"))
+        self.summary.add_time("extract shard", time.perf_counter() - started)
+        if complete:
+            self.resolve()
+        return lines
 
     # ------------------------------------------------------------------ the whole benchmark
     def resolve(self, compute: bool = True) -> Resolution:
@@ -250,7 +278,7 @@ class BenchmarkRun:
         """``backbone`` (of ``seed``) with the cache entry of every dataset (extracted where missing
         when ``compute``)."""
         entries = self.entries(backbone, compute=compute)
-        return ResolvedBackbone(backbone.name, seed, backbone.key, backbone.info,
+        return ResolvedBackbone(backbone.name, seed, backbone.key, {**backbone.info, "declared": backbone.declared()},
                                 {label: str(entry.path.relative_to(self.store.root)) for label, entry in entries.items()})
 
     def resolution(self, backbones: list[ResolvedBackbone]) -> Resolution:

@@ -100,12 +100,14 @@ class RunOptions:
     seeds: tuple[int, ...] | None = None  # None: the benchmark's own
     download: bool = False
     progress: bool = True
+    workers: int = 0  # DataLoader processes decoding image files (ImageNet-scale sets)
+    amp: bool = False  # mixed-precision extraction: entries of their own
 
     def record_path(self, benchmark_file: Path) -> Path:
         """Where the record of ``benchmark_file`` resolved with these options lives."""
         key = content_key("record", hashlib.sha256(benchmark_file.read_bytes()).hexdigest(), self.seeds,
                           str(self.data_root.absolute()) if self.data_root else None,
-                          str(download_dir().absolute()))
+                          str(download_dir().absolute()), *(["amp"] if self.amp else []))
         return Path(self.cache_dir) / "runs" / f"{benchmark_file.stem}.{key}.json"
 
 

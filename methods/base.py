@@ -115,6 +115,12 @@ def check_fitted(method: Method, *attributes: str) -> None:
                          f"missing fitted state {', '.join(missing)}")
 
 
+class NonFiniteOutputs(ValueError):
+    """A method produced NaN or infinite scores, or a network method NaN or infinite logits or
+    features (e.g. a shaping whose rescaling overflows on a backbone's activations): that method
+    cannot score that backbone."""
+
+
 def split_name(split) -> str:
     """How errors name a split ('fashion-mnist/test' for cache entries)."""
     return getattr(split, "name", "split")

@@ -23,6 +23,8 @@ from methods.shaping_scores import (ASH_GRID, ASH_VARIANTS, REACT_GRID, ash_rand
 ODIN_SPACES = ("pixel", "normalized")
 # the input-noise magnitudes the Mahalanobis ensemble selects from (Lee et al. 2018's code)
 MAHALANOBIS_EPSILONS = (0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005)
+LAST_BLOCK = "last_block"  # a layer parameter meaning the backbone's declared shaping layer (``Backbone.shaping_layer``)
+BACKBONE_LAYERS = "backbone"  # a layers parameter meaning the backbone's declared feature layers
 
 
 class NetworkMethod(Method):
@@ -33,18 +35,28 @@ class NetworkMethod(Method):
     version = 1
     fits_through_network = False  # True: ``network_fit`` learns state on the fit set's images
 
-    def network_key(self) -> dict:
-        """What the network pass depends on: the cache key of its outputs (every parameter by default)."""
-        return {**self.get_params(), "version": self.version}
+    def network_key(self, declared: dict | None = None) -> dict:
+        """What the network pass depends on: the cache key of its outputs (every parameter by default).
 
-    def output_key(self, fit_entry=None) -> dict:
+        ``declared``: the layers the backbone declares (``Backbone.declared()``); a symbolic layer
+        parameter ('last_block', 'backbone') is keyed by the modules it stands for, so a backbone
+        that declares other layers never reuses outputs computed at the old ones."""
+        key = {**self.get_params(), "version": self.version}
+        declared = declared or {}
+        if key.get("layer") == LAST_BLOCK and declared.get("shaping_layer"):
+            key["layer"] = declared["shaping_layer"]
+        if key.get("layers") == BACKBONE_LAYERS and declared.get("layers"):
+            key["layers"] = list(declared["layers"])
+        return key
+
+    def output_key(self, fit_entry=None, declared: dict | None = None) -> dict:
         """The key of this method's outputs on any entry: ``network_key``, plus the fit entry for a
         method whose state is learned on it (other fit data, other outputs)."""
         if not self.fits_through_network:
-            return self.network_key()
+            return self.network_key(declared)
         if fit_entry is None:
             raise ValueError(f"{self.name} is fitted through the network: its outputs need the fit entry")
-        return {**self.network_key(), "fit": fit_entry.data_key}
+        return {**self.network_key(declared), "fit": fit_entry.data_key}
 
     def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
         """The state learned on the fit entry's ``rows`` (all of them), as named arrays. Row-wise
@@ -99,7 +111,7 @@ class _LayerShaping(NetworkMethod):
     final ReLU, where values can be negative).
     """
 
-    layer = "last_block"
+    layer = LAST_BLOCK
 
     def shaping(self):
         raise NotImplementedError
@@ -127,7 +139,7 @@ class ASHLayer(_LayerShaping):
     name = "ash_layer"
     grid = {"p": ASH_GRID}
 
-    def __init__(self, variant: str = "s", p: float = 90.0, layer: str = "last_block", seed: int = 0):
+    def __init__(self, variant: str = "s", p: float = 90.0, layer: str = LAST_BLOCK, seed: int = 0):
         self.variant = variant
         self.p = p
         self.layer = layer
@@ -142,8 +154,8 @@ class ASHLayer(_LayerShaping):
             raise ValueError(f"{self.name}: unknown variant {self.variant!r}; expected one of p, b, s, rand")
         return lambda rows: ASH_VARIANTS[self.variant](rows, self.p)
 
-    def network_key(self) -> dict:
-        key = super().network_key()
+    def network_key(self, declared: dict | None = None) -> dict:
+        key = super().network_key(declared)
         if self.variant != "rand":
             del key["seed"]  # only ASH-RAND draws
         return key
@@ -161,7 +173,7 @@ class ReActLayer(_LayerShaping):
     grid = {"p": REACT_GRID}
     fits_through_network = True
 
-    def __init__(self, p: float = 90.0, layer: str = "last_block", fit_samples: int = 10000, seed: int = 0):
+    def __init__(self, p: float = 90.0, layer: str = LAST_BLOCK, fit_samples: int = 10000, seed: int = 0):
         self.p = p
         self.layer = layer
         self.fit_samples = fit_samples
@@ -221,11 +233,11 @@ class ODIN(NetworkMethod):
         if self.space not in ODIN_SPACES:
             raise ValueError(f"{self.name}: space must be one of {ODIN_SPACES}, got {self.space!r}")
 
-    def network_key(self) -> dict:
+    def network_key(self, declared: dict | None = None) -> dict:
         self._check()
         if self.epsilon == 0:  # the unperturbed pass: neither T nor the space changes the logits
             return {"epsilon": 0.0, "version": self.version}
-        return super().network_key()
+        return super().network_key(declared)
 
     def network_meta(self) -> dict:
         units = "[0,1] pixel units (sign map / channel std)" if self.space == "pixel" else "normalised-input units"
@@ -333,14 +345,14 @@ class MahalanobisEnsemble(NetworkMethod):
     outputs = ("logits", "features", "confidences")
     fits_through_network = True
 
-    def __init__(self, layers: str = "backbone", holdout: int = 1000, fgsm: float = 0.05, seed: int = 0):
+    def __init__(self, layers: str = BACKBONE_LAYERS, holdout: int = 1000, fgsm: float = 0.05, seed: int = 0):
         self.layers = layers
         self.holdout = holdout
         self.fgsm = fgsm
         self.seed = seed
 
     def layer_names(self, network) -> tuple[str, ...]:
-        names = network.backbone.layers if self.layers == "backbone" else \
+        names = network.backbone.layers if self.layers == BACKBONE_LAYERS else \
             tuple(name.strip() for name in self.layers.split(",") if name.strip())
         if not names or "penultimate" in names:
             raise ValueError(f"{self.name}: needs module names (layers=a,b,...); backbone {network.backbone.name!r} "

@@ -41,11 +41,13 @@ def test_registry_layers_exist_and_head_is_linear():
     for spec in BACKBONES.values():
         model = spec.build()
         modules = dict(model.named_modules())
-        assert isinstance(modules[spec.head], nn.Linear)
-        assert all(layer in modules for layer in spec.layers)
-    with pytest.raises(ValueError, match="unknown backbone architecture 'nope'; registered: cifar-resnet18, "
-                                         "cifar-resnet20, cifar-resnet32, cifar-resnet44, cifar-resnet56, cnn28, "
-                                         "densenet-bc-100, digits-net, wrn-40-2, wrn-40-4"):
+        head = modules[spec.head]  # a linear layer, or BiT's 1x1 convolution with bias
+        assert isinstance(head, nn.Linear) or (isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1))
+        assert all(layer in modules for layer in (*spec.layers, spec.shaping_layer))
+    with pytest.raises(ValueError, match="unknown backbone architecture 'nope'; registered: bit-s-r101x1, "
+                                         "cifar-resnet18, cifar-resnet20, cifar-resnet32, cifar-resnet44, "
+                                         "cifar-resnet56, cnn28, densenet-bc-100, densenet121, digits-net, "
+                                         "mnist-convnet-oe, mobilenet-v2, resnet50, wrn-40-2, wrn-40-4"):
         get_backbone_spec("nope")
 
 
@@ -125,7 +127,8 @@ def test_checkpoint_and_factory_errors(tmp_path):
 
 
 class OEConvNet(nn.Module):
-    """The MNIST ConvNet of the Outlier Exposure paper, written from ../shared/data/README.md."""
+    """The MNIST ConvNet of the Outlier Exposure paper, written from ../shared/data/README.md as
+    plain functional calls: the reference for the registry's ``mnist-convnet-oe``."""
 
     def __init__(self):
         super().__init__()
@@ -158,6 +161,36 @@ def test_real_outlier_exposure_checkpoint_loads_strictly_and_classifies_mnist(sh
         predictions = backbone.model(backbone.preprocessing(mnist.images)).argmax(1).numpy()
     # The paper's checkpoint has 0.94% test error.
     assert (predictions == mnist.labels).mean() == pytest.approx(1 - 0.0094, abs=0.002)
+
+
+def test_registered_oe_convnet_equals_the_functional_reference_with_the_same_state():
+    torch.manual_seed(0)
+    reference = OEConvNet().eval()
+    backbone = registered_backbone(get_backbone_spec("mnist-convnet-oe"), reference.state_dict(), "oe", 10)
+    assert sum(p.numel() for p in backbone.model.parameters()) == 260 + 5020 + 16050 + 510
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    outputs = forward_rows(backbone, images, ("act2",), 4, torch.device("cpu"))
+    x = torch.from_numpy(images).float()[:, None] / 255  # no normalisation
+    with torch.no_grad():
+        np.testing.assert_allclose(outputs["logits"], reference(x).numpy(), atol=1e-5)
+        penultimate = reference.act(reference.fc1(reference.act(nn.functional.max_pool2d(reference.conv2(
+            reference.act(nn.functional.max_pool2d(reference.conv1(x), 2))), 2)).flatten(1)))
+    np.testing.assert_allclose(outputs["features"], penultimate.numpy(), atol=1e-5)
+    assert outputs["act2"].shape == (7, 20, 4, 4)
+
+
+@pytest.mark.shared_data
+def test_registered_oe_convnet_reproduces_the_published_test_errors(shared_data):
+    mnist = load_dataset("mnist", "test", data_root=shared_data)
+    spec = get_backbone_spec("mnist-convnet-oe")
+    errors = {}
+    for name in ("baseline_epoch_9", "oe_scratch_epoch_9", "oe_tune_epoch_4"):
+        state = read_state_dict(shared_data / f"checkpoints/mnist-convnet-oe/{name}.pt")
+        backbone = registered_backbone(spec, state, name, 10)
+        logits = forward_rows(backbone, mnist.images, (), 1000, torch.device("cpu"))["logits"]
+        errors[name] = (logits.argmax(1) != mnist.labels).mean()
+    assert errors["baseline_epoch_9"] == pytest.approx(0.0094)  # the README's 0.94%: 94 of 10,000 wrong
+    assert errors["oe_scratch_epoch_9"] == pytest.approx(0.0103) and errors["oe_tune_epoch_4"] == pytest.approx(0.0092)
 
 
 def option_a_checkpoint(path, depth, seed=0):

@@ -376,13 +376,14 @@ def _validation_is_a_test_set(config):
 @pytest.mark.parametrize("mutate, messages", [
     (_unknown_key, ["missing keys [], unknown keys ['bogus']; allowed: ['backbones', 'convention', 'description', "
                     "'extraction', 'id', 'methods', 'name', 'ood', 'seeds', 'validation']"]),
-    (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits", "gaussian, hopper-patches, kmnist"]),
+    (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits", "gaussian, hopper-patches, imagenet"]),
     (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),
     (_unknown_method_param, ["methods #1: method 'energy' has no parameter Q; its parameters: T (default 1.0)"]),
     (_unknown_dataset_param, ["dataset 'gaussian' has no parameters ['sigma']", "'n': 10000"]),
     (_unknown_backbone_arch, ["backbones #1: unknown backbone architecture 'resnet-nope'; registered: "
-                              "cifar-resnet18, cifar-resnet20, cifar-resnet32, cifar-resnet44, cifar-resnet56, cnn28, "
-                              "densenet-bc-100, digits-net, wrn-40-2, wrn-40-4"]),
+                              "bit-s-r101x1, cifar-resnet18, cifar-resnet20, cifar-resnet32, cifar-resnet44, "
+                              "cifar-resnet56, cnn28, densenet-bc-100, densenet121, digits-net, mnist-convnet-oe, "
+                              "mobilenet-v2, resnet50, wrn-40-2, wrn-40-4"]),
     (_validation_is_a_test_set, ["the validation OOD set 'gaussian' must be disjoint from the ID set and every "
                                  "test OOD set (digits, gaussian, photo-patches)"]),
 ])

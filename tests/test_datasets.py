@@ -548,14 +548,16 @@ def test_registry_names():
     assert set(DATASETS) == {
         "fashion-mnist", "mnist", "notmnist", "kmnist", "animal-mnist", "textures", "digits28",
         "photo-patches", "gaussian", "bernoulli", "blobs", "uniform", "digits", "cifar10-jpeg", "hopper-patches",
+        "negative-mnist", "cifar10", "cifar100", "svhn", "dtd", "places365", "lsun-crop", "lsun-resize", "isun",
+        "inaturalist", "sun", "places", "imagenet",
     }
     assert DATASETS["gaussian"].defaults == {"n": 10000, "size": 28, "seed": 0}
     assert DATASETS["digits"].splits == ("train", "test", "ood")
 
 
 def test_unknown_name_lists_registered():
-    with pytest.raises(ValueError, match="unknown dataset 'svhn'.*fashion-mnist.*mnist"):
-        load_dataset("svhn")
+    with pytest.raises(ValueError, match="unknown dataset 'nope-set'.*fashion-mnist.*mnist"):
+        load_dataset("nope-set")
 
 
 def test_unknown_split_names_valid():
@@ -567,7 +569,7 @@ def test_unknown_parameter_names_valid():
     with pytest.raises(ValueError, match="unknown parameter.*sigma.*valid parameters: n, seed, size"):
         load_dataset("blobs", sigma=2)
     with pytest.raises(ValueError, match="valid parameters: none"):
-        load_dataset("mnist", n=3)
+        load_dataset("notmnist", n=3)
 
 
 # ---------------------------------------------------------------- the real development data
@@ -651,3 +653,35 @@ def test_cifar10_jpeg_missing_or_wrong_folders_name_the_layout(tmp_path):
     (tmp_path / "cifar10-test-jpeg" / "cats").mkdir(parents=True)
     with pytest.raises(ValueError, match="expected the CIFAR-10 classes"):
         load_dataset("cifar10-jpeg", "test", data_root=tmp_path)
+
+
+def test_mnist_fit_and_eval_are_disjoint_stratified_halves_of_the_test_set(tmp_path):
+    images = np.repeat(np.arange(40, dtype=np.uint8), 28 * 28).reshape(40, 28, 28)  # every image distinct
+    labels = np.arange(40, dtype=np.uint8) % 10
+    write_idx_pair(tmp_path / "mnist", "t10k", images, labels)
+    test = load_dataset("mnist", "test", data_root=tmp_path)
+    fit = load_dataset("mnist", "fit", data_root=tmp_path)
+    evaluation = load_dataset("mnist", "eval", data_root=tmp_path)
+    assert len(fit) == len(evaluation) == 20
+    assert (np.bincount(fit.labels) == 2).all() and (np.bincount(evaluation.labels) == 2).all()
+    together = sorted(map(bytes, np.concatenate([fit.images, evaluation.images])))
+    assert together == sorted(map(bytes, test.images))  # a partition of the test set
+    first = fit.images[:, 0, 0]
+    assert (np.diff(first) > 0).all()  # original order kept
+    assert "fit part of a fit_fraction=0.5 split, seed=0" in fit.source
+    again = load_dataset("mnist", "fit", data_root=tmp_path)
+    np.testing.assert_array_equal(again.images, fit.images)
+    assert not np.array_equal(load_dataset("mnist", "fit", data_root=tmp_path, seed=1).images, fit.images)
+    assert len(load_dataset("mnist", "fit", data_root=tmp_path, fit_fraction=0.25)) == 10
+    with pytest.raises(ValueError, match="fit_fraction must lie strictly between 0 and 1"):
+        load_dataset("mnist", "fit", data_root=tmp_path, fit_fraction=1.0)
+
+
+def test_negative_mnist_inverts_every_test_digit(tmp_path):
+    images, labels = make_mnist_like(3)
+    write_idx_pair(tmp_path / "mnist", "t10k", images, labels)
+    negative = load_dataset("negative-mnist", "test", data_root=tmp_path)
+    np.testing.assert_array_equal(negative.images.astype(int), 255 - images.astype(int))
+    np.testing.assert_array_equal(negative.labels, labels)
+    with pytest.raises(DatasetUnavailable, match="(?s)'negative-mnist' is made from MNIST's test set: dataset 'mnist'.*t10k-images-idx3-ubyte.gz"):
+        load_dataset("negative-mnist", "test", data_root=tmp_path / "nothing")

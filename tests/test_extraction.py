@@ -446,3 +446,31 @@ def test_chunk_files_round_trip_any_layer_name(tmp_path):
         np.testing.assert_array_equal(loaded[name], chunk[name])
     assert _load_chunk(path, names, rows=4) is None  # a chunk of another size is recomputed
     assert _load_chunk(path, names[:3], rows=3) is None  # so is one holding other arrays
+
+
+def test_mixed_precision_is_an_entry_of_its_own_close_to_float32(tmp_path):
+    """--amp (bfloat16 autocast on the CPU, float16 on CUDA) changes the numbers slightly, so its
+    entry has its own key and says so; the float32 entry is untouched and the two agree to bf16 precision."""
+    torch.manual_seed(0)
+    backbone = make_backbone(DigitsNet(num_classes=6).state_dict())
+    images = load_dataset("digits", "test")
+    store = FeatureStore(tmp_path)
+    exact = extract(backbone, images, store, progress=False)
+    mixed = extract(backbone, images, store, progress=False, amp=True)
+    assert mixed.path != exact.path and mixed.meta["amp"] is True and exact.meta["amp"] is False
+    assert entry_data_key(backbone, images, (), "float32", amp=True) == mixed.data_key
+    assert not np.array_equal(mixed.logits, exact.logits)
+    np.testing.assert_allclose(mixed.logits, exact.logits, atol=0.1, rtol=0.05)
+    assert (mixed.logits.argmax(1) == exact.logits.argmax(1)).mean() > 0.95
+    assert extract(backbone, images, store, progress=False).path == exact.path  # float32 found again, not amp
+
+
+def test_the_device_is_not_part_of_an_entry_key_and_torchrun_picks_the_local_gpu(monkeypatch):
+    """CPU and GPU extractions are the same entry (within float tolerance); under torchrun each
+    process's 'auto'/'cuda' device is its LOCAL_RANK's GPU."""
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda:3") and resolve_device("cuda") == torch.device("cuda:3")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")

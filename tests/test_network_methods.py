@@ -284,6 +284,20 @@ def test_gradnorm_by_autograd_on_the_head_equals_the_closed_form_from_the_cache(
         np.testing.assert_allclose(method.score(derived), closed, rtol=1e-5)
 
 
+def test_symbolic_layers_are_keyed_by_the_modules_the_backbone_declares():
+    """'last_block' and 'backbone' stand for what the backbone declares: outputs computed at one
+    declared layer are never reused for a backbone that declares another, and naming the declared
+    layer explicitly shares its outputs."""
+    ash = make_method("ash_layer")
+    assert ash.network_key({"shaping_layer": "block2.1"}) == make_method("ash_layer", layer="block2.1").network_key()
+    assert ash.network_key({"shaping_layer": "block2.1"}) != ash.network_key({"shaping_layer": "block1.1"})
+    react = make_method("react_layer")
+    assert react.network_key({"shaping_layer": "act2"})["layer"] == "act2"
+    ens = make_method("mahalanobis_ens")
+    assert ens.network_key({"layers": ["a", "b"]})["layers"] == ["a", "b"]
+    assert ens.network_key({"layers": ["a", "b"]}) != ens.network_key({"layers": ["a"]})
+
+
 def test_network_methods_run_the_network_once_and_sweeps_rerun_only_the_tail(digits, forwards):
     run, evaluation, backbone, entries = digits
     full_passes = lambda: forwards.count("DigitsNet")  # noqa: E731
@@ -295,10 +309,10 @@ def test_network_methods_run_the_network_once_and_sweeps_rerun_only_the_tail(dig
         scored = evaluation.scores(backbone, MethodRef(name, params), entries)
         return {label: s.scores for label, s in scored.items()}
 
-    first = scores("ash_layer", layer="block2.1")  # not cached by the digits extraction: full passes
+    first = scores("ash_layer", layer="block2.0")  # not cached by the digits extraction: full passes
     assert full_passes() > 0 and tail_passes() == 0
     forwards.clear()
-    again = scores("ash_layer", layer="block2.1")  # scores cached: nothing runs
+    again = scores("ash_layer", layer="block2.0")  # scores cached: nothing runs
     assert forwards == []
     for label in first:
         np.testing.assert_array_equal(first[label], again[label])
@@ -384,7 +398,7 @@ def test_an_interrupted_network_fit_resumes_from_the_chunks_of_its_completed_pas
     arguments = (run.resolved_backbone(backbone), images, fit, run.store)
     options = {"batch_size": 64, "chunk_batches": 2, "progress": False}  # several chunks per pass
     method = make_method("mahalanobis_ens", holdout=200)
-    path = fit.derived_path("mahalanobis_ens-fit", method.network_key())
+    path = fit.derived_path("mahalanobis_ens-fit", method.network_key(backbone.info["declared"]))
 
     def killed(*args):  # the run dies after its three network passes, before the regression
         raise KeyboardInterrupt
@@ -402,3 +416,22 @@ def test_an_interrupted_network_fit_resumes_from_the_chunks_of_its_completed_pas
                                    lambda step, n, names, compute: compute(0, n))
     for name, array in reference.items():
         np.testing.assert_allclose(resumed.array(name), array, rtol=1e-12, err_msg=name)
+
+
+def test_a_network_method_with_non_finite_outputs_is_left_out_of_the_run_with_its_reason(digits, monkeypatch):
+    """ASH-S's exp(sum / kept sum) overflows on signed activations (measured on the OE ConvNet):
+    such a method is left out of that backbone's leaderboard with one line saying why, nothing
+    half-made is cached, and every other method still scores."""
+    import methods.shaping_scores as shaping
+
+    run, evaluation, backbone, entries = digits
+    overflow = lambda rows, p: np.where(np.arange(len(rows))[:, None] % 7 == 0, np.inf, rows)  # noqa: E731
+    monkeypatch.setitem(shaping.ASH_VARIANTS, "s", overflow)
+    cached_before = sorted(run.store.root.rglob("*.ash_layer.*.h5"))
+    metrics = evaluation.evaluate((MethodRef("energy"), MethodRef("ash_layer", {"layer": "block2.0"})), plot=False)
+    assert set(metrics["method"]) == {"energy"}
+    [line] = [line for line in evaluation.summary.lines if line.startswith("left out")]
+    assert line.startswith("left out ash_layer(layer=block2.0) on digits-net seed 0: ash_layer(layer=block2.0) "
+                           "produced NaN or infinite outputs on ")
+    assert "choose another layer or parameters" in line
+    assert sorted(run.store.root.rglob("*.ash_layer.*.h5")) == cached_before  # no derived entry holds them

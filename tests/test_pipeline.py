@@ -110,7 +110,9 @@ def test_leaderboard_auroc_rederives_from_cached_logits(warm):
     for method in METHODS:
         instance = make_method(method)
         if "network" in instance.reads:  # network methods classify from their derived entry
-            derived = CachedSplit(test_entry.derived_path(instance.name, instance.output_key(fit_entry)))
+            described = test_entry.meta["backbone"]  # the layers the backbone declares key its network outputs
+            declared = {"shaping_layer": described["shaping_layer"], "layers": described["layers"]}
+            derived = CachedSplit(test_entry.derived_path(instance.name, instance.output_key(fit_entry, declared)))
             expected = np.mean(instance.predict(derived) == id_labels)
         elif type(instance).predict is Method.predict:
             expected = accuracy
@@ -432,3 +434,31 @@ def test_epoch_report_scores_every_snapshot_and_its_last_equals_the_trained_back
     assert code == 2 and "keeps no per-epoch snapshots; set 'snapshot_every: N'" in err
     code, _, err = oodbench(capsys, *argv[:5], "odin", *argv[6:])
     assert code == 2 and "odin need network passes per snapshot" in err
+
+
+# ---------------------------------------------------------------- the scoring grid through joblib
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["loky", "dask"])
+def test_the_scoring_grid_gives_the_same_leaderboard_through_any_backend(warm, cache_copy, tmp_path, capsys, backend):
+    """Cache-only cells scored by two loky worker processes (or a local two-worker Dask cluster) give
+    the warm run's leaderboard exactly; the scores they cache are the ones a re-render reads."""
+    if backend == "dask":
+        pytest.importorskip("dask.distributed", reason="Dask is not installed (pip install 'dask[distributed]')")
+    for path in cache_copy.rglob("scores/*.h5"):
+        path.unlink()  # every score is computed again, in the workers
+    code, out, err = oodbench(capsys, "run", "digits", "--cache-dir", cache_copy, "--out", tmp_path / "out", "--quiet",
+                              "--jobs", "2", "--backend", backend)
+    assert code == 0, err
+    assert f"score grid ({backend}, 2 jobs)" in out
+    pd.testing.assert_frame_equal(read_board(tmp_path / "out/digits/digits-net/leaderboard.csv"),
+                                  read_board(warm.out / "digits/digits-net/leaderboard.csv"))
+    code, out, err = oodbench(capsys, "leaderboard", "digits", "--cache-dir", cache_copy, "--out", tmp_path / "again",
+                              "--quiet")
+    assert code == 0, err
+
+
+def test_a_bad_scoring_grid_is_refused_before_any_work(tmp_path, capsys, forwards):
+    code, _, err = oodbench(capsys, "run", "digits", "--cache-dir", tmp_path / "cache", "--jobs", "0", "--quiet")
+    assert code == 2 and "jobs must be a positive number of workers or -1" in err
+    assert forwards == [] and not (tmp_path / "cache").exists()

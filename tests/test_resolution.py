@@ -39,7 +39,7 @@ def test_score_from_a_record_never_imports_torch(warm, tmp_path):
                           capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-1] == "torch imported: False"
+    assert lines[-1] == "torch imported: False", done.stdout + done.stderr
     assert any(line.startswith("time: ") and "read record" in line for line in lines)
     board = pd.read_csv(warm.out / "digits/digits-net/leaderboard.csv", index_col="method")
     for ood_set in OOD_SETS:

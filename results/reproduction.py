@@ -1,0 +1,211 @@
+"""Reproduction reports: a leaderboard beside a paper's published numbers, with the difference per cell.
+
+The published values are data: ``benchmarks/published/tables.yaml`` holds one entry per paper table
+(ASH, RG, UM; ``../shared/METHODS.md`` section 4) naming the packaged benchmark and backbone it
+corresponds to, the paper's columns (OOD sets, their average) mapped to the benchmark's set
+labels, the metrics in the order the paper prints them, and one row per method with the
+harness method (name and hyperparameters) that implements it. A cell is written as the paper
+prints it: ``"54.99/87.74"`` (one value per metric, ``-`` where the paper has none) with an
+optional ``±std``.
+
+``reproduction_frame`` puts the harness's mean (± std over seeds, with the seed count) beside
+the published value and ``ours - paper`` in percentage points; ``write_reproduction`` exports
+it as CSV, LaTeX and Markdown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from results.leaderboard import CONVENTIONS, ID_COLUMN, METRICS, Leaderboard, _latex_escape, _markdown_escape, \
+    _pipe_row, _prepare
+
+PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "published" / "tables.yaml"
+PARTS = ("ours", "paper", "diff")
+
+
+@dataclass(frozen=True)
+class PublishedRow:
+    """One method of a paper table: the paper's name for it, the harness leaderboard label that
+    implements it (e.g. 'ash_s(p=95)'), the backbone it ran on, and its values in percent:
+    {(column, metric): (mean, std or None)}; (``ID``, ``acc``) is the ID accuracy."""
+
+    paper_method: str
+    method: str
+    backbone: str
+    values: dict[tuple[str, str], tuple[float, float | None]]
+
+
+@dataclass(frozen=True)
+class PublishedTable:
+    id: str
+    source: str
+    benchmark: str
+    convention: str
+    keys: tuple[tuple[str, str], ...]  # (benchmark column, metric) in the paper's order
+    rows: tuple[PublishedRow, ...]
+    note: str = ""
+
+
+def _cell(text, where: str) -> tuple[float, float | None] | None:
+    """'54.99', '20.83±1.58' or '-' (None)."""
+    text = str(text).strip()
+    if text in ("-", "—"):
+        return None
+    mean, _, std = text.partition("±")
+    try:
+        return float(mean), (float(std) if std else None)
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not a number, 'mean±std' or '-'") from None
+
+
+def _table(item: dict, where: str) -> PublishedTable:
+    from methods import make_method  # the registry validates the method names and hyperparameters
+
+    where = f"{where} ({item.get('id', 'no id')})"
+    required = {"id", "source", "benchmark", "backbone", "metrics", "columns", "rows"}
+    missing, unknown = required - set(item), set(item) - required - {"convention", "note"}
+    if missing or unknown:
+        raise ValueError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
+    metrics = tuple(item["metrics"])
+    bad = [m for m in metrics if m not in METRICS]
+    if bad:
+        raise ValueError(f"{where}: unknown metrics {bad}; choose from {list(METRICS)}")
+    convention = item.get("convention", "id_positive")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{where}: convention {convention!r} is not one of {list(CONVENTIONS)}")
+    columns = dict(item["columns"])  # paper column -> benchmark column label ('avg' for the average)
+    keys = tuple((columns[c], m) for c in columns for m in metrics)
+    rows = []
+    for i, row in enumerate(item["rows"]):
+        here = f"{where}: row #{i + 1}"
+        unknown = set(row) - {"paper", "method", "params", "backbone", "values", "id_acc"}
+        if unknown or not {"paper", "method", "values"} <= set(row):
+            raise ValueError(f"{here}: needs paper, method and values (optional params, backbone, id_acc); "
+                             f"got {sorted(row)}")
+        try:
+            label = make_method(row["method"], **dict(row.get("params") or {})).label()
+        except ValueError as err:
+            raise ValueError(f"{here} ({row['paper']}): {err}") from err
+        values = {}
+        for column, text in row["values"].items():
+            if column not in columns:
+                raise ValueError(f"{here} ({row['paper']}): column {column!r} is not one of {list(columns)}")
+            parts = str(text).split("/")
+            if len(parts) != len(metrics):
+                raise ValueError(f"{here} ({row['paper']}): {column} {text!r} has {len(parts)} values for the "
+                                 f"{len(metrics)} metrics {list(metrics)}")
+            for metric, part in zip(metrics, parts):
+                cell = _cell(part, f"{here} ({row['paper']}) {column}")
+                if cell is not None:
+                    values[columns[column], metric] = cell
+        if "id_acc" in row:
+            values[ID_COLUMN] = _cell(row["id_acc"], f"{here} ({row['paper']}) id_acc")
+        rows.append(PublishedRow(str(row["paper"]), label, str(row.get("backbone", item["backbone"])), values))
+    if any(ID_COLUMN in r.values for r in rows):
+        keys += (ID_COLUMN,)
+    return PublishedTable(str(item["id"]), str(item["source"]), str(item["benchmark"]), convention, keys,
+                          tuple(rows), str(item.get("note", "")))
+
+
+def load_published(path: str | Path | None = None) -> list[PublishedTable]:
+    """Every table of the published-values file (default ``PUBLISHED_FILE``), validated (methods,
+    metrics, cell formats)."""
+    path = Path(path or PUBLISHED_FILE)
+    data = yaml.safe_load(path.read_text()) or {}
+    tables = [_table(item, f"{path}: tables #{i + 1}") for i, item in enumerate(data.get("tables", []))]
+    ids = [t.id for t in tables]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: table ids appear twice: {sorted({i for i in ids if ids.count(i) > 1})}")
+    return tables
+
+
+def reproduction_frame(table: PublishedTable, boards: dict[str, Leaderboard]) -> pd.DataFrame:
+    """The paper's rows with, per (column, metric), ``ours`` (mean in %), ``ours_std``, ``paper``,
+    ``paper_std`` and ``diff`` = ours - paper (percentage points), plus ``n_seeds``. ``boards``
+    maps backbone names to leaderboards of ``table.benchmark``; a method or set the run lacks is
+    NaN. Raises ValueError when a board uses another metric convention than the paper."""
+    records = []
+    for row in table.rows:
+        board = boards.get(row.backbone)
+        if board is not None and board.convention != table.convention:
+            raise ValueError(f"{table.id}: the paper's convention is {table.convention}, the leaderboard of "
+                             f"{row.backbone} uses {board.convention}; metrics of different conventions are never "
+                             "compared")
+        present = board is not None and row.method in board.mean.index
+        record = {("method", "", ""): row.paper_method, ("harness", "", ""): f"{row.method} on {row.backbone}",
+                  ("n_seeds", "", ""): int(board.n_seeds[row.method]) if present else 0}
+        for key in table.keys:
+            ours = ours_std = np.nan
+            if present and key in board.mean.columns:
+                ours = 100 * board.mean.at[row.method, key]
+                ours_std = 100 * board.std.at[row.method, key]
+            paper, paper_std = row.values.get(key, (np.nan, None))
+            record.update({(*key, "ours"): ours, (*key, "ours_std"): ours_std, (*key, "paper"): paper,
+                           (*key, "paper_std"): np.nan if paper_std is None else paper_std,
+                           (*key, "diff"): ours - paper})
+        records.append(record)
+    frame = pd.DataFrame(records)
+    frame.columns = pd.MultiIndex.from_tuples(frame.columns, names=["column", "metric", "value"])
+    return frame
+
+
+def _number(mean: float, std: float) -> str:
+    if np.isnan(mean):
+        return "—"
+    return f"{mean:.2f}" if np.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def _diff(value: float) -> str:
+    return "—" if np.isnan(value) else f"{value:+.2f}"
+
+
+def _caption(table: PublishedTable) -> str:
+    return (f"{table.source} beside this harness ({table.benchmark}): values in %, ours as mean ± std over the seeds "
+            f"counted; diff = ours - paper in points. {CONVENTIONS[table.convention]}."
+            + (f" {table.note}" if table.note else ""))
+
+
+def write_reproduction(table: PublishedTable, frame: pd.DataFrame, folder: str | Path) -> list[Path]:
+    """``<folder>/<table id>.csv`` (every number, flat columns ``<column>/<metric>/<value>``),
+    ``.tex`` (booktabs) and ``.md``; returns the three paths."""
+    folder = Path(folder)
+    flat = frame.copy()
+    flat.columns = ["/".join(p for p in key if p) for key in frame.columns]
+    csv = _prepare(folder / f"{table.id}.csv")
+    flat.to_csv(csv, index=False)
+
+    def label(key):
+        return "ID Acc" if key == ID_COLUMN else f"{key[0]} {METRICS[key[1]]}"
+
+    cells = [[_number(r[(*k, "ours")], r[(*k, "ours_std")]) for k in table.keys] for _, r in frame.iterrows()]
+    papers = [[_number(r[(*k, "paper")], r[(*k, "paper_std")]) for k in table.keys] for _, r in frame.iterrows()]
+    diffs = [[_diff(r[(*k, "diff")]) for k in table.keys] for _, r in frame.iterrows()]
+    names = [f"{r[('method', '', '')]} ({r[('n_seeds', '', '')]})" for _, r in frame.iterrows()]
+
+    header = ["Method (seeds)"] + [f"{label(k)} {part}" for k in table.keys for part in PARTS]
+    lines = [_markdown_escape(_caption(table)), "", _pipe_row([_markdown_escape(h) for h in header]),
+             _pipe_row([":--"] + ["--:"] * (len(header) - 1))]
+    for name, ours, paper, diff in zip(names, cells, papers, diffs):
+        values = [v for triple in zip(ours, paper, diff) for v in triple]
+        lines.append(_pipe_row([_markdown_escape(name)] + values))
+    markdown = _prepare(folder / f"{table.id}.md")
+    markdown.write_text("\n".join(lines) + "\n")
+
+    spans = " & ".join(rf"\multicolumn{{3}}{{c}}{{{_latex_escape(label(k))}}}" for k in table.keys)
+    rules = "".join(rf"\cmidrule(lr){{{2 + 3 * i}-{4 + 3 * i}}}" for i in range(len(table.keys)))
+    tex_lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_latex_escape(_caption(table))}}}",
+                 r"\begin{tabular}{l" + "rrr" * len(table.keys) + "}", r"\toprule", rf" & {spans} \\", rules,
+                 "Method (seeds) & " + " & ".join(["ours", "paper", r"$\Delta$"] * len(table.keys)) + r" \\",
+                 r"\midrule"]
+    for name, ours, paper, diff in zip(names, cells, papers, diffs):
+        values = [_latex_escape(v) for triple in zip(ours, paper, diff) for v in triple]
+        tex_lines.append(" & ".join([_latex_escape(name)] + values) + r" \\")
+    tex_lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    tex = _prepare(folder / f"{table.id}.tex")
+    tex.write_text("\n".join(tex_lines))
+    return [csv, tex, markdown]
