@@ -41,6 +41,17 @@ def write_mnist_fixtures(root):
         torch.save(get_backbone_spec("mnist-convnet-oe").build().state_dict(), folder / f"{name}.pt")
 
 
+def write_grayscale_ood_sets(root, idx_sets):
+    """The grayscale OOD sets the small benchmarks share: t10k idx pairs of ``idx_sets``, the
+    Animal-MNIST npz and the three texture photographs, 20 images each."""
+    for seed, name in enumerate(idx_sets):
+        write_idx_pair(root / name, "t10k", *make_mnist_like(12 + seed, n=20))
+    (root / "animal-mnist").mkdir()
+    animals, labels = make_mnist_like(15, n=20)
+    np.savez(root / "animal-mnist" / "animal_mnist_10k.npz", images=animals, labels=labels)
+    write_texture_photos(root)
+
+
 def run_without_each_set(capsys, extract_argv, data, folders: dict[str, str]):
     """Each optional OOD set's file or folder (relative to ``data``) taken away alone: `oodbench
     extract` (the run's resolution without its scoring) succeeds and names the skipped set."""
@@ -219,12 +230,7 @@ def test_fashion_mnist_benchmark_file_runs_on_fixtures_in_the_real_formats(tmp_p
     data = tmp_path / "data"
     write_idx_pair(data / "fashion-mnist", "train", make_mnist_like(10, n=64)[0], np.arange(64, dtype=np.uint8) % 10)
     write_idx_pair(data / "fashion-mnist", "t10k", make_mnist_like(11, n=30)[0], np.arange(30, dtype=np.uint8) % 10)
-    for name, seed in (("mnist", 12), ("notmnist", 13), ("kmnist", 14)):
-        write_idx_pair(data / name, "t10k", *make_mnist_like(seed, n=20))
-    (data / "animal-mnist").mkdir()
-    np.savez(data / "animal-mnist" / "animal_mnist_10k.npz", images=make_mnist_like(15, n=20)[0],
-             labels=make_mnist_like(15, n=20)[1])
-    write_texture_photos(data)
+    write_grayscale_ood_sets(data, ("mnist", "notmnist", "kmnist"))
     config = yaml.safe_load((BENCHMARK_DIR / "fashion-mnist.yaml").read_text())
     for backbone in config["backbones"]:
         (backbone.get("train") or backbone["finetune"])["epochs"] = 1
@@ -253,12 +259,7 @@ def test_cifar10_jpeg_benchmark_file_runs_on_fixtures_in_the_real_formats(tmp_pa
     monkeypatch.setattr(ds, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
     data = tmp_path / "data"
     write_cifar_jpeg_tree(data, per_class=4)
-    for name, seed in (("mnist", 12), ("notmnist", 13), ("fashion-mnist", 14)):
-        write_idx_pair(data / name, "t10k", *make_mnist_like(seed, n=20))
-    (data / "animal-mnist").mkdir()
-    np.savez(data / "animal-mnist" / "animal_mnist_10k.npz", images=make_mnist_like(15, n=20)[0],
-             labels=make_mnist_like(15, n=20)[1])
-    write_texture_photos(data)
+    write_grayscale_ood_sets(data, ("mnist", "notmnist", "fashion-mnist"))
     (data / "checkpoints" / "cifar10-resnet").mkdir(parents=True)
     for depth, digest in ((20, "a1"), (32, "b2"), (44, "c3"), (56, "d4")):
         option_a_checkpoint(data / "checkpoints" / "cifar10-resnet" / f"resnet{depth}-{digest}.th", depth)
