@@ -165,9 +165,9 @@ def compute_in_chunks(path: Path, n: int, names: tuple[str, ...], rows_per_chunk
     interrupted (SIGKILL included) resumes from the chunks already on disk. ``tag`` names whatever
     else fixes a chunk's contents (the batch size), so a run with other settings never reuses them.
 
-    ``shard`` (i, n): compute only the chunks of ``shard_chunks``; the others are read when
-    another process has saved them and are None otherwise (all are, with ``compute_missing``
-    false). Without a shard the caller holds the entry's lock; it assembles the chunks and
+    ``shard`` (i, n): only the chunks of ``shard_chunks`` are read or computed, the others are
+    None. ``compute_missing`` false computes nothing and reads every chunk saved so far (None
+    where none is). Without a shard the caller holds the entry's lock; it assembles the chunks and
     removes the folder."""
     partial = partial_folder(path)
     partial.mkdir(parents=True, exist_ok=True)
@@ -180,6 +180,9 @@ def compute_in_chunks(path: Path, n: int, names: tuple[str, ...], rows_per_chunk
     for index, start in enumerate(starts):
         chunk_path = partial / f"chunk-{index:06d}-of-{len(starts):06d}-rows{rows_per_chunk}-{tag}.npz"
         rows = min(rows_per_chunk, n - start)
+        if compute_missing and index not in mine:  # another shard's chunk: never read twice
+            chunks.append(None)
+            continue
         chunk = _load_chunk(chunk_path, names, rows) if chunk_path.exists() else None
         if chunk is None and index in mine:
             chunk = compute(start, start + rows)
