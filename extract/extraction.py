@@ -104,10 +104,28 @@ def input_batches(preprocessing, images, batch_size: int, device: torch.device, 
         yield (batch.pin_memory() if pin else batch).to(device, non_blocking=pin)
 
 
-def autocast(device: torch.device, amp: bool):
-    """Mixed precision when ``amp`` (float16 on CUDA, bfloat16 on the CPU), else a no-op context."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp)
+@contextlib.contextmanager
+def precision(device: torch.device, amp: bool):
+    """The arithmetic of a forward pass. ``amp``: mixed precision (float16 on CUDA, bfloat16 on the
+    CPU), a different cache entry. Otherwise IEEE float32: on CUDA, torch's default lets cuDNN run
+    float32 convolutions in TF32 (10-bit mantissa), so that is switched off here, with float32 matrix
+    products at 'highest', and a GPU entry holds the CPU's numbers within float32 rounding (the device
+    is not part of an entry's key). The global flags are restored afterwards."""
+    if amp:
+        with torch.autocast(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
+            yield
+        return
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                         allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
 
 
 @torch.no_grad()
@@ -120,7 +138,7 @@ def forward_rows(backbone: Backbone, images, layers: tuple[str, ...], batch_size
     with capture_outputs(model, backbone.head, layers) as captured:
         for batch in input_batches(backbone.preprocessing, images, batch_size, device, workers):
             captured.clear()
-            with autocast(device, amp):
+            with precision(device, amp):
                 model(batch)
             for name, tensor in captured.items():
                 parts.setdefault(name, []).append(tensor.detach().float().cpu().numpy())
@@ -209,7 +227,7 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
     other shards' chunks are missing.
 
     ``workers``: DataLoader processes decoding image files (``ImageFiles``); ``amp``: mixed
-    precision (``autocast``), a different entry.
+    precision (``precision``), a different entry.
     """
     if len(images) == 0:
         raise ValueError(f"dataset {images.name}/{images.split} is empty; nothing to extract")

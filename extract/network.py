@@ -26,7 +26,8 @@ from torch import fx, nn
 
 from extract.backbones import Backbone
 from extract.datasets import ImageSet
-from extract.extraction import capture_outputs, compute_in_chunks, forward_rows, partial_folder, resolve_device
+from extract.extraction import capture_outputs, compute_in_chunks, forward_rows, partial_folder, precision, \
+    resolve_device
 from extract.store import CachedSplit, CacheCorrupt, FeatureStore, file_lock, write_h5_atomic
 from methods.base import NonFiniteOutputs
 from methods.network_scores import LAST_BLOCK
@@ -471,7 +472,9 @@ def derive_state(method, backbone: Backbone, images: ImageSet, entry: CachedSpli
         network = Network(backbone, resolve_device(device), batch_size)
         passes = _rows_in_chunks(path, f"{method.label()} fit {backbone.name} {images.name}/{images.split}",
                                  batch_size, chunk_batches, progress)
-        return method.network_fit(network, EntryRows(images, entry, 0, len(images)), passes), method.network_meta()
+        with precision(network.device, amp=False):
+            state = method.network_fit(network, EntryRows(images, entry, 0, len(images)), passes)
+        return state, method.network_meta()
 
     return _derived_entry(store, entry, f"{method.name}-fit", method.network_key(backbone.declared()), backbone,
                           f"{method.label()} fitted", compute)
@@ -490,8 +493,9 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
         network = Network(backbone, resolve_device(device), batch_size)
         passes = _rows_in_chunks(path, f"{method.label()} {backbone.name} {images.name}/{images.split}",
                                  batch_size, chunk_batches, progress)
-        arrays = passes("", len(images), tuple(method.outputs),
-                        lambda start, stop: method.network_outputs(network, EntryRows(images, entry, start, stop)))
+        with precision(network.device, amp=False):
+            arrays = passes("", len(images), tuple(method.outputs),
+                            lambda start, stop: method.network_outputs(network, EntryRows(images, entry, start, stop)))
         bad = ~(np.isfinite(arrays["logits"]).all(axis=1) & np.isfinite(arrays["features"]).all(axis=1))
         if bad.any():  # nothing is written: no derived entry ever holds them
             raise NonFiniteOutputs(

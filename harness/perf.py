@@ -78,16 +78,17 @@ def perf_backbone_and_images(n: int):
 def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> dict:
     import torch
 
-    from extract.extraction import extract, resolve_device
+    from extract.extraction import extract, precision, resolve_device
 
     backbone, images = perf_backbone_and_images(n)
     torch_device = resolve_device(device)
     model = backbone.model.to(torch_device).eval()
 
     @torch.no_grad()
-    def bare_forward():
-        for start in range(0, len(images), batch_size):
-            model(backbone.preprocessing(images.images[start:start + batch_size]).to(torch_device))
+    def bare_forward():  # in the arithmetic extraction uses (IEEE float32, no TF32 on CUDA)
+        with precision(torch_device, amp=False):
+            for start in range(0, len(images), batch_size):
+                model(backbone.preprocessing(images.images[start:start + batch_size]).to(torch_device))
 
     def extraction():
         with tempfile.TemporaryDirectory() as root:
@@ -97,8 +98,9 @@ def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> di
 
     @torch.no_grad()
     def reinference():
-        logits = [model(backbone.preprocessing(images.images[s:s + batch_size]).to(torch_device)).cpu().numpy()
-                  for s in range(0, len(images), batch_size)]
+        with precision(torch_device, amp=False):
+            logits = [model(backbone.preprocessing(images.images[s:s + batch_size]).to(torch_device)).cpu().numpy()
+                      for s in range(0, len(images), batch_size)]
         energy.score(SimpleNamespace(logits=np.concatenate(logits)))
 
     with tempfile.TemporaryDirectory() as root:
