@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", parents=[bench], help="run one scorer from the cache (no network)")
     score.add_argument("--method", required=True)
     score.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE")
-    sweep = commands.add_parser("sweep", parents=[bench], help="a method's hyperparameter grid from the cache, "
+    sweep = commands.add_parser("sweep", parents=[bench, grid], help="a method's hyperparameter grid from the cache, "
                                 "selected on the benchmark's validation OOD set")
     sweep.add_argument("--method", required=True)
     sweep.add_argument("--grid", type=_grid_axis, action="append", default=[], metavar="KEY=V1,V2,...",
@@ -254,9 +254,10 @@ def cmd_sweep(args) -> int:
     """A method's grid scored from the cache alone; the setting is chosen on the validation OOD set."""
     started = time.perf_counter()
     points = parameter_grid(args.method, dict(args.grid))
+    grid = ScoringGrid(args.backend, args.jobs, args.scheduler)  # checked before any work
     evaluation = _evaluation(args, compute=False)
     resolution = evaluation.resolution
-    table = evaluation.sweep(args.method, points, args.criterion)
+    table = evaluation.sweep(args.method, points, args.criterion, grid)
     val = f"val_{args.criterion}"
     print(f"{args.method} sweep on {resolution.benchmark}: {len(points)} settings, selected by {args.criterion} "
           f"on the validation OOD set {resolution.validation} ({resolution.convention}, values in %)")

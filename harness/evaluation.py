@@ -117,15 +117,26 @@ class ScoringGrid:
 _WORKER_EVALUATION: dict[str, Evaluation] = {}  # per worker process: the evaluation of the grid run it serves
 
 
-def score_cell_in_worker(run: str, resolution: Resolution, store_root: Path, backbone: ResolvedBackbone,
-                         method_ref: MethodRef, compute_scores: bool) -> CellResult:
-    """``Evaluation.score_cell`` in a grid worker (no network: cache-only methods). Within one grid
-    run (``run``, a fresh token per ``evaluate``) a worker reuses its evaluation, so it opens each
-    backbone's entries once; a later run opens them again and sees the cache as it is then."""
+def worker_evaluation(run: str, resolution: Resolution, store_root: Path) -> Evaluation:
+    """A grid worker's evaluation (no network). Within one grid run (``run``, a fresh token per
+    ``evaluate`` or ``sweep``) a worker reuses it, so it opens each backbone's entries once; a later
+    run opens them again and sees the cache as it is then."""
     if run not in _WORKER_EVALUATION:
         _WORKER_EVALUATION.clear()
         _WORKER_EVALUATION[run] = Evaluation(resolution, FeatureStore(store_root), Path("."))
-    return _WORKER_EVALUATION[run].score_cell(backbone, method_ref, compute_scores)
+    return _WORKER_EVALUATION[run]
+
+
+def score_cell_in_worker(run: str, resolution: Resolution, store_root: Path, backbone: ResolvedBackbone,
+                         method_ref: MethodRef, compute_scores: bool) -> CellResult:
+    """``Evaluation.score_cell`` in a grid worker (cache-only methods)."""
+    return worker_evaluation(run, resolution, store_root).score_cell(backbone, method_ref, compute_scores)
+
+
+def sweep_row_in_worker(run: str, resolution: Resolution, store_root: Path, backbone: ResolvedBackbone,
+                        method_ref: MethodRef, criterion: str) -> dict:
+    """``Evaluation.sweep_row`` in a grid worker (every sweep point reads the cache only)."""
+    return worker_evaluation(run, resolution, store_root).sweep_row(backbone, method_ref, criterion)
 
 
 class Evaluation:
@@ -141,6 +152,13 @@ class Evaluation:
         self.summary = summary or RunSummary()
         self.network = network
         self._entries: dict[str, dict[str, CachedSplit]] = {}  # the last backbone's open entries
+
+    def current_entries(self, backbone: ResolvedBackbone) -> dict[str, CachedSplit]:
+        """``open_entries`` of ``backbone``, kept open while the cells of one backbone follow each
+        other (one backbone's entries at a time)."""
+        if backbone.key not in self._entries:
+            self._entries = {backbone.key: self.open_entries(backbone)}
+        return self._entries[backbone.key]
 
     def open_entries(self, backbone: ResolvedBackbone) -> dict[str, CachedSplit]:
         """Every entry of ``backbone``, verified; a missing or corrupt one is an error naming the fix."""
@@ -304,9 +322,7 @@ class Evaluation:
         saying why it was left out; with the time it took per stage."""
         summary, self.summary = self.summary, RunSummary()
         try:
-            if backbone.key not in self._entries:
-                self._entries = {backbone.key: self.open_entries(backbone)}  # one backbone's entries at a time
-            entries = self._entries[backbone.key]
+            entries = self.current_entries(backbone)
             try:
                 scored = self.scores(backbone, method_ref, entries, compute=compute_scores)
             except NonFiniteOutputs as err:  # one method failing one backbone leaves the rest standing
@@ -320,7 +336,8 @@ class Evaluation:
         finally:
             self.summary = summary
 
-    def sweep(self, method: str, points: list[dict], criterion: str = "auroc") -> pd.DataFrame:
+    def sweep(self, method: str, points: list[dict], criterion: str = "auroc",
+              grid: ScoringGrid | None = None) -> pd.DataFrame:
         """Every parameter setting of ``method`` scored from the cache, selected on the validation OOD set.
 
         One row per (backbone, seed, setting): the parameters (``param_<name>``, apart from the
@@ -328,40 +345,47 @@ class Evaluation:
         vs the validation OOD set) and the test results (mean over the test OOD sets, and per group
         where the benchmark groups them). Per (backbone, seed), ``selected`` marks the setting with
         the best validation value, the first in grid order on ties. The test sets play no part in
-        the choice.
+        the choice. The (backbone, setting) points run through joblib (``grid``, as ``evaluate``'s
+        cache-only cells): a sweep reads the cache only, network methods' derived entries included.
         """
-        res = self.resolution
+        res, grid = self.resolution, grid or ScoringGrid()
         if criterion not in METRICS:
             raise ValueError(f"unknown selection criterion {criterion!r}; choose one of {', '.join(METRICS)}")
         if res.validation is None:
             reason = next((line for line in res.skipped if line.startswith("skipped validation")), None)
             raise ValueError(f"benchmark {res.benchmark} has no validation OOD set to select on"
                              + (f" ({reason})" if reason else "; name one under `validation:` in its file"))
-        rows = []
-        for backbone in res.backbones:
-            entries = self.open_entries(backbone)
-            first = len(rows)
-            for params in points:
-                ref = MethodRef(method, params)
-                scored = self.scores(backbone, ref, entries)
-                validation = ood_metrics(scored[res.id_test].scores, scored[res.validation].scores,
-                                         convention=res.convention)
-                test = pd.DataFrame(self.metric_rows(backbone, ref, scored, entries))
-                row = {"backbone": backbone.name, "seed": backbone.seed, "method": test["method"].iloc[0],
-                       **{f"param_{k}": v for k, v in make_method(method, **params).get_params().items()},
-                       f"val_{criterion}": validation[criterion]}
-                for metric in ("fpr95", "auroc"):
-                    row[f"test_{metric}"] = test[metric].mean()
-                    for group, values in test[test["group"] != ""].groupby("group", sort=False):
-                        row[f"{group}_{metric}"] = values[metric].mean()
-                rows.append(row)
-            values = [row[f"val_{criterion}"] for row in rows[first:]]
+        started, run = time.perf_counter(), uuid.uuid4().hex
+        rows = grid.run(sweep_row_in_worker, [
+            (run, res, self.store.root, backbone, MethodRef(method, params), criterion)
+            for backbone in res.backbones for params in points])
+        if grid.jobs != 1:
+            self.summary.add_time(f"sweep grid ({grid.backend}, {grid.jobs} jobs)", time.perf_counter() - started)
+        for first in range(0, len(rows), len(points)):  # per backbone and seed: its settings in grid order
+            values = [row[f"val_{criterion}"] for row in rows[first:first + len(points)]]
             best = first + int(np.argmin(values) if criterion in LOWER_IS_BETTER else np.argmax(values))
-            for i in range(first, len(rows)):
+            for i in range(first, first + len(points)):
                 rows[i]["selected"] = i == best
         frame = pd.DataFrame(rows)
         frame.attrs.update(convention=res.convention, validation=res.validation, criterion=criterion)
         return frame
+
+    def sweep_row(self, backbone: ResolvedBackbone, method_ref: MethodRef, criterion: str) -> dict:
+        """One setting of a sweep on one backbone: its parameters, the validation ``criterion`` and
+        the test results (mean over the test OOD sets, and per group)."""
+        res = self.resolution
+        entries = self.current_entries(backbone)
+        scored = self.scores(backbone, method_ref, entries)
+        validation = ood_metrics(scored[res.id_test].scores, scored[res.validation].scores, convention=res.convention)
+        test = pd.DataFrame(self.metric_rows(backbone, method_ref, scored, entries))
+        row = {"backbone": backbone.name, "seed": backbone.seed, "method": test["method"].iloc[0],
+               **{f"param_{k}": v for k, v in make_method(method_ref.name, **method_ref.params).get_params().items()},
+               f"val_{criterion}": validation[criterion]}
+        for metric in ("fpr95", "auroc"):
+            row[f"test_{metric}"] = test[metric].mean()
+            for group, values in test[test["group"] != ""].groupby("group", sort=False):
+                row[f"{group}_{metric}"] = values[metric].mean()
+        return row
 
     def out_dir(self, backbone_name: str | None = None) -> Path:
         path = self.out_root / self.resolution.benchmark

@@ -56,6 +56,20 @@ def test_sweep_selects_on_the_validation_set_and_reports_test_results(warm, cach
             f"-> test FPR@95 {100 * chosen['test_fpr95']:.2f}, AUROC {100 * chosen['test_auroc']:.2f}") in stdout
 
 
+def test_a_sweep_through_worker_processes_gives_the_in_process_table(cache_copy, tmp_path, capsys, forwards):
+    """The sweep's (backbone, setting) points run through the scoring grid: two loky workers give
+    the in-process table exactly, with the selection made over all of them."""
+    tables = {}
+    for jobs in ("1", "2"):
+        code, stdout, err = oodbench(capsys, "sweep", "digits", "--method", "knn", "--grid", "k=1,5,50",
+                                     "--cache-dir", cache_copy, "--out", tmp_path / jobs, "--quiet", "--jobs", jobs)
+        assert code == 0, err
+        tables[jobs] = pd.read_csv(tmp_path / jobs / "digits" / "sweeps" / "knn.csv")
+    assert "sweep grid (loky, 2 jobs)" in stdout and forwards == []
+    pd.testing.assert_frame_equal(tables["2"], tables["1"])
+    assert list(tables["2"]["param_k"]) == [1, 5, 50] and tables["2"]["selected"].sum() == 1
+
+
 def test_fpr_criterion_is_minimised(cache_copy, tmp_path, capsys):
     code, _, err = oodbench(capsys, "sweep", "digits", "--method", "react", "--criterion", "fpr95",
                             "--cache-dir", cache_copy, "--out", tmp_path, "--quiet")
