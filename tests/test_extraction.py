@@ -25,10 +25,9 @@ SPEC = get_backbone_spec("digits-net")
 LAYERS = ("block1", "block2")
 
 
-def random_state(seed: int) -> dict[str, torch.Tensor]:
-    """A DigitsNet state dict with seeded weights and non-trivial batch-norm statistics."""
-    torch.manual_seed(seed)
-    model = DigitsNet(num_classes=6)
+def randomise_batch_norm(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm2d of ``model`` non-trivial statistics and affine parameters (from torch's
+    current seed), so a test sees more than the identity normalisation of a fresh model."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
@@ -36,6 +35,13 @@ def random_state(seed: int) -> dict[str, torch.Tensor]:
                 module.running_var.uniform_(0.5, 2.0)
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def random_state(seed: int) -> dict[str, torch.Tensor]:
+    """A DigitsNet state dict with seeded weights and non-trivial batch-norm statistics."""
+    torch.manual_seed(seed)
+    model = randomise_batch_norm(DigitsNet(num_classes=6))
     return {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
 

@@ -5,7 +5,6 @@ The GPU tests skip on a machine without CUDA; the precision switch they rely on 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from extract.backbones import get_backbone_spec, registered_backbone
 from extract.datasets import ImageSet, load_dataset
@@ -13,6 +12,7 @@ from extract.extraction import extract, precision
 from extract.network import derive
 from extract.store import FeatureStore
 from methods import make_method
+from tests.test_extraction import randomise_batch_norm
 from tests.test_paper_datasets import write_images
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")
@@ -23,14 +23,7 @@ def resnet20():
     """CIFAR ResNet-20 with seeded weights and batch-norm statistics far from the identity."""
     torch.manual_seed(0)
     spec = get_backbone_spec("cifar-resnet20")
-    model = spec.build(num_classes=10)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.1)
+    model = randomise_batch_norm(spec.build(num_classes=10))
     return registered_backbone(spec, model.state_dict(), "resnet20-seeded", 10)
 
 
