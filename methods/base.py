@@ -3,9 +3,18 @@
 scikit-learn habits: the constructor only stores hyperparameters (as attributes of the same
 name); ``fit(split)`` learns state into attributes ending in ``_``; ``score(split)`` returns one
 float64 per sample, **higher = more in-distribution**, computed per sample so batch composition
-never matters. A split is anything with the arrays the method declares in ``reads``
+does not matter. A split is anything with the arrays the method declares in ``reads``
 (``extract.store.CachedSplit`` for cached entries): ``logits``, ``features``, ``labels``,
 ``head`` (W, b) or ``activations(layer)``.
+
+Batch independence is a tolerance, not bit identity: a sample's score in a shuffled, cut or
+reversed split equals its score in the whole split to 1e-12 relative, so ranks and metrics agree
+wherever scores differ by more than that (tests/conftest.py, ``assert_batch_invariant``). Bit
+identity cannot be promised: BLAS may round a row of a matrix product by where the row falls in
+the product (OpenBLAS's SkylakeX dgemm does, for rows next to its block and thread boundaries;
+its Haswell kernels did not in our tests), and which kernel runs depends on the CPU, the thread
+count and the library version. Fixed-shape products do not help: a row's position within the
+block still changes with the batching.
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ import itertools
 import numpy as np
 
 METHODS: dict[str, type["Method"]] = {}
-MATMUL_ROWS = 1024  # fixed row-block shape of every matrix product (batch invariance, see rowwise_matmul)
+BLOCK_ROWS = 1024  # rows per block of rowwise_apply, the shaping passes and Mahalanobis: bounds float64 temporaries
 
 
 class Method:
@@ -25,8 +34,9 @@ class Method:
     reads: tuple[str, ...] = ("logits",)
     grid: dict[str, list] = {}
     # bump when the math or its rounding changes, so cached scores are recomputed
-    # (2: own log-sum-exp and softmax, 1024-row products)
-    version: int = 2
+    # (2: own log-sum-exp and softmax, 1024-row products; 3: plain matrix products, without the
+    # zero-padded fixed-shape 1,024-row blocks, so products round a little differently)
+    version: int = 3
 
     @classmethod
     def defaults(cls) -> dict:
@@ -173,34 +183,12 @@ def finite_logits(split, dtype=np.float64) -> np.ndarray:
     return logits
 
 
-def rowwise_matmul(a: np.ndarray, b: np.ndarray, rows: int = MATMUL_ROWS) -> np.ndarray:
-    """a @ b computed in blocks of exactly ``rows`` rows (the last one zero-padded), in the
-    operands' common dtype.
-
-    BLAS picks different kernels (and so rounds differently) for different numbers of rows, e.g.
-    a single-row product; giving every call the same shape makes each output row depend on its own
-    input row only, so scores are bit-identical however the scored split is batched or shuffled.
-    That holds for float64 (dgemm); OpenBLAS's float32 kernels round a row differently by its
-    position within the block, which is why every scoring product here is float64.
-    """
-    dtype = np.result_type(a, b)
-    out = np.empty((len(a), b.shape[1]), dtype=dtype)
-    for start in range(0, len(a), rows):
-        chunk = a[start:start + rows]
-        if len(chunk) < rows:
-            padded = np.zeros((rows, a.shape[1]), dtype=dtype)
-            padded[:len(chunk)] = chunk
-            out[start:] = (padded @ b)[:len(chunk)]
-        else:
-            out[start:start + rows] = chunk @ b
-    return out
-
-
-def rowwise_apply(function, *arrays: np.ndarray, rows: int = MATMUL_ROWS) -> np.ndarray:
+def rowwise_apply(function, *arrays: np.ndarray, rows: int = BLOCK_ROWS) -> np.ndarray:
     """``function(*arrays)`` for a function of each row alone, evaluated on blocks of ``rows`` rows
     (each block converted to float64) and concatenated along the first axis.
 
-    The values are those of one call on the whole float64 arrays; what changes is the memory: a few
+    The values are those of one call on the whole float64 arrays (to the rounding of any matrix
+    product inside ``function``, see the module docstring); what changes is the memory: a few
     block-sized temporaries instead of whole-split float64 copies (an ImageNet-sized split is
     gigabytes of fresh memory otherwise, and writing fresh memory is slower than the math).
     """

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from methods.base import (MATMUL_ROWS, Method, check_fitted, finite_features, finite_head,
-                          finite_logits, log_sum_exp, register, rowwise_apply, rowwise_matmul,
-                          softmax_rows, split_name)
+from methods.base import (BLOCK_ROWS, Method, check_fitted, finite_features, finite_head,
+                          finite_logits, log_sum_exp, register, rowwise_apply, softmax_rows, split_name)
 
 NORM_EPS = 1e-10   # KNN normaliser, z = v / (||v|| + 1e-10) (spec 1.11)
 KL_EPS = 1e-12     # added to KL-matching templates (spec 1.13)
@@ -71,7 +70,7 @@ def whitening_factor(precision: np.ndarray) -> np.ndarray:
 
 
 def mahalanobis_score(features: np.ndarray, means: np.ndarray, factor: np.ndarray,
-                      block: int = MATMUL_ROWS) -> np.ndarray:
+                      block: int = BLOCK_ROWS) -> np.ndarray:
     """Simple penultimate Mahalanobis (Lee et al. 2018; ViM benchmark, UM paper):
 
     S = -min_c (v - mu_c)^T P (v - mu_c),  P = L L^T (``whitening_factor``).
@@ -80,7 +79,7 @@ def mahalanobis_score(features: np.ndarray, means: np.ndarray, factor: np.ndarra
     mean of the class means (distances do not change under the shift; it keeps the norms small).
     The nearest class comes from ||m_c||^2 - 2 y.m_c (one product); its distance ||y - m_c||^2 is
     then computed directly, without the cancellation of the expanded form. ``block`` rows at a
-    time bound the memory.
+    time (converted to float64 a block at a time) bound the memory.
     """
     origin = means.mean(axis=0)
     centres = (means - origin) @ factor
@@ -88,8 +87,8 @@ def mahalanobis_score(features: np.ndarray, means: np.ndarray, factor: np.ndarra
     centres_t = np.ascontiguousarray(centres.T)
     scores = np.empty(len(features))
     for start in range(0, len(features), block):
-        whitened = rowwise_matmul(features[start:start + block] - origin, factor)
-        nearest = (centre_sq[None, :] - 2.0 * rowwise_matmul(whitened, centres_t)).argmin(axis=1)
+        whitened = (features[start:start + block] - origin) @ factor
+        nearest = (centre_sq[None, :] - 2.0 * (whitened @ centres_t)).argmin(axis=1)
         diff = whitened - centres[nearest]
         scores[start:start + block] = -np.einsum("nr,nr->n", diff, diff)
     return scores
@@ -136,14 +135,12 @@ def knn_score(query: np.ndarray, bank: np.ndarray, k: int, block: int | None = N
     Exact brute force: the k-th smallest of ||b||^2 - 2 a.b over the bank (an in-place partition),
     plus ||a||^2, clipped at 0 (adding a row constant and clipping are monotone, so they are applied
     to the k-th value only, not to the whole distance row). ``block`` query rows at a time so memory
-    stays O(block * len(bank)); by default a whole number of product blocks holding about 2^24
-    distance entries (128 MiB). The products have rowwise_matmul's fixed shape whatever ``block``
-    is, so the result of a row does not depend on the other rows.
+    stays O(block * len(bank)); by default about 2^24 distance entries (128 MiB of float64).
     """
     if not 1 <= k <= len(bank):
         raise ValueError(f"k must be in [1, {len(bank)}] (the number of bank samples), got {k}")
     if block is None:
-        block = max(1, KNN_BLOCK_ELEMENTS // len(bank) // MATMUL_ROWS) * MATMUL_ROWS
+        block = max(1, KNN_BLOCK_ELEMENTS // len(bank))
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     bank_sq = np.einsum("nd,nd->n", bank, bank)
@@ -151,7 +148,7 @@ def knn_score(query: np.ndarray, bank: np.ndarray, k: int, block: int | None = N
     scores = np.empty(len(query))
     for start in range(0, len(query), block):
         rows = query[start:start + block]
-        partial = rowwise_matmul(rows, bank_t)  # in place: ||b||^2 - 2 a.b
+        partial = rows @ bank_t  # in place: ||b||^2 - 2 a.b
         partial *= -2.0
         partial += bank_sq[None, :]
         partial.partition(k - 1, axis=1)
@@ -177,7 +174,7 @@ class KNN(Method):
 
     name = "knn"
     reads = ("features",)
-    version = 3  # 2: the row norm added after the partition; 3: 1024-row products
+    version = 4  # 2: the row norm added after the partition; 3: 1024-row products; 4: plain products
     grid = {"k": [1, 10, 20, 50, 100, 200, 500, 1000]}
 
     def __init__(self, k: int = 50, fit_fraction: float = 1.0, seed: int = 0):
@@ -227,7 +224,7 @@ def vim_residual_basis(centred: np.ndarray, dim: int) -> np.ndarray:
 
 def vim_residual(features: np.ndarray, origin: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """r(x) = ||R^T (v - u)||_2, the norm of the feature outside the principal subspace."""
-    return np.linalg.norm(rowwise_matmul(features - origin, basis), axis=1)
+    return np.linalg.norm((features - origin) @ basis, axis=1)
 
 
 def vim_score(logits: np.ndarray, residual: np.ndarray, alpha: float) -> np.ndarray:
@@ -319,7 +316,7 @@ def kl_matching_score(probs: np.ndarray, templates: np.ndarray) -> np.ndarray:
     """
     log_p = np.log(probs, out=np.zeros_like(probs), where=probs > 0)
     neg_entropy = np.einsum("nc,nc->n", probs, log_p)
-    cross = rowwise_matmul(probs, np.log(templates + KL_EPS).T)
+    cross = probs @ np.log(templates + KL_EPS).T
     return -(neg_entropy[:, None] - cross).min(axis=1)
 
 

@@ -2,8 +2,8 @@
 U*V ablation variants of RG Table 2 (METHODS.md sections 1.9 and 1.10).
 
 Every score is a closed form of the logits f and the penultimate features v (no backward pass), so
-it is computed per sample and batch composition never matters. RG has no public code; it follows
-the paper text.
+it is computed per sample and batch composition does not matter (to the tolerance that
+``methods.base`` states). RG has no public code; it follows the paper text.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from methods.base import MATMUL_ROWS, Method, check_fitted, finite_features, finite_head, register, rowwise_matmul
+from methods.base import BLOCK_ROWS, Method, check_fitted, finite_features, finite_head, register
 from methods.logit_scores import energy
 
 REACT_GRID = [80.0, 85.0, 90.0, 95.0, 99.0]
@@ -26,8 +26,8 @@ def check_percentile(method: str, name: str, p: float) -> None:
 
 
 def linear_logits(features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The linear head in float64: f = v W^T + b, rows are samples (fixed-shape blocks: batch-invariant)."""
-    return rowwise_matmul(np.asarray(features, np.float64), np.asarray(W, np.float64).T) + np.asarray(b, np.float64)
+    """The linear head in float64: f = v W^T + b, rows are samples."""
+    return np.asarray(features, np.float64) @ np.asarray(W, np.float64).T + np.asarray(b, np.float64)
 
 
 def react_threshold(features: np.ndarray, p: float = 90.0) -> float:
@@ -182,7 +182,7 @@ ASH_VARIANTS = {"p": ash_p, "b": ash_b, "s": ash_s}
 
 class _Shaping(Method):
     """Shared score/predict: subclasses implement ``_block_logits(features, W, b)``, the shaped
-    logits of a float64 block of rows; splits are shaped ``MATMUL_ROWS`` rows at a time, so the
+    logits of a float64 block of rows; splits are shaped ``BLOCK_ROWS`` rows at a time, so the
     temporaries stay block-sized however large the split. The cached logits are never read: every
     logit comes from the (shaped) features and the head."""
 
@@ -199,8 +199,8 @@ class _Shaping(Method):
         """(rows, shaped logits of those rows) for every block of the split."""
         features = finite_features(split, dtype=None)
         W, b = self._head(*finite_head(split, features.shape[1]))
-        for start in range(0, len(features), MATMUL_ROWS):
-            rows = slice(start, start + MATMUL_ROWS)
+        for start in range(0, len(features), BLOCK_ROWS):
+            rows = slice(start, start + BLOCK_ROWS)
             yield rows, self._block_logits(np.asarray(features[rows], np.float64), W, b)
 
     def _logits(self, split) -> np.ndarray:

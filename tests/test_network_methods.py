@@ -1,5 +1,7 @@
 """Network methods (ASH at any layer, ODIN): checked against hand-written forwards, finite
 differences, the cache-only methods, and forward-call counts for their derived cache entries."""
+from types import SimpleNamespace
+
 import h5py
 import numpy as np
 import pytest
@@ -18,10 +20,12 @@ from harness.config import MethodRef, load_benchmark
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
 from harness.resolution import RunOptions
-from methods import make_method, network_scores
+from methods import CACHE_ONLY_METHODS, METHODS, make_method, network_scores
+from methods.base import BLOCK_ROWS
 from methods.gradient_scores import gradnorm
 from methods.network_scores import ensemble_score, fit_ensemble, tempered_msp
 from methods.shaping_scores import ash_b, react_clip
+from tests.conftest import assert_batch_invariant
 
 CPU = torch.device("cpu")
 
@@ -435,3 +439,27 @@ def test_a_network_method_with_non_finite_outputs_is_left_out_of_the_run_with_it
                            "produced NaN or infinite outputs on ")
     assert "choose another layer or parameters" in line
     assert sorted(run.store.root.rglob("*.ash_layer.*.h5")) == cached_before  # no derived entry holds them
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - set(CACHE_ONLY_METHODS)))
+def test_a_network_method_scores_its_derived_entry_the_same_shuffled_or_cut(name):
+    """The scoring step of every network method (from the arrays of its derived entry, several
+    BLOCK_ROWS blocks long) meets the batch-independence contract (``assert_batch_invariant``) when
+    the entry is shuffled or cut at block-misaligned rows. The float32 network passes that write the
+    entry are checked against unbatched forwards by the tests above."""
+    rng = np.random.default_rng(3)
+    n = 2 * BLOCK_ROWS + 77
+    arrays = {"logits": rng.normal(0, 3, (n, 5)), "features": np.maximum(rng.normal(0.5, 1, (n, 8)), 0),
+              "gradnorm": rng.gamma(2.0, 1.0, n), "confidences": rng.normal(0, 1, (n, 3))}
+    method = make_method(name)
+    method.coef_, method.intercept_ = rng.normal(size=3), 0.5  # a fitted ensemble's state (others ignore it)
+
+    def score(rows):
+        entry = {key: array[rows] for key, array in arrays.items()}
+        return method.score(SimpleNamespace(meta={"kind": "derived", "method": name}, name="toy/derived",
+                                            logits=entry["logits"], features=entry["features"], array=entry.get))
+
+    whole = score(slice(None))
+    order = rng.permutation(n)
+    assert_batch_invariant(whole[order], score(order))
+    assert_batch_invariant(whole, [score(slice(0, 5)), score(slice(5, 1500)), score(slice(1500, None))])
