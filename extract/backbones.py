@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -780,23 +781,55 @@ class CheckpointMismatch(ValueError):
     """A checkpoint's keys do not match the architecture it is loaded into."""
 
 
+class CheckpointUnreadable(ValueError):
+    """A checkpoint file that is not a checkpoint: empty, truncated, random bytes, or a pickle of
+    Python objects that ``torch.load(weights_only=True)`` refuses to run."""
+
+
+TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _load_checkpoint_file(path: Path):
+    """``torch.load`` of a user checkpoint (``np.load`` of an ``.npz``), its failures turned into one
+    ``CheckpointUnreadable`` naming the file and what is wrong with it."""
+    if path.stat().st_size == 0:
+        raise CheckpointUnreadable(f"checkpoint {path} is empty (0 bytes); copy or download it again")
+    try:
+        with warnings.catch_warnings():  # torch warns of odd pickle protocols on its way to the error below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return load_bit_npz(path) if path.suffix == ".npz" else torch.load(path, map_location="cpu",
+                                                                               weights_only=True)
+    except Exception as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # the line of torch's message that says what is wrong, past its boilerplate on weights_only
+        detail = next((line for line in lines if not line.startswith(TORCH_LOAD_BOILERPLATE)), type(err).__name__)
+        if "GLOBAL" in detail:  # the weights-only unpickler refused an object
+            reason = (f"it holds Python objects other than tensors ({detail}), which oodbench does not unpickle "
+                      "(unpickling can run arbitrary code); if you trust its source, load it yourself and save its "
+                      "state_dict() with torch.save")
+        else:
+            reason = (f"it is not a {'NumPy .npz' if path.suffix == '.npz' else 'PyTorch'} file of tensors, or is "
+                      f"truncated ({detail}); copy or download it again")
+        raise CheckpointUnreadable(f"checkpoint {path} cannot be loaded: {reason}") from err
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file: a plain state dict, or a dict with a ``state_dict``/``model`` entry;
-    an ``.npz`` is Big Transfer's official release format (``load_bit_npz``).
+    an ``.npz`` is Big Transfer's official release format (``load_bit_npz``). A file that cannot
+    be loaded is a ``CheckpointUnreadable``.
 
     A ``module.`` prefix on every key (``nn.DataParallel`` checkpoints) is stripped.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".npz":
-        return load_bit_npz(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    obj = _load_checkpoint_file(path)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (nor one under 'state_dict'/'model')")
+        raise CheckpointUnreadable(f"checkpoint {path} does not hold a state dict of tensors (nor one under "
+                                   "'state_dict'/'model')")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -828,17 +861,36 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
 
 
 def import_factory(ref: str) -> Callable[..., nn.Module]:
-    """Resolve ``'package.module:function'`` to the callable."""
+    """Resolve ``'package.module:function'`` to the callable; any failure is one ``ValueError``."""
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"factory must look like 'package.module:function', got {ref!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r} for factory {ref!r}: {err}") from err
+    except Exception as err:  # ImportError, or whatever the module raises while it is imported
+        raise ValueError(f"cannot import module {module_name!r} for factory {ref!r}: "
+                         f"{type(err).__name__}: {err}") from err
     if not hasattr(module, attr):
         raise ValueError(f"module {module_name!r} has no attribute {attr!r} (factory {ref!r})")
-    return getattr(module, attr)
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise ValueError(f"factory {ref!r} is a {type(factory).__name__}, not a function or class that builds "
+                         "the model")
+    return factory
+
+
+def build_from_factory(ref: str, kwargs: dict) -> nn.Module:
+    """The model ``ref``'s factory builds with ``kwargs``; one ``ValueError`` naming the factory when
+    it raises or returns something other than an ``nn.Module``."""
+    factory = import_factory(ref)
+    try:
+        model = factory(**kwargs)
+    except Exception as err:
+        raise ValueError(f"factory {ref!r} raised {type(err).__name__} when called with kwargs {kwargs}: "
+                         f"{err}") from err
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"factory {ref!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -915,7 +967,7 @@ def checkpoint_backbone(name: str, factory: str, checkpoint: str | Path, preproc
                         head: str, layers=(), kwargs: dict | None = None, shaping_layer: str = "") -> Backbone:
     """A user model: ``factory`` ('module:function') builds it, ``checkpoint`` supplies the weights."""
     kwargs = dict(kwargs or {})
-    model = import_factory(factory)(**kwargs)
+    model = build_from_factory(factory, kwargs)
     load_state_dict_strict(model, read_state_dict(checkpoint), source=str(checkpoint))
     return Backbone(name, model, preprocessing, head, tuple(layers),
                     {"factory": factory, "kwargs": kwargs}, {"checkpoint": str(checkpoint)}, shaping_layer)

@@ -10,9 +10,13 @@ per-entry lock makes a second process wait for the first instead of writing the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import shutil
+import signal
+import sys
 import zipfile
 from pathlib import Path
 
@@ -22,8 +26,8 @@ from tqdm.auto import tqdm
 
 from extract.backbones import Backbone
 from extract.datasets import ImageFiles, ImageSet
-from extract.store import CachedSplit, CacheCorrupt, FeatureStore, atomic_target, content_key, file_lock, \
-    write_h5_atomic
+from extract.cachefiles import atomic_target, ensure_writable, file_lock
+from extract.store import CachedSplit, CacheCorrupt, FeatureStore, content_key, write_h5_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,12 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
-    return torch.device(device)
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device} was asked for but torch sees no Apple GPU (MPS); use --device cpu")
+    return chosen
 
 
 class _DecodedFiles(torch.utils.data.Dataset):
@@ -88,6 +97,21 @@ class _DecodedFiles(torch.utils.data.Dataset):
         return self.preprocessing.decode(self.files.open(i))
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int, worker_id: int) -> None:
+    """A DataLoader worker's init (``parent``: the pid that starts the workers): the kernel kills
+    this worker when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a killed run leaves no orphan
+    decoding images - nor one holding the entry lock it inherited. Elsewhere torch's own watchdog,
+    which notices the parent's death within seconds, is what there is."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the prctl: nobody would kill this worker
+        os._exit(0)
+
+
 def input_batches(preprocessing, images, batch_size: int, device: torch.device, workers: int = 0):
     """Preprocessed batches of ``images`` on ``device``, in order: files decoded by ``workers``
     DataLoader processes (0: in this one), arrays converted in this process; on CUDA the batches go
@@ -95,7 +119,8 @@ def input_batches(preprocessing, images, batch_size: int, device: torch.device, 
     pin = device.type == "cuda"
     if isinstance(images, ImageFiles) and workers > 0:
         loader = torch.utils.data.DataLoader(_DecodedFiles(images, preprocessing), batch_size=batch_size,
-                                             num_workers=workers, pin_memory=pin)
+                                             num_workers=workers, pin_memory=pin,
+                                             worker_init_fn=functools.partial(die_with_parent, os.getpid()))
         for batch in loader:
             yield batch.to(device, non_blocking=pin)
         return
@@ -146,8 +171,10 @@ def forward_rows(backbone: Backbone, images, layers: tuple[str, ...], batch_size
 
 
 def _save_chunk(path: Path, arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> None:
-    """Save ``arrays`` atomically as an npz whose keys are positions in ``names`` (any layer name is safe)."""
-    with atomic_target(path) as tmp, open(tmp, "wb") as handle:
+    """Save ``arrays`` atomically as an npz whose keys are positions in ``names`` (any layer name is safe).
+    A disk too full for it (its bytes plus 64 kB of zip headers) is a ``CacheWriteError`` before writing."""
+    needed = sum(int(np.asarray(arrays[name]).nbytes) for name in names) + (64 << 10)
+    with atomic_target(path, needed=needed) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, **{f"a{i}": arrays[name] for i, name in enumerate(names)})
 
 
@@ -262,6 +289,7 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
             progress, shard=shard, compute_missing=compute_missing)
 
     if shard is not None:
+        ensure_writable(path.parent)  # a read-only cache: one clear error now, not after the first chunk
         chunks(True)  # outside the lock: shards write disjoint chunk files, each atomically
     with file_lock(path):
         cached = store.open_entry(path)  # another process may have finished it while we waited

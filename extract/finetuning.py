@@ -23,7 +23,7 @@ from extract.backbones import Backbone
 from extract.datasets import ImageSet
 from extract.extraction import capture_outputs
 from extract.store import content_key
-from extract.training import (Recipe, augment, class_labels, cpu_state, gradient_step, load_weights, test_tensors,
+from extract.training import (Recipe, augment, class_labels, cpu_state, gradient_step, cached_weights, test_tensors,
                               train_epochs)
 from methods.training_objectives import (DOE_GAMMAS, POEM_SIGMA, POEM_SIGMA_N, bayesian_posterior,
                                          boundary_outliers, energy_bounded_loss, estimate_zeta,
@@ -79,6 +79,11 @@ class FineTuneRecipe(Recipe):
     doe_warmup: int = 5
     poem_conf: float = 3.0
     poem_keep: int | None = None
+
+    # ``Recipe.LIMITS`` for the fine-tuning fields (harness.config checks a `finetune:` mapping with them).
+    LIMITS = {**Recipe.LIMITS, "objective": OBJECTIVES, "forget": FORGETTING, "bn_stats": BN_STATISTICS,
+              "delta": "(0, 1]", "keep": "(0, 1]", "zeta": ">= 0", "outlier_batch_size": ">= 1", "oe_weight": ">= 0",
+              "energy_weight": ">= 0", "doe_warmup": ">= 0", "poem_keep": ">= 1"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -336,17 +341,19 @@ def _zeta_batches(inputs: torch.Tensor, labels: torch.Tensor, augmentation: str,
 
 def finetune_backbone(name: str, base: Backbone, recipe: FineTuneRecipe, train_set: ImageSet, *, num_classes: int,
                       seed: int, weights_dir: Path, test_set: ImageSet | None = None,
-                      outlier_set: ImageSet | None = None, device: str = "cpu",
-                      progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Fine-tune ``base`` by ``recipe`` (or load the cached result); return (state_dict, record).
+                      outlier_set: ImageSet | None = None, device: str = "cpu", progress: bool = True,
+                      compute: bool = True) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Fine-tune ``base`` by ``recipe`` (or load the cached result); return (state_dict, record), or
+    None when it is not cached and ``compute`` is false.
 
     The record adds to ``train_epochs``'s the base backbone's key, zeta (given or estimated, with
     the mask fraction) and, for POEM, ``poem_keep`` (the outliers chosen per epoch). ``base``
     itself is left untouched (its model is copied).
     """
     final = finetune_path(weights_dir, name, base, recipe, train_set, outlier_set, num_classes, seed)
-    if final.exists():
-        return load_weights(final)
+    saved = cached_weights(final)
+    if saved is not None or not compute:
+        return saved
     if (outlier_set is None) != (recipe.objective == "ce"):
         raise ValueError(f"fine-tuning {name}: objective {recipe.objective!r} and outlier set "
                          f"{outlier_set.name if outlier_set is not None else None} do not go together")

@@ -28,7 +28,8 @@ from extract.backbones import Backbone
 from extract.datasets import ImageSet
 from extract.extraction import capture_outputs, compute_in_chunks, forward_rows, partial_folder, precision, \
     resolve_device
-from extract.store import CachedSplit, CacheCorrupt, FeatureStore, file_lock, write_h5_atomic
+from extract.cachefiles import file_lock
+from extract.store import CachedSplit, CacheCorrupt, FeatureStore, write_h5_atomic
 from methods.base import NonFiniteOutputs
 from methods.network_scores import LAST_BLOCK
 

@@ -14,24 +14,29 @@ Layout under the cache root::
     <root>/<backbone_key>/scores/<method>.<score_key>.h5  per-sample scores and predictions
     <root>/weights/                                      trained weights (extract.training)
 
-Every file is written to a temporary name and renamed into place, so a file under its final
-name is always complete. Every array carries its sha256 as an attribute and is stored with
-HDF5's fletcher32 chunk checksums; reads verify the sha256, so a truncated or bit-flipped file
-raises ``CacheCorrupt`` instead of being used. Plain h5py reads everything.
+Every file is written atomically (``extract.cachefiles.atomic_target``: a temporary, then a
+rename), so a file under its final name is complete; a write that cannot happen is one
+``CacheWriteError``. Every array carries its sha256 as an attribute and is stored with HDF5's
+fletcher32 chunk checksums; reads verify the sha256, so a truncated or bit-flipped file raises
+``CacheCorrupt`` instead of being used. Plain h5py reads everything.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from extract.cachefiles import (CacheWriteError, Temporary, atomic_target, file_lock, remove_stale_temporaries,
+                                temporary, write_failure)
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 HEAD_FILE = "head.h5"
@@ -64,20 +69,91 @@ def metadata_digest(version, meta_text: str, array_digests: dict[str, str]) -> s
     return hashlib.sha256(json.dumps([int(version), meta_text, array_digests], sort_keys=True).encode()).hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_target(path: Path):
-    """A temporary path beside ``path`` to write to; it replaces ``path`` (fsynced, one rename) when
-    the block completes and is removed when it fails, so readers see the old file or the whole new
-    one, never part of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+class _DeferredErrorFile:
+    """The file object h5py writes an HDF5 file through (its ``fileobj`` driver), failing no write.
+
+    HDF5 cannot recover from a failed write: with a full disk, closing a dataset whose chunk cache
+    cannot be flushed fails half-way, leaving a freed dataset among the file's open objects, and
+    closing the file then flushes it (H5F__dest -> H5D_flush_all) - a segmentation fault, or one at
+    interpreter exit when the close raised first. So HDF5 never sees a failure: the first one (or a
+    Ctrl-C) is kept, later writes are dropped, HDF5 completes and closes normally, and
+    ``raise_deferred`` raises it afterwards. Reads return what is on disk (zeros past it)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        self.position = self.size = 0
+        self.error: BaseException | None = None
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.size}[whence]
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        count = len(view)
+        try:
+            if self.error is None:
+                done = 0
+                while done < count:
+                    written = os.pwrite(self.fd, view[done:], self.position + done)
+                    if written <= 0:
+                        raise OSError(errno.EIO, f"short write at byte {self.position + done}")
+                    done += written
+        except BaseException as err:  # noqa: B036 - a Ctrl-C too: raised once HDF5 has closed the file
+            self.error = err
+        self.position += count
+        self.size = max(self.size, self.position)
+        return count
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        try:
+            data = os.pread(self.fd, len(view), self.position)
+        except BaseException as err:  # noqa: B036
+            self.error = self.error or err
+            data = b""
+        view[:len(data)] = data
+        view[len(data):] = bytes(len(view) - len(data))
+        self.position += len(view)
+        return len(view)
+
+    def read(self, size: int = -1) -> bytes:
+        buffer = bytearray(max(0, self.size - self.position) if size < 0 else size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.position if size is None else size
+        try:
+            if self.error is None:
+                os.ftruncate(self.fd, size)
+        except BaseException as err:  # noqa: B036
+            self.error = err
+        self.size = size
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def raise_deferred(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def h5_bytes_needed(arrays: dict[str, np.ndarray]) -> int:
+    """A generous estimate of the file ``write_h5_atomic`` makes of ``arrays``: the raw bytes plus
+    1% and 256 kB (HDF5 metadata, chunk index, checksums; compressed activations take less)."""
+    raw = sum(int(np.asarray(array).nbytes) for array in arrays.values())
+    return raw + raw // 100 + (256 << 10)
 
 
 def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
@@ -87,26 +163,43 @@ def write_h5_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Pa
     which are sparse after ReLU) and carry their sha256 in the ``sha256`` attribute. The file's
     ``checksum`` attribute covers the format version, the meta JSON and every array's name and
     sha256; HDF5's own metadata is checksummed too (file format v110).
+
+    The free space is checked first (``h5_bytes_needed``), and HDF5 writes through
+    ``_DeferredErrorFile``, so a disk that fills up meanwhile is one ``CacheWriteError`` (see
+    ``atomic_target``), never a crash inside HDF5.
     """
     meta_text = json.dumps(meta, sort_keys=True)
     digests = {}
-    with atomic_target(path) as tmp:
-        with h5py.File(tmp, "w", libver=("v110", "latest")) as h5:
-            for name, array in arrays.items():
-                array = np.ascontiguousarray(array)
-                options = {}
-                if array.size:
-                    row_bytes = max(1, array[:1].nbytes)
-                    options = {"chunks": (max(1, min(len(array), (1 << 20) // row_bytes)), *array.shape[1:]),
-                               "fletcher32": True}
-                    if name.startswith("activations/"):
-                        options.update(compression="gzip", compression_opts=1, shuffle=True)
-                dataset = h5.create_dataset(name, data=array, **options)
-                dataset.attrs["sha256"] = digests[name] = array_digest(array)
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["meta"] = meta_text
-            h5.attrs["checksum"] = metadata_digest(FORMAT_VERSION, meta_text, digests)
+    with atomic_target(path, needed=h5_bytes_needed(arrays)) as tmp:
+        sink = _DeferredErrorFile(tmp)
+        try:
+            _write_h5(sink, arrays, meta_text, digests)
+        except Exception:
+            if sink.error is None:
+                raise
+            # else HDF5 tripped over the writes dropped after the first failure: that failure is the cause
+        finally:
+            sink.close()
+        sink.raise_deferred()
     return path
+
+
+def _write_h5(sink, arrays: dict[str, np.ndarray], meta_text: str, digests: dict[str, str]) -> None:
+    with h5py.File(sink, "w", libver=("v110", "latest")) as h5:
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
+            options = {}
+            if array.size:
+                row_bytes = max(1, array[:1].nbytes)
+                options = {"chunks": (max(1, min(len(array), (1 << 20) // row_bytes)), *array.shape[1:]),
+                           "fletcher32": True}
+                if name.startswith("activations/"):
+                    options.update(compression="gzip", compression_opts=1, shuffle=True)
+            dataset = h5.create_dataset(name, data=array, **options)
+            dataset.attrs["sha256"] = digests[name] = array_digest(array)
+        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["meta"] = meta_text
+        h5.attrs["checksum"] = metadata_digest(FORMAT_VERSION, meta_text, digests)
 
 
 def read_header(path: Path) -> tuple[dict, dict[str, str]]:
@@ -172,19 +265,6 @@ def verify_file(path: Path) -> list[str]:
         except (CacheCorrupt, CacheMissing) as err:
             problems.append(str(err))
     return problems
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock on ``path``.lock, so two processes never write one entry."""
-    lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class CachedSplit:
@@ -287,16 +367,20 @@ class FeatureStore:
                 os.replace(path, quarantine)
             except FileNotFoundError:  # another process moved it aside (or removed it) meanwhile
                 return None
+            except OSError as err:  # a read-only cache: it stays, and is never used either
+                raise CacheCorrupt(f"{path} failed verification and could not be moved aside ({err.strerror}); "
+                                   "it will not be used: " + "; ".join(problems)) from err
             raise CacheCorrupt(f"{path} failed verification and was moved to {quarantine.name}: "
                                + "; ".join(problems))
         return CachedSplit(path)
 
     def files(self) -> list[Path]:
-        """Every complete cache file (heads, entries, scores), trained weights, resolution records
-        (``runs/*.json``, see harness.resolution) and quarantined ``*.corrupt`` files, sorted."""
+        """Every complete cache file (heads, entries, scores), trained weights with their snapshots
+        and resume states, resolution records (``runs/*.json``, see harness.resolution) and
+        quarantined ``*.corrupt`` files, sorted."""
         if not self.root.is_dir():
             return []
-        patterns = ("*.h5", "*.h5.corrupt", "weights/*.pt", "runs/*.json")
+        patterns = ("*.h5", "*.corrupt", "weights/*.pt", "weights/*.snapshots/*.pt", "runs/*.json")
         return sorted(p for pattern in patterns for p in self.root.rglob(pattern) if not p.name.startswith("."))
 
     def listing(self) -> list[dict]:
@@ -305,7 +389,9 @@ class FeatureStore:
         for path in self.files():
             row = {"path": str(path.relative_to(self.root)), "bytes": path.stat().st_size}
             if path.suffix == ".pt":
-                rows.append({**row, "kind": "weights", "what": ""})
+                what = "a training snapshot" if path.parent.suffix == ".snapshots" else \
+                    "a training resume state" if path.name.endswith(".resume.pt") else ""
+                rows.append({**row, "kind": "weights", "what": what})
             elif path.suffix == ".json":
                 rows.append({**row, "kind": "record", "what": "a benchmark resolved to its entries"})
             elif path.suffix == ".corrupt":
@@ -320,8 +406,31 @@ class FeatureStore:
 
     def remove(self, paths: list[Path]) -> None:
         for path in paths:
-            path.unlink(missing_ok=True)
-            path.with_name(path.name + ".lock").unlink(missing_ok=True)
-            partial = path.with_name(path.name + ".partial")
-            if partial.is_dir():
-                shutil.rmtree(partial)
+            try:
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".lock").unlink(missing_ok=True)
+                partial = path.with_name(path.name + ".partial")
+                if partial.is_dir():
+                    shutil.rmtree(partial)
+            except OSError as err:
+                code = write_failure(err, path.parent)
+                if code is None:
+                    raise
+                raise CacheWriteError.about(path.parent, code) from err
+
+    def temporaries(self) -> list[Temporary]:
+        """Every temporary file under the cache (``.<name>.tmp-<pid>-<hex>``, hidden from ``files``):
+        writes in progress, and the leftovers of writers that were killed (``Temporary.stale``), each
+        with its writer's pid and whether that writer still runs. For ``cache verify``."""
+        if not self.root.is_dir():
+            return []
+        found = (temporary(p) for p in self.root.rglob(".*.tmp-*"))
+        return sorted((t for t in found if t is not None), key=lambda t: t.path)
+
+    def remove_stale(self) -> list[Temporary]:
+        """Remove the temporaries whose writer is gone (``cache rm --stale``); the removed ones;
+        ``CacheWriteError`` when the cache is read-only. A writer still running on this host is never
+        touched, nor one on another host (a shared file system: it cannot be told from here), and a
+        reused pid is not taken for the writer (the name carries the writer's identity, see
+        ``writer_alive``)."""
+        return remove_stale_temporaries((t.path for t in self.temporaries() if t.stale), quiet=False)

@@ -13,14 +13,15 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from extract.backbones import BackboneSpec
 from extract.datasets import ImageSet
-from extract.store import atomic_target, content_key, file_lock
+from extract.cachefiles import file_lock
+from extract.store import content_key
+from extract.weights import load_checked, load_or_quarantine, save_checked
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,14 @@ class Recipe:
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
     snapshot_every: int = 0
+
+    # What each field accepts beyond its annotated type: a range ('>= 1', '> 0', '(0, 1]'; for a
+    # list, of every item) or a tuple of choices. harness.config checks a benchmark file's `train:`
+    # against both, naming the file and the key, before building the recipe; __post_init__ checks a
+    # recipe built in code and what spans fields (increasing milestones). Not annotated: no field.
+    LIMITS = {"epochs": ">= 1", "lr": "> 0", "momentum": ">= 0", "weight_decay": ">= 0", "batch_size": ">= 1",
+              "milestones": "(0, 1)", "gamma": "(0, 1]", "snapshot_every": ">= 0", "optimizer": OPTIMIZERS,
+              "schedule": SCHEDULES, "augmentation": AUGMENTATIONS}
 
     def __post_init__(self):
         for name, value, valid in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
@@ -143,11 +152,6 @@ def weights_path(weights_dir: Path, spec: BackboneSpec, recipe: Recipe, train_se
     return Path(weights_dir) / f"{spec.name}-seed{seed}-{key}.pt"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    with atomic_target(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def gradient_step(loss_function):
     """A training step from a loss: ``loss_function(model, inputs, labels, outliers)`` -> (loss, ID
     logits); zero the gradients, back-propagate, step."""
@@ -171,9 +175,17 @@ def snapshot_folder(final: Path) -> Path:
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, record) of a final weights file or a snapshot written by ``train_epochs``."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    """(state_dict, record) of a final weights file or a snapshot written by ``train_epochs``,
+    verified (``extract.weights.WeightsCorrupt`` when damaged)."""
+    saved = load_checked(path)
     return saved["state_dict"], saved["record"]
+
+
+def cached_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(state_dict, record) of the final weights at ``path``; None when they are absent or were
+    damaged (then moved aside, so they are trained again)."""
+    saved = load_or_quarantine(path)
+    return None if saved is None else (saved["state_dict"], saved["record"])
 
 
 def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torch.Tensor, labels: torch.Tensor, *,
@@ -196,12 +208,19 @@ def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torc
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(final):  # two processes (e.g. extraction shards) train one set of weights once
-        if final.exists():  # trained by another process while this one waited
-            return load_weights(final)
+        saved = cached_weights(final)  # trained by another process while this one waited
+        if saved is not None:
+            return saved
         return _train_epochs(model, trainable, recipe, inputs, labels, seed=seed, final=final, describe=describe,
                              step=step or gradient_step(cross_entropy_loss), test=test, outliers=outliers,
                              outlier_batch_size=outlier_batch_size, before_epoch=before_epoch, record=record,
                              export=export or cpu_state, device=device, progress=progress)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's data order and augmentation, seeded with (seed * 1000003 + epoch)
+    mod 2^32: the same seed as always for seeds below 4295, and no overflow for larger ones."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**32)
 
 
 def _train_epochs(model, trainable, recipe, inputs, labels, *, seed, final, describe, step, test, outliers,
@@ -210,8 +229,8 @@ def _train_epochs(model, trainable, recipe, inputs, labels, *, seed, final, desc
     model = model.to(device)
     optimizer = _optimizer(recipe, trainable)
     history, first_epoch = [], 0
-    if resume.exists():
-        state = torch.load(resume, map_location="cpu", weights_only=True)
+    state = load_or_quarantine(resume)  # a damaged resume state is moved aside: training starts over
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history, first_epoch = state["history"], state["epoch"]
@@ -220,7 +239,7 @@ def _train_epochs(model, trainable, recipe, inputs, labels, *, seed, final, desc
     total_steps = recipe.epochs * steps_per_epoch
     snapshots = snapshot_folder(final)
     for epoch in range(first_epoch, recipe.epochs):
-        generator = torch.Generator().manual_seed(int(np.uint32(seed * 1_000_003 + epoch)))
+        generator = epoch_generator(seed, epoch)
         order = torch.randperm(len(inputs), generator=generator)
         outlier_order = None
         if outliers is not None:
@@ -253,15 +272,15 @@ def _train_epochs(model, trainable, recipe, inputs, labels, *, seed, final, desc
         log.info("%s: %s", describe, entry)
         if recipe.snapshot_every and ((epoch + 1) % recipe.snapshot_every == 0 or epoch + 1 == recipe.epochs):
             snapshots.mkdir(exist_ok=True)
-            _atomic_torch_save({"state_dict": export(model), "record": {**(record or {}), "seed": seed,
-                                                                             "history": list(history)}},
-                               snapshots / f"epoch-{epoch + 1:04d}.pt")
-        _atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "history": history, "epoch": epoch + 1}, resume)
+            save_checked({"state_dict": export(model), "record": {**(record or {}), "seed": seed,
+                                                                  "history": list(history)}},
+                         snapshots / f"epoch-{epoch + 1:04d}.pt")
+        save_checked({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
+                      "epoch": epoch + 1}, resume)
     full_record = {**(record or {}), "recipe": asdict(recipe), "seed": seed, "history": history,
                    "snapshots": sorted(p.name for p in snapshots.glob("epoch-*.pt")) if snapshots.is_dir() else []}
     state_dict = export(model)
-    _atomic_torch_save({"state_dict": state_dict, "record": full_record}, final)
+    save_checked({"state_dict": state_dict, "record": full_record}, final)
     resume.unlink(missing_ok=True)
     return state_dict, full_record
 
@@ -288,15 +307,17 @@ def class_labels(images: ImageSet, num_classes: int) -> torch.Tensor:
 
 def train_backbone(spec: BackboneSpec, recipe: Recipe, train_set: ImageSet, *, num_classes: int, seed: int,
                    weights_dir: Path, test_set: ImageSet | None = None, device: str = "cpu",
-                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train (or load the cached result of training) ``spec`` on ``train_set``; return (state_dict, record).
+                   progress: bool = True, compute: bool = True) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Train (or load the cached result of training) ``spec`` on ``train_set``; return (state_dict, record),
+    or None when it is not cached and ``compute`` is false.
 
     The record holds the recipe, seed and per-epoch history (train loss and accuracy; test loss
     and accuracy when ``test_set`` is given) and the snapshot files (``recipe.snapshot_every``).
     """
     final = weights_path(weights_dir, spec, recipe, train_set, num_classes, seed)
-    if final.exists():
-        return load_weights(final)
+    saved = cached_weights(final)
+    if saved is not None or not compute:
+        return saved
     labels = class_labels(train_set, num_classes)
     torch.manual_seed(seed)
     model = spec.build(num_classes=num_classes)

@@ -17,13 +17,16 @@ import argparse
 import fnmatch
 import logging
 import os
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from extract.datasets import DATASETS, DatasetUnavailable, default_data_root, fetch_dataset
 from extract.store import CacheCorrupt, CacheMissing, FeatureStore, verify_file
-from harness.config import BenchmarkError, MethodRef, available_benchmarks, benchmark_path, load_benchmark
+from harness.config import BenchmarkError, MethodRef, available_benchmarks, benchmark_path, check_seeds, \
+    load_benchmark
 from harness.evaluation import BACKENDS, Evaluation, RunSummary, ScoringGrid
 from harness.resolution import Resolution, RunOptions, load_record
 from methods import METHODS, make_method, parameter_grid
@@ -33,19 +36,60 @@ from results.leaderboard import METRICS
 # never need it. Commands that do (run, extract, list, resolving afresh) import harness.pipeline.
 
 CACHE_ENV = "OODBENCH_CACHE_DIR"
-USER_ERRORS = (BenchmarkError, CacheMissing, CacheCorrupt, DatasetUnavailable, FileNotFoundError,
-               ValueError)  # ValueError covers CheckpointMismatch
+# What the user, the data or the machine can cause (bad input, missing or damaged files, a full
+# disk, permissions): one `error:` line and exit code 2. Anything else is a bug (exit code 1).
+USER_ERRORS = (BenchmarkError, CacheMissing, CacheCorrupt, DatasetUnavailable, ValueError, OSError, MemoryError)
+EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, "~/.cache/oodbench/store")).expanduser()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or a Slurm job's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(s) for s in text.split(","))
+        return check_seeds([int(s) for s in text.split(",")], "--seeds")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err) if isinstance(err, BenchmarkError) else
+                                         f"--seeds takes comma-separated integers, got {text!r}") from None
+
+
+def _workers(text: str) -> int:
+    try:
+        workers = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes comma-separated integers, got {text!r}") from None
+        workers = -1
+    if workers < 0:
+        raise argparse.ArgumentTypeError(f"--workers takes a number of processes >= 0 (0: decode in the main "
+                                         f"process), got {text!r}")
+    return workers
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"--device takes auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def folder_option(path: Path, option: str) -> Path:
+    """``path`` for a folder option, or one clear error when it cannot be a folder (it, or a folder
+    above it, is a file)."""
+    path = Path(path).expanduser()
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+                raise ValueError(f"{option} {path} {where}, not a folder; give a folder path")
+            return path
+    return path
 
 
 def _param(text: str) -> tuple[str, str]:
@@ -78,35 +122,45 @@ def torchrun_shard() -> tuple[int, int] | None:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
 
 
+def _global_options(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """Options every command takes, before or after its name (``oodbench --quiet run ...`` and
+    ``oodbench run ... --quiet``): after it, an absent option leaves the value given before it."""
+    unset = {"default": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("--cache-dir", type=Path, **(unset or {"default": None}),
+                        help=f"feature cache root (default ${CACHE_ENV} or ~/.cache/oodbench/store)")
+    parser.add_argument("--quiet", action="store_true", **unset, help="no progress bars or info logging")
+    parser.add_argument("--debug", action="store_true", **unset,
+                        help="print the traceback of an error (for bug reports)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"feature cache root (default ${CACHE_ENV} or ~/.cache/oodbench/store)")
-    common.add_argument("--quiet", action="store_true", help="no progress bars or info logging")
+    _global_options(common, after_command=True)
 
     bench = argparse.ArgumentParser(add_help=False, parents=[common])
     bench.add_argument("benchmark", help="packaged benchmark name or path to a benchmark YAML file")
     bench.add_argument("--data-root", type=Path, default=None,
                        help="folder holding datasets (default $OODBENCH_DATA_ROOT)")
     bench.add_argument("--out", type=Path, default=Path("out"), help="output folder for leaderboards (default ./out)")
-    bench.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    bench.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda[:N] or mps (default auto)")
     bench.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (default: the benchmark's)")
     bench.add_argument("--download", action="store_true", help="download missing torchvision datasets first")
-    bench.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+    bench.add_argument("--workers", type=_workers, default=min(4, max(1, usable_cpus() - 1)),
                        help="data-loading processes decoding image files (ImageNet-scale sets; default "
-                            "min(4, cores - 1)); 0 decodes in the main process")
+                            "min(4, cores - 1), at most the number of cores); 0 decodes in the main process")
     bench.add_argument("--amp", action="store_true", help="mixed-precision extraction (float16 on CUDA, bfloat16 "
                        "on the CPU); cached as entries of their own")
 
     grid = argparse.ArgumentParser(add_help=False)
     grid.add_argument("--jobs", type=int, default=1, help="workers scoring cache-only methods (default 1; -1: one "
-                      "per core)")
+                      "per core; at most the number of cores without a cluster)")
     grid.add_argument("--backend", default="loky", choices=BACKENDS, help="joblib backend of the scoring grid "
                       "(default loky; dask and ray reach a cluster with --scheduler)")
     grid.add_argument("--scheduler", default="", metavar="ADDRESS", help="the Dask scheduler (tcp://host:8786) or "
                       "Ray cluster (host:6379) address; without one dask starts a local cluster")
     parser = argparse.ArgumentParser(prog="oodbench", description="OOD detection benchmark harness with an HDF5 "
                                      "feature cache.")
+    _global_options(parser, after_command=False)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", parents=[bench, grid], help="extract what is missing, score, write the leaderboard")
     run.add_argument("--methods", default=None, help="comma-separated method names (default: the benchmark's)")
@@ -134,17 +188,37 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=("ls", "verify", "rm"))
     cache.add_argument("patterns", nargs="*", help="glob patterns on the relative path (rm needs at least one; "
                        "'*' removes everything)")
-    fetch = commands.add_parser("fetch", help="download a dataset with torchvision")
+    cache.add_argument("--stale", action="store_true", help="rm: remove the temporary files of writes whose "
+                       "process is gone (killed runs); `cache verify` lists them")
+    fetch = commands.add_parser("fetch", parents=[common], help="download a dataset with torchvision")
     fetch.add_argument("dataset")
     fetch.add_argument("--data-root", type=Path, required=True)
-    commands.add_parser("list", help="list benchmarks, datasets, backbones and methods")
+    commands.add_parser("list", parents=[common], help="list benchmarks, datasets, backbones and methods")
     return parser
 
 
+def _capped(value: int, option: str) -> int:
+    """``value`` of a process-count option, at most the CPUs this process may use (a note when capped)."""
+    cpus = usable_cpus()
+    if value > cpus:
+        print(f"note: {option} {value} is more than the {cpus} CPUs available; using {cpus}", file=sys.stderr)
+        return cpus
+    return value
+
+
 def _options(args) -> RunOptions:
-    return RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out,
-                      data_root=args.data_root or default_data_root(), device=args.device, seeds=args.seeds,
-                      download=args.download, progress=not args.quiet, workers=args.workers, amp=args.amp)
+    return RunOptions(cache_dir=folder_option(args.cache_dir or default_cache_dir(), "--cache-dir"),
+                      out_dir=folder_option(args.out, "--out"), data_root=args.data_root or default_data_root(),
+                      device=args.device, seeds=args.seeds, download=args.download, progress=not args.quiet,
+                      workers=_capped(args.workers, "--workers"), amp=args.amp)
+
+
+def _grid(args) -> ScoringGrid:
+    """The scoring grid of ``--backend/--jobs/--scheduler``, checked before any work; without a
+    cluster (``--scheduler``) its workers are processes of this machine, at most one per CPU."""
+    local = args.backend in ("loky", "threading") or not args.scheduler
+    jobs = _capped(args.jobs, "--jobs") if local else args.jobs
+    return ScoringGrid(args.backend, jobs, args.scheduler)
 
 
 class _LazyRun:
@@ -202,7 +276,7 @@ def cmd_run(args, compute: bool = True) -> int:
         methods = tuple(MethodRef(name.strip()) for name in args.methods.split(","))
         for ref in methods:
             make_method(ref.name)
-    grid = ScoringGrid(args.backend, args.jobs, args.scheduler)  # checked before any work
+    grid = _grid(args)
     evaluation = _evaluation(args, compute=compute)
     metrics = evaluation.evaluate(methods, compute_scores=compute, grid=grid)
     boards = evaluation.write_leaderboards(metrics)
@@ -254,7 +328,7 @@ def cmd_sweep(args) -> int:
     """A method's grid scored from the cache alone; the setting is chosen on the validation OOD set."""
     started = time.perf_counter()
     points = parameter_grid(args.method, dict(args.grid))
-    grid = ScoringGrid(args.backend, args.jobs, args.scheduler)  # checked before any work
+    grid = _grid(args)
     evaluation = _evaluation(args, compute=False)
     resolution = evaluation.resolution
     table = evaluation.sweep(args.method, points, args.criterion, grid)
@@ -297,7 +371,7 @@ def cmd_epochs(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    store = FeatureStore(args.cache_dir or default_cache_dir())
+    store = FeatureStore(folder_option(args.cache_dir or default_cache_dir(), "--cache-dir"))
     files = [p for p in store.files()
              if not args.patterns or any(fnmatch.fnmatch(str(p.relative_to(store.root)), pat) for pat in args.patterns)]
     if args.action == "ls":
@@ -309,24 +383,48 @@ def cmd_cache(args) -> int:
                 print(f"{row['kind']:9} {row['bytes'] / 1e6:9.2f} MB  {row['what']:28} {row['path']}")
         return 0
     if args.action == "verify":
-        bad = 0
-        checked = [p for p in files if p.suffix == ".h5"]
-        for path in checked:
-            problems = verify_file(path)
-            bad += bool(problems)
-            for problem in problems:
-                print(f"CORRUPT {path}: {problem}")
-        for path in files:
-            if path.suffix == ".corrupt":
-                print(f"quarantined {path} (moved aside when found corrupt, never read; "
-                      f"remove with `oodbench cache rm '*.corrupt'`)")
-        print(f"verified {len(checked)} files under {store.root}: {len(checked) - bad} ok, {bad} corrupt")
-        return 1 if bad else 0
+        return _verify_cache(store, files)
+    if args.stale:
+        removed = store.remove_stale()
+        for temporary in removed:
+            print(f"removed {temporary.describe()}")
+        print(f"removed {len(removed)} temporary files of killed writes from {store.root}")
+        if not args.patterns:
+            return 0
     if not args.patterns:
-        raise ValueError("cache rm needs at least one pattern (use '*' to remove everything)")
+        raise ValueError("cache rm needs at least one pattern (use '*' to remove everything) or --stale")
     store.remove(files)
     print(f"removed {len(files)} files from {store.root}")
     return 0
+
+
+def _verify_cache(store: FeatureStore, files: list[Path]) -> int:
+    """``cache verify``: every HDF5 file and weights file against its checksums, the quarantined files
+    and the temporaries (writes in progress, or left by killed writers); exit 1 when any is corrupt."""
+    checked = [p for p in files if p.suffix in (".h5", ".pt")]
+    bad = 0
+    for path in checked:
+        if path.suffix == ".pt":
+            from extract.weights import verify_weights  # imports torch
+
+            problems = verify_weights(path)
+        else:
+            problems = verify_file(path)
+        bad += bool(problems)
+        for problem in problems:
+            print(f"CORRUPT {path}: {problem}")
+    for path in files:
+        if path.suffix == ".corrupt":
+            print(f"quarantined {path} (moved aside when found corrupt, never read; "
+                  f"remove with `oodbench cache rm '*.corrupt'`)")
+    temporaries = store.temporaries()
+    for temporary in temporaries:
+        print(f"temporary {temporary.describe()}")
+    stale = sum(t.stale for t in temporaries)
+    print(f"verified {len(checked)} files under {store.root}: {len(checked) - bad} ok, {bad} corrupt"
+          + (f"; {len(temporaries)} temporary files, {stale} of them left by killed writes" if temporaries else "")
+          + ("; remove those with `oodbench cache rm --stale`" if stale else ""))
+    return 1 if bad else 0
 
 
 def cmd_list(args) -> int:
@@ -346,19 +444,50 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _what(args) -> str:
+    """The command line being run, for the interruption message."""
+    return " ".join(["oodbench", args.command, *([args.benchmark] if getattr(args, "benchmark", None) else [])])
+
+
+def _error_line(err: BaseException) -> str:
+    """The message of an expected error: its own text (an OSError's names the file and the reason)."""
+    return str(err) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. No exception escapes as a traceback: an expected error (input, data, disk,
+    permissions) prints one ``error:`` line and exits 2, Ctrl-C one line and 130, anything else
+    one line asking for a bug report and exits 1; ``--debug`` adds the traceback."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     handlers = {"run": cmd_run, "extract": cmd_extract, "score": cmd_score, "sweep": cmd_sweep,
                 "leaderboard": lambda a: cmd_run(a, compute=False), "epochs": cmd_epochs, "cache": cmd_cache,
                 "list": cmd_list,
                 "fetch": lambda a: fetch_dataset(a.dataset, a.data_root) or 0}
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:
+        _report(args, f"interrupted: {_what(args)} stopped by Ctrl-C; what it completed (trained epochs, extracted "
+                      "chunks, cached scores) is kept, and running it again resumes from there")
+        return EXIT_INTERRUPTED
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        _report(args, _error_line(err))
+        return EXIT_USER_ERROR
+    except Exception as err:  # a bug: say so in one line; the traceback is for --debug
+        if type(err).__name__ == "OutOfMemoryError":  # torch's, for a GPU: the input's size, not a bug
+            _report(args, f"out of GPU memory ({_error_line(err).splitlines()[0]}); lower the benchmark's "
+                          "extraction batch_size or use --device cpu")
+            return EXIT_USER_ERROR
+        _report(args, f"internal error in {_what(args)}: {type(err).__name__}: {_error_line(err).splitlines()[0]}. "
+                      "This is a bug in oodbench; please report it with the command line and the output of the "
+                      "same command run with --debug")
+        return EXIT_BUG
+
+
+def _report(args, message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    if args.debug:
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pandas as pd
 
 from extract.backbones import get_backbone_spec, registered_backbone
 from extract.training import load_weights, snapshot_folder
+from extract.weights import WeightsCorrupt
 from harness.config import MethodRef
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
@@ -40,7 +41,12 @@ def epoch_metrics(run: BenchmarkRun, backbone_name: str, methods: tuple[MethodRe
                              "'train' (or 'finetune') recipe and run again")
         spec = get_backbone_spec(backbone.architecture["registry"])
         for path in files:
-            state, record = load_weights(path)
+            try:
+                state, record = load_weights(path)
+            except WeightsCorrupt as err:  # a snapshot is made only by training: say how to train again
+                raise WeightsCorrupt(f"{err}; remove the run's weights (`oodbench cache rm "
+                                     f"'weights/{Path(backbone.info['weights']).stem}*'`) and run again to "
+                                     "retrain it") from err
             last = record["history"][-1]
             snapshot = registered_backbone(spec, state, f"{backbone_name}@{last['epoch']}",
                                            run.benchmark.num_classes, {"seed": seed, "epoch": last["epoch"]})

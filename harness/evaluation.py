@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from extract.cachefiles import CacheWriteError
 from extract.store import CachedSplit, CacheCorrupt, CacheMissing, FeatureStore, content_key, read_verified, \
     write_h5_atomic
 from harness.config import MethodRef
@@ -114,6 +115,7 @@ class ScoringGrid:
             ray.init(address=self.address or None)
 
 
+_UNCACHED_SCORES: set[str] = set()  # the caches this process warned it could not write scores to (once each)
 _WORKER_EVALUATION: dict[str, Evaluation] = {}  # per worker process: the evaluation of the grid run it serves
 
 
@@ -216,13 +218,27 @@ class Evaluation:
             if bad.any():  # never cached: a NaN score has no rank
                 raise NonFiniteOutputs(f"{method.label()} gave {bad.sum()} NaN or infinite scores of {len(bad)} on "
                                        f"{label} through {backbone.name} (first row {np.flatnonzero(bad)[0]})")
-            write_h5_atomic(path, {"scores": scored.scores, "predictions": scored.predictions},
-                            {"kind": "scores", "method": method.name, "params": method.get_params(),
-                             "backbone_name": backbone.name, "fit": fit_entry.data_key, "entry": entry.data_key,
-                             "what": f"{method.label()} on {label}", "n": len(scored.scores)})
+            self._cache_scores(path, {"scores": scored.scores, "predictions": scored.predictions},
+                               {"kind": "scores", "method": method.name, "params": method.get_params(),
+                                "backbone_name": backbone.name, "fit": fit_entry.data_key, "entry": entry.data_key,
+                                "what": f"{method.label()} on {label}", "n": len(scored.scores)})
             result[label] = scored
         self.summary.add_time("score", time.perf_counter() - started)
         return result
+
+    def _cache_scores(self, path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Write a scores file. On a cache this process may read but not write (read-only file system,
+        no permission) the scores are used all the same, uncached, and a warning says so once per
+        process and cache; a full disk (or a file in the way) is the ``CacheWriteError`` it is."""
+        try:
+            write_h5_atomic(path, arrays, meta)
+        except CacheWriteError as err:
+            if not err.read_only:
+                raise
+            if str(self.store.root) not in _UNCACHED_SCORES:
+                _UNCACHED_SCORES.add(str(self.store.root))
+                log.warning("scores are not cached: %s. They are computed and used as usual, but not saved (to %s "
+                            "and the like), so the next run computes them again", err, path.parent)
 
     def _derived(self, path: Path, backbone: ResolvedBackbone, method: Method, what: str, compute) -> CachedSplit:
         """The derived entry at ``path``: from the cache, else ``compute(network)`` through the network

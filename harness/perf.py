@@ -59,7 +59,8 @@ def interleaved_best(repeats: int, **functions) -> dict[str, float]:
 
 def perf_backbone_and_images(n: int):
     """The default benchmark's architecture with seeded random weights (throughput does not depend
-    on the weights) and ``n`` Fashion-MNIST test images, else seeded noise of that shape."""
+    on the weights) and ``n`` Fashion-MNIST test images, else seeded noise of that shape with seeded
+    class labels (the Mahalanobis ensemble's fit needs classes; an OOD set's labels are -1)."""
     import torch
 
     from extract.backbones import get_backbone_spec, registered_backbone
@@ -71,7 +72,9 @@ def perf_backbone_and_images(n: int):
     try:
         images = load_dataset("fashion-mnist", "test")
     except DatasetUnavailable:
-        images = load_dataset("gaussian", n=n)
+        noise = load_dataset("gaussian", n=n)
+        images = ImageSet(noise.name, noise.split, noise.images, np.random.default_rng(0).integers(0, 10, n),
+                          noise.source)
     return backbone, ImageSet(images.name, images.split, images.images[:n], images.labels[:n], images.source)
 
 

@@ -104,9 +104,15 @@ class BenchmarkRun:
         path = Path(pattern)
         matches = sorted(path.parent.glob(path.name)) if glob.has_magic(path.name) else [path]
         self.watched.add(path.parent)
-        if len(matches) != 1 or not matches[0].is_file():
-            found = ", ".join(map(str, matches)) or "nothing"
-            raise FileNotFoundError(f"backbone {config.name}: checkpoint {pattern} must name one file; found {found}")
+        where = f"backbone {config.name}: checkpoint {pattern}"
+        if not matches or not matches[0].exists():
+            raise FileNotFoundError(f"{where} does not exist" if len(matches) == 1 else f"{where}: no file matches "
+                                    f"the pattern in {path.parent}")
+        if len(matches) > 1:
+            raise FileNotFoundError(f"{where} matches {len(matches)} files ({', '.join(map(str, matches))}); make "
+                                    "the pattern name exactly one")
+        if not matches[0].is_file():
+            raise FileNotFoundError(f"{where} is a folder, not a file")
         return matches[0]
 
     def backbone(self, config: BackboneConfig, seed: int, compute: bool = True) -> Backbone:
@@ -139,14 +145,15 @@ class BenchmarkRun:
         test_set = sets[self.benchmark.id_test.label][1]
         weights_dir = self.store.root / "weights"
         path = weights_path(weights_dir, spec, config.recipe, fit_set, self.benchmark.num_classes, seed)
-        if not compute and not path.exists():
-            raise CacheMissing(f"backbone {config.name} seed {seed} has not been trained (no {path}); "
-                               f"run `oodbench extract {self.benchmark.name}` first")
         started = time.perf_counter()
-        state, record = train_backbone(spec, config.recipe, fit_set, num_classes=self.benchmark.num_classes,
-                                       seed=seed, weights_dir=weights_dir, test_set=test_set,
-                                       device=str(resolve_device(self.options.device)),
-                                       progress=self.options.progress)
+        trained = train_backbone(spec, config.recipe, fit_set, num_classes=self.benchmark.num_classes, seed=seed,
+                                 weights_dir=weights_dir, test_set=test_set,
+                                 device=str(resolve_device(self.options.device)), progress=self.options.progress,
+                                 compute=compute)
+        if trained is None:
+            raise CacheMissing(f"backbone {config.name} seed {seed} has not been trained (no sound {path}); "
+                               f"run `oodbench extract {self.benchmark.name}` first")
+        state, record = trained
         self.summary.add_time("train", time.perf_counter() - started)
         self.watched.add(path)
         last = record["history"][-1]
@@ -163,15 +170,15 @@ class BenchmarkRun:
         outliers = self._load(outlier_ref(recipe)) if recipe.outliers else None
         weights_dir = self.store.root / "weights"
         path = finetune_path(weights_dir, config.name, base, recipe, fit_set, outliers, self.benchmark.num_classes, seed)
-        if not compute and not path.exists():
-            raise CacheMissing(f"backbone {config.name} seed {seed} has not been fine-tuned (no {path}); "
-                               f"run `oodbench extract {self.benchmark.name}` first")
         started = time.perf_counter()
-        state, record = finetune_backbone(config.name, base, recipe, fit_set, num_classes=self.benchmark.num_classes,
-                                          seed=seed, weights_dir=weights_dir,
-                                          test_set=sets[self.benchmark.id_test.label][1], outlier_set=outliers,
-                                          device=str(resolve_device(self.options.device)),
-                                          progress=self.options.progress)
+        tuned = finetune_backbone(config.name, base, recipe, fit_set, num_classes=self.benchmark.num_classes,
+                                  seed=seed, weights_dir=weights_dir, test_set=sets[self.benchmark.id_test.label][1],
+                                  outlier_set=outliers, device=str(resolve_device(self.options.device)),
+                                  progress=self.options.progress, compute=compute)
+        if tuned is None:
+            raise CacheMissing(f"backbone {config.name} seed {seed} has not been fine-tuned (no sound {path}); "
+                               f"run `oodbench extract {self.benchmark.name}` first")
+        state, record = tuned
         self.summary.add_time("fine-tune", time.perf_counter() - started)
         self.watched.add(path)
         if outliers is not None:

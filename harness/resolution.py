@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Iterable
 
 from extract.datasets import download_dir
-from extract.store import atomic_target, content_key
+from extract.cachefiles import CacheWriteError, atomic_target
+from extract.store import content_key
 from harness.config import MethodRef
 
 log = logging.getLogger(__name__)
@@ -129,18 +130,35 @@ def file_state(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def save_record(path: Path, resolution: Resolution, watched: Iterable[Path]) -> Path:
+def save_record(path: Path, resolution: Resolution, watched: Iterable[Path]) -> Path | None:
     """Write ``resolution`` to ``path`` (``<cache>/runs/<name>.json``) with the state of everything it
     came from (see the module docstring). Paths inside the cache are kept relative to it, so a
-    moved cache keeps its records."""
+    moved cache keeps its records.
+
+    On a cache this process may read but not write (read-only file system, no permission) nothing
+    is recorded: a warning says so once per process and folder, and None is returned; a full disk
+    is the ``CacheWriteError`` it is."""
     cache_root = path.parents[1].absolute()
     names = sorted({_relative_to(Path(p).absolute(), cache_root) for p in watched})
     record = {"version": RECORD_VERSION, **code_stamp(),
               "watched": {name: file_state(cache_root / name) for name in names},
               "resolution": resolution.to_json()}
-    with atomic_target(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=1))
+    try:
+        with atomic_target(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
+    except CacheWriteError as err:
+        if not err.read_only:
+            raise
+        if str(path.parent) not in _UNRECORDED:
+            _UNRECORDED.add(str(path.parent))
+            log.warning("the benchmark's resolution is not recorded: %s. The results are not affected; the next "
+                        "command resolves it again (datasets fingerprinted, weights hashed) instead of reading %s",
+                        err, path)
+        return None
     return path
+
+
+_UNRECORDED: set[str] = set()  # the record folders this process warned it could not write to (once each)
 
 
 def _relative_to(path: Path, root: Path) -> str:

@@ -109,7 +109,7 @@ def test_checkpoint_key_mismatch_lists_the_keys(tmp_path):
 
 
 def test_checkpoint_and_factory_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         read_state_dict(tmp_path / "absent.pt")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="does not hold a state dict"):

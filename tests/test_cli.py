@@ -258,7 +258,7 @@ def test_cache_ls_lists_every_file(cache_copy, capsys):
 def test_cache_verify_detects_a_flipped_byte(cache_copy, capsys):
     code, out, _ = oodbench(capsys, "cache", "verify", "--cache-dir", cache_copy)
     assert code == 0
-    assert out.strip().endswith(f"{H5_FILES} ok, 0 corrupt")
+    assert out.strip().endswith(f"{H5_FILES + 1} ok, 0 corrupt")  # and the trained weights
     assert "CORRUPT" not in out
     entry = only(cache_copy.glob("*/digits.test.*.h5"))
     flip_byte_in_logits(entry)
@@ -268,7 +268,7 @@ def test_cache_verify_detects_a_flipped_byte(cache_copy, capsys):
     assert len(corrupt) == 1
     assert corrupt[0].startswith(f"CORRUPT {entry}: ")
     assert "'logits'" in corrupt[0]
-    assert out.strip().endswith(f"{H5_FILES - 1} ok, 1 corrupt")
+    assert out.strip().endswith(f"{H5_FILES} ok, 1 corrupt")
 
 
 def test_run_moves_a_corrupt_entry_aside_and_recomputes_it(warm, cache_copy, tmp_path, capsys, forwards):
@@ -380,7 +380,7 @@ def _validation_is_a_test_set(config):
     (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),
     (_unknown_method_param, ["methods #1: method 'energy' has no parameter Q; its parameters: T (default 1.0)"]),
     (_unknown_dataset_param, ["dataset 'gaussian' has no parameters ['sigma']", "'n': 10000"]),
-    (_unknown_backbone_arch, ["backbones #1: unknown backbone architecture 'resnet-nope'; registered: "
+    (_unknown_backbone_arch, ["backbones #1 (digits-net): unknown backbone architecture 'resnet-nope'; registered: "
                               "bit-s-r101x1, cifar-resnet18, cifar-resnet20, cifar-resnet32, cifar-resnet44, "
                               "cifar-resnet56, cnn28, densenet-bc-100, densenet121, digits-net, mnist-convnet-oe, "
                               "mobilenet-v2, resnet50, wrn-40-2, wrn-40-4"]),

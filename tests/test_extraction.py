@@ -439,6 +439,12 @@ def test_cuda_without_a_gpu_is_an_error(tmp_path, state):
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without an Apple GPU")
+def test_mps_without_an_apple_gpu_is_an_error():
+    with pytest.raises(ValueError, match="--device mps was asked for but torch sees no Apple GPU"):
+        resolve_device("mps")
+
+
 def test_chunk_files_round_trip_any_layer_name(tmp_path):
     from extract.extraction import _load_chunk, _save_chunk
 
@@ -476,7 +482,10 @@ def test_the_device_is_not_part_of_an_entry_key_and_torchrun_picks_the_local_gpu
     process's 'auto'/'cuda' device is its LOCAL_RANK's GPU."""
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert resolve_device("auto") == torch.device("cuda:3") and resolve_device("cuda") == torch.device("cuda:3")
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="--device cuda:4: torch sees 4 CUDA GPU\\(s\\), numbered from 0"):
+        resolve_device("cuda:4")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")

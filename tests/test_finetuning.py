@@ -40,7 +40,7 @@ def tiny_data(n=32, seed=0):
 
 def crash_after_epochs(monkeypatch, epochs):
     """Make training raise KeyboardInterrupt right after it saves its ``epochs``-th resume state."""
-    saves, original = [], training._atomic_torch_save
+    saves, original = [], training.save_checked
 
     def save(obj, path):
         original(obj, path)
@@ -48,7 +48,7 @@ def crash_after_epochs(monkeypatch, epochs):
         if sum(p.name.endswith(".resume.pt") for p in saves) == epochs:
             raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(training, "_atomic_torch_save", save)
+    monkeypatch.setattr(training, "save_checked", save)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from extract.cachefiles import file_lock
 from extract.store import (
     FORMAT_VERSION,
     HEAD_FILE,
@@ -19,7 +20,6 @@ from extract.store import (
     FeatureStore,
     array_digest,
     content_key,
-    file_lock,
     read_meta,
     read_verified,
     verify_file,

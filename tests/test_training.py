@@ -65,7 +65,7 @@ def test_training_learns_and_is_cached(tmp_path, digits):
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, digits, monkeypatch):
     reference, _ = train(tmp_path / "reference", digits)
     saves = []
-    original = training._atomic_torch_save
+    original = training.save_checked
 
     def crash_after_second_epoch(obj, path):
         original(obj, path)
@@ -73,11 +73,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, digits, monk
         if len(saves) == 2:
             raise KeyboardInterrupt("simulated interruption")
 
-    monkeypatch.setattr(training, "_atomic_torch_save", crash_after_second_epoch)
+    monkeypatch.setattr(training, "save_checked", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "interrupted", digits)
     assert not list((tmp_path / "interrupted").glob("*seed0-????????????????.pt"))  # no final weights yet
-    monkeypatch.setattr(training, "_atomic_torch_save", original)
+    monkeypatch.setattr(training, "save_checked", original)
     resumed, record = train(tmp_path / "interrupted", digits)
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3, 4, 5, 6]
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
