@@ -81,7 +81,7 @@ class CacheWriteError(OSError):
         elif code == errno.EROFS:
             message = f"{where}: it is on a read-only file system; remount it read-write or {FIX}"
         elif code == errno.ENOTDIR:
-            blocker = next((p for p in (directory, *directory.parents) if p.exists()), directory)
+            blocker = nearest_existing(directory)
             message = f"{where}: {blocker} is a file, not a directory; move it away or {FIX}"
         else:
             message = f"{where}: permission denied (user {_user()} may not create files there); fix its " \
@@ -105,7 +105,7 @@ def _user() -> str:
         return str(getattr(os, "geteuid", lambda: "?")())
 
 
-def _existing(directory: Path) -> Path:
+def nearest_existing(directory: Path) -> Path:
     """``directory`` or its nearest ancestor that exists (where a new folder would be made)."""
     return next((p for p in (directory, *directory.parents) if p.exists()), Path("/"))
 
@@ -113,14 +113,14 @@ def _existing(directory: Path) -> Path:
 def free_bytes(directory: Path) -> int | None:
     """Bytes free for this user on the file system that holds (or would hold) ``directory``."""
     try:
-        return shutil.disk_usage(_existing(Path(directory))).free
+        return shutil.disk_usage(nearest_existing(Path(directory))).free
     except OSError:
         return None
 
 
 def _unwritable(directory: Path) -> int | None:
     """Why no file can be created in ``directory`` (made when missing), as an errno, or None."""
-    base = _existing(Path(directory))
+    base = nearest_existing(Path(directory))
     if not base.is_dir():
         return errno.ENOTDIR
     try:
@@ -132,6 +132,32 @@ def _unwritable(directory: Path) -> int | None:
     if not os.access(base, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         return errno.EACCES
     return None
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename a damaged cache file to ``<name>.corrupt``, where it is never read again (``cache
+    verify`` lists it); the new path, or None when another process moved or removed it first. Any
+    other failure (a read-only cache) is the caller's ``OSError``."""
+    quarantine = path.with_name(path.name + ".corrupt")
+    try:
+        os.replace(path, quarantine)
+    except FileNotFoundError:
+        return None
+    return quarantine
+
+
+_SKIPPED_WRITES: set[str] = set()  # the optional writes this process said it skipped (once each)
+
+
+def skip_read_only(err: CacheWriteError, what: str, message: str) -> None:
+    """An optional write (a cache of what can be computed again) that failed with ``err``: raised
+    again unless the cache is read-only to this process (a read-only file system, no permission);
+    then it is skipped, and ``message`` is logged as a warning once per process and ``what``."""
+    if not err.read_only:
+        raise err
+    if what not in _SKIPPED_WRITES:
+        _SKIPPED_WRITES.add(what)
+        log.warning("%s", message)
 
 
 def ensure_writable(directory: Path, needed: int | None = None) -> None:
@@ -153,7 +179,7 @@ def write_failure(err: BaseException, directory: Path) -> int | None:
     if isinstance(err, CacheWriteError):
         return err.errno
     if isinstance(err, FileExistsError):  # mkdir: a file where the directory should be
-        return errno.ENOTDIR if not _existing(Path(directory)).is_dir() or Path(directory).is_file() else None
+        return errno.ENOTDIR if not nearest_existing(Path(directory)).is_dir() or Path(directory).is_file() else None
     if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
         return err.errno
     if not isinstance(err, (OSError, RuntimeError)):
@@ -398,7 +424,7 @@ def _unlink_quietly(path: Path) -> None:
 
 LOCK_REPORT_AFTER = 2.0  # seconds of waiting before a lock wait is reported (shards wait briefly all the time)
 LOCK_REPORT_EVERY = 60.0  # and then every this many seconds while it lasts
-_HELD_LOCKS: dict[int, int] = {}  # fd of each lock file this process has open -> the pid that opened it
+_HELD_LOCKS: set[int] = set()  # the fd of each lock file this process has open
 
 
 def _forget_inherited_locks() -> None:
@@ -511,7 +537,7 @@ def file_lock(path: Path, *, report_after: float = LOCK_REPORT_AFTER, report_eve
         yield
         return
     owner = os.getpid()
-    _HELD_LOCKS[fd] = owner
+    _HELD_LOCKS.add(fd)
     try:
         _acquire(fd, path, lock_path, report_after, report_every)
         _record(fd, _holder_record())
@@ -523,7 +549,7 @@ def file_lock(path: Path, *, report_after: float = LOCK_REPORT_AFTER, report_eve
                 fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         if os.getpid() == owner:
-            _HELD_LOCKS.pop(fd, None)
+            _HELD_LOCKS.discard(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)
 

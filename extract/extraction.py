@@ -215,7 +215,9 @@ def compute_in_chunks(path: Path, n: int, names: tuple[str, ...], rows_per_chunk
     where none is). Without a shard the caller holds the entry's lock; it assembles the chunks and
     removes the folder."""
     partial = partial_folder(path)
-    partial.mkdir(parents=True, exist_ok=True)
+    if compute_missing:  # a cache that cannot be written: one clear error now, not after the first chunk
+        ensure_writable(path.parent)
+        partial.mkdir(parents=True, exist_ok=True)
     starts = range(0, n, rows_per_chunk)
     mine = range(0) if not compute_missing else range(len(starts)) if shard is None else \
         shard_chunks(len(starts), shard)
@@ -289,7 +291,6 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
             progress, shard=shard, compute_missing=compute_missing)
 
     if shard is not None:
-        ensure_writable(path.parent)  # a read-only cache: one clear error now, not after the first chunk
         chunks(True)  # outside the lock: shards write disjoint chunk files, each atomically
     with file_lock(path):
         cached = store.open_entry(path)  # another process may have finished it while we waited

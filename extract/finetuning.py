@@ -84,13 +84,10 @@ class FineTuneRecipe(Recipe):
     LIMITS = {**Recipe.LIMITS, "objective": OBJECTIVES, "forget": FORGETTING, "bn_stats": BN_STATISTICS,
               "delta": "(0, 1]", "keep": "(0, 1]", "zeta": ">= 0", "outlier_batch_size": ">= 1", "oe_weight": ">= 0",
               "energy_weight": ">= 0", "doe_warmup": ">= 0", "poem_keep": ">= 1"}
+    DESCRIPTION = "fine-tuning recipe"
 
     def __post_init__(self):
-        super().__post_init__()
-        for name, value, valid in (("objective", self.objective, OBJECTIVES), ("forget", self.forget, FORGETTING),
-                                   ("bn_stats", self.bn_stats, BN_STATISTICS)):
-            if value not in valid:
-                raise ValueError(f"fine-tuning recipe: {name} {value!r} is not one of {valid}")
+        super().__post_init__()  # the choices of LIMITS included
         if (self.objective != "ce") != bool(self.outliers):
             raise ValueError(f"fine-tuning recipe: objective {self.objective!r} "
                              + ("needs 'outliers' (a dataset of auxiliary outliers)" if self.objective != "ce"

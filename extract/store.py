@@ -33,8 +33,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.cachefiles import (CacheWriteError, Temporary, atomic_target, file_lock, remove_stale_temporaries,
-                                temporary, write_failure)
+from extract.cachefiles import (CacheWriteError, Temporary, atomic_target, file_lock, move_aside,
+                                remove_stale_temporaries, temporary, write_failure)
 
 log = logging.getLogger(__name__)
 
@@ -362,14 +362,13 @@ class FeatureStore:
             return None
         problems = verify_file(path)
         if problems:
-            quarantine = path.with_name(path.name + ".corrupt")
             try:
-                os.replace(path, quarantine)
-            except FileNotFoundError:  # another process moved it aside (or removed it) meanwhile
-                return None
+                quarantine = move_aside(path)
             except OSError as err:  # a read-only cache: it stays, and is never used either
                 raise CacheCorrupt(f"{path} failed verification and could not be moved aside ({err.strerror}); "
                                    "it will not be used: " + "; ".join(problems)) from err
+            if quarantine is None:  # another process moved it aside (or removed it) meanwhile
+                return None
             raise CacheCorrupt(f"{path} failed verification and was moved to {quarantine.name}: "
                                + "; ".join(problems))
         return CachedSplit(path)

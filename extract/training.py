@@ -51,17 +51,19 @@ class Recipe:
 
     # What each field accepts beyond its annotated type: a range ('>= 1', '> 0', '(0, 1]'; for a
     # list, of every item) or a tuple of choices. harness.config checks a benchmark file's `train:`
-    # against both, naming the file and the key, before building the recipe; __post_init__ checks a
-    # recipe built in code and what spans fields (increasing milestones). Not annotated: no field.
+    # against both, naming the file and the key, before building the recipe; __post_init__ checks the
+    # choices of a recipe built in code from here, its ranges and what spans fields (increasing
+    # milestones). Not annotated: no field.
     LIMITS = {"epochs": ">= 1", "lr": "> 0", "momentum": ">= 0", "weight_decay": ">= 0", "batch_size": ">= 1",
               "milestones": "(0, 1)", "gamma": "(0, 1]", "snapshot_every": ">= 0", "optimizer": OPTIMIZERS,
               "schedule": SCHEDULES, "augmentation": AUGMENTATIONS}
 
+    DESCRIPTION = "training recipe"  # how errors name it
+
     def __post_init__(self):
-        for name, value, valid in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
-                                   ("augmentation", self.augmentation, AUGMENTATIONS)):
-            if value not in valid:
-                raise ValueError(f"training recipe: {name} {value!r} is not one of {valid}")
+        for name, valid in self.LIMITS.items():  # the choices (of a subclass's fields too); ranges below
+            if isinstance(valid, tuple) and getattr(self, name) not in valid:
+                raise ValueError(f"{self.DESCRIPTION}: {name} {getattr(self, name)!r} is not one of {valid}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"training recipe needs epochs >= 1, batch_size >= 1 and lr > 0, got {self}")
         object.__setattr__(self, "milestones", tuple(float(m) for m in self.milestones))

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
 
-from extract.cachefiles import atomic_target
+from extract.cachefiles import atomic_target, move_aside
 from extract.store import CacheCorrupt
 
 log = logging.getLogger(__name__)
@@ -93,13 +92,11 @@ def load_or_quarantine(path: Path) -> dict | None:
     try:
         return load_checked(path)
     except WeightsCorrupt as err:
-        quarantine = path.with_name(path.name + ".corrupt")
         try:
-            os.replace(path, quarantine)
-        except FileNotFoundError:  # another process moved it aside meanwhile
-            return None
+            quarantine = move_aside(path)
         except OSError as moving:  # a read-only cache: it stays, and is never used either
             raise WeightsCorrupt(f"{err}; it could not be moved aside ({moving.strerror}) and will not be "
                                  "used") from moving
-        log.warning("%s; moved it to %s and computing it again", err, quarantine.name)
+        if quarantine is not None:  # else another process moved it aside meanwhile
+            log.warning("%s; moved it to %s and computing it again", err, quarantine.name)
         return None

@@ -23,6 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
+from extract.cachefiles import nearest_existing
 from extract.datasets import DATASETS, DatasetUnavailable, default_data_root, fetch_dataset
 from extract.store import CacheCorrupt, CacheMissing, FeatureStore, verify_file
 from harness.config import BenchmarkError, MethodRef, available_benchmarks, benchmark_path, check_seeds, \
@@ -83,12 +84,10 @@ def folder_option(path: Path, option: str) -> Path:
     """``path`` for a folder option, or one clear error when it cannot be a folder (it, or a folder
     above it, is a file)."""
     path = Path(path).expanduser()
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                where = "is a file" if existing == path else f"lies under {existing}, which is a file"
-                raise ValueError(f"{option} {path} {where}, not a folder; give a folder path")
-            return path
+    existing = nearest_existing(path)
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise ValueError(f"{option} {path} {where}, not a folder; give a folder path")
     return path
 
 

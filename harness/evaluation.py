@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from extract.cachefiles import CacheWriteError
+from extract.cachefiles import CacheWriteError, skip_read_only
 from extract.store import CachedSplit, CacheCorrupt, CacheMissing, FeatureStore, content_key, read_verified, \
     write_h5_atomic
 from harness.config import MethodRef
@@ -115,7 +115,6 @@ class ScoringGrid:
             ray.init(address=self.address or None)
 
 
-_UNCACHED_SCORES: set[str] = set()  # the caches this process warned it could not write scores to (once each)
 _WORKER_EVALUATION: dict[str, Evaluation] = {}  # per worker process: the evaluation of the grid run it serves
 
 
@@ -233,12 +232,9 @@ class Evaluation:
         try:
             write_h5_atomic(path, arrays, meta)
         except CacheWriteError as err:
-            if not err.read_only:
-                raise
-            if str(self.store.root) not in _UNCACHED_SCORES:
-                _UNCACHED_SCORES.add(str(self.store.root))
-                log.warning("scores are not cached: %s. They are computed and used as usual, but not saved (to %s "
-                            "and the like), so the next run computes them again", err, path.parent)
+            skip_read_only(err, f"scores in {self.store.root}",
+                           f"scores are not cached: {err}. They are computed and used as usual, but not saved (to "
+                           f"{path.parent} and the like), so the next run computes them again")
 
     def _derived(self, path: Path, backbone: ResolvedBackbone, method: Method, what: str, compute) -> CachedSplit:
         """The derived entry at ``path``: from the cache, else ``compute(network)`` through the network

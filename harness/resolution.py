@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable
 
 from extract.datasets import download_dir
-from extract.cachefiles import CacheWriteError, atomic_target
+from extract.cachefiles import CacheWriteError, atomic_target, skip_read_only
 from extract.store import content_key
 from harness.config import MethodRef
 
@@ -147,18 +147,11 @@ def save_record(path: Path, resolution: Resolution, watched: Iterable[Path]) -> 
         with atomic_target(path) as tmp:
             tmp.write_text(json.dumps(record, indent=1))
     except CacheWriteError as err:
-        if not err.read_only:
-            raise
-        if str(path.parent) not in _UNRECORDED:
-            _UNRECORDED.add(str(path.parent))
-            log.warning("the benchmark's resolution is not recorded: %s. The results are not affected; the next "
-                        "command resolves it again (datasets fingerprinted, weights hashed) instead of reading %s",
-                        err, path)
+        skip_read_only(err, f"records in {path.parent}",
+                       f"the benchmark's resolution is not recorded: {err}. The results are not affected; the next "
+                       f"command resolves it again (datasets fingerprinted, weights hashed) instead of reading {path}")
         return None
     return path
-
-
-_UNRECORDED: set[str] = set()  # the record folders this process warned it could not write to (once each)
 
 
 def _relative_to(path: Path, root: Path) -> str:
