@@ -13,6 +13,9 @@ Where the data comes from:
   ``fashion-mnist`` and ``kmnist``.
 - scikit-learn's bundled data: ``digits``, ``digits28``, ``photo-patches``.
 - Generated from a seed: ``gaussian``, ``bernoulli``, ``blobs``, ``uniform``.
+- The paper-scale sets (CIFAR, SVHN, DTD, Places365, the LSUN, iSUN, MOS and ImageNet image
+  folders) are in ``extract.paper_datasets``, which the ``extract`` package imports, so
+  ``DATASETS`` always holds them too.
 
 Nothing is cached: each call reads or generates fresh arrays, which the caller owns.
 """
@@ -131,7 +134,8 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, index) -> ImageFiles:
-        paths = self.paths[index] if isinstance(index, slice) else [self.paths[i] for i in np.asarray(index).reshape(-1)]
+        paths = (self.paths[index] if isinstance(index, slice)
+                 else [self.paths[i] for i in np.asarray(index).reshape(-1)])
         return ImageFiles(paths, self.root, self.size, self.fit)
 
     def open(self, i: int):
@@ -423,7 +427,8 @@ def load_negative_mnist(split, data_root, download):
     try:
         test = _load_idx_set("mnist", "test", data_root, download, DIGIT_CLASSES)
     except DatasetUnavailable as err:
-        raise DatasetUnavailable(f"dataset 'negative-mnist' is made from MNIST's test set: {err}", err.searched) from err
+        raise DatasetUnavailable(f"dataset 'negative-mnist' is made from MNIST's test set: {err}",
+                                 err.searched) from err
     return ImageSet("negative-mnist", split, 255 - test.images, test.labels, source=f"255 - ({test.source})",
                     classes=DIGIT_CLASSES, inputs=test.inputs)
 
@@ -672,7 +677,8 @@ def load_cifar10_jpeg(split, data_root, download, *, fit_fraction, seed):
                            "an ImageFolder tree cifar10-test-jpeg/<class>/<NNNN>.jpg with the 10 CIFAR-10 classes")
     classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
     if classes != CIFAR10_CLASSES:
-        raise ValueError(f"{root}: class folders {list(classes)}, expected the CIFAR-10 classes {list(CIFAR10_CLASSES)}")
+        raise ValueError(f"{root}: class folders {list(classes)}, "
+                         f"expected the CIFAR-10 classes {list(CIFAR10_CLASSES)}")
     images, labels, classes, files = read_image_folder(root)
     whole = ImageSet("cifar10-jpeg", "all", images, labels, source=f"{root} (JPEG)", classes=classes,
                      inputs=(root, *(root / c for c in classes), *files))
@@ -730,7 +736,3 @@ def load_blobs(split, data_root, download, *, n, size, seed):
               f"size={size}")
     return _unlabelled("blobs", split, images, source)
 
-
-# The paper-scale sets (CIFAR, SVHN, DTD, Places365, the LSUN/iSUN/MOS/ImageNet image folders)
-# register themselves into DATASETS from their own module.
-import extract.paper_datasets  # noqa: E402,F401

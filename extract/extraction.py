@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from extract.backbones import Backbone
-from extract.datasets import ImageFiles, ImageSet
 from extract.cachefiles import atomic_target, ensure_writable, file_lock
-from extract.store import CachedSplit, CacheCorrupt, FeatureStore, content_key, write_h5_atomic
+from extract.datasets import ImageFiles, ImageSet
+from extract.store import CacheCorrupt, CachedSplit, FeatureStore, content_key, write_h5_atomic
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,8 @@ def extract(backbone: Backbone, images: ImageSet, store: FeatureStore, *, layers
             path, len(images), names, batch_size * chunk_batches, f"bs{batch_size}",
             lambda start, stop: forward_rows(backbone, images.images[start:stop], layers, batch_size, torch_device,
                                              workers, amp),
-            f"extract {backbone.name} {images.name}/{images.split}" + (f" shard {shard[0]}/{shard[1]}" if shard else ""),
+            f"extract {backbone.name} {images.name}/{images.split}"
+            + (f" shard {shard[0]}/{shard[1]}" if shard else ""),
             progress, shard=shard, compute_missing=compute_missing)
 
     if shard is not None:

@@ -1,16 +1,18 @@
-"""Network passes for methods that cannot run from the cached penultimate features, and the cache
-entries that hold their outputs (METHODS.md sections 1.4 and 1.8).
+"""Running a backbone for the methods that need more than a cache entry's arrays, and the cache
+entries that hold what they compute (the math of each method lives with it, in ``methods/``).
 
-- Activation shaping at a named layer: a forward hook replaces the layer's output by its shaped
-  version and the rest of the network runs as usual; or, when the entry cached that layer's
-  activations and the network after it depends on nothing else (``network_tail``), only that
-  tail runs, from the cached activations.
-- ODIN's input perturbation: forward, input gradient, perturbed forward.
-- GradNorm by per-sample autograd, for any parameter (heads that are not one linear layer).
-- The Mahalanobis ensemble's per-layer confidences with input pre-processing, and FGSM copies.
+- ``Network``: a backbone on a device, run in batches: full forward passes with one layer's
+  output replaced (``shaping_hook``), or only the network after a layer (``network_tail``), run
+  from that layer's cached activations; the head's input and f = W v + b collected in float64.
+- ``input_gradient_only``: gradients with respect to the input, with the weights frozen.
 - ``derive``: a network method's outputs over one entry's images, computed in resumable chunks
   under the entry's lock and written atomically beside it (``CachedSplit.derived_path``), so
-  re-scoring, sweeping and tabulating read them like any other entry.
+  re-scoring, sweeping and tabulating read them like any other entry; ``derive_state`` caches
+  what a method learns through the network on the fit entry the same way.
+
+``derive`` and ``derive_state`` take the method as an argument and only call what
+``methods.network_scores.NetworkMethod`` documents (``network_outputs``, ``network_fit``,
+``check_network_outputs``, ...): this module never imports ``methods``.
 """
 from __future__ import annotations
 
@@ -25,29 +27,21 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from extract.backbones import Backbone
-from extract.datasets import ImageSet
-from extract.extraction import capture_outputs, compute_in_chunks, forward_rows, partial_folder, precision, \
-    resolve_device
 from extract.cachefiles import file_lock
-from extract.store import CachedSplit, CacheCorrupt, FeatureStore, write_h5_atomic
-from methods.base import NonFiniteOutputs
-from methods.network_scores import LAST_BLOCK
+from extract.datasets import ImageSet
+from extract.extraction import (
+    capture_outputs,
+    compute_in_chunks,
+    forward_rows,
+    partial_folder,
+    precision,
+    resolve_device,
+)
+from extract.store import CacheCorrupt, CachedSplit, FeatureStore, write_h5_atomic
 
 log = logging.getLogger(__name__)
 
-PENULTIMATE = "penultimate"  # the head's input: the pooled feature v (shaping there = the cache-only methods)
-
-
-def numpy_rows(function: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A tensor shaping from a numpy function of (N, n) float64 rows: each sample's activation is
-    flattened (channels and space jointly, as ASH's per-sample top-k is), shaped in float64, and
-    put back in the tensor's shape, dtype and device. The same numpy function is the cache-only
-    method's math, so both paths compute one definition."""
-    def shape(tensor: torch.Tensor) -> torch.Tensor:
-        rows = tensor.detach().to("cpu", torch.float64).reshape(len(tensor), -1).numpy()
-        shaped = torch.from_numpy(np.ascontiguousarray(function(rows)))
-        return shaped.reshape(tensor.shape).to(tensor.device, tensor.dtype)
-    return shape
+PENULTIMATE = "penultimate"  # the head's input: the pooled feature v, which entries cache as ``features``
 
 
 @contextlib.contextmanager
@@ -126,128 +120,11 @@ def input_gradient_only(model: nn.Module):
             parameter.requires_grad_(True)
 
 
-def gradient_sign(gradient: torch.Tensor) -> torch.Tensor:
-    """sign(g) with 0 mapped to +1, as the ODIN, Mahalanobis and FGSM code computes it: (g >= 0)*2 - 1."""
-    return (gradient >= 0).to(gradient.dtype) * 2 - 1
-
-
-def odin_perturbed_inputs(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float,
-                          step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ODIN's input pre-processing (Liang et al. 2018): y_hat = argmax f(x) from the unscaled logits,
-    L = CE(f(x) / T, y_hat), g = ``gradient_sign``(grad_x L), x_tilde = x - epsilon * step * g, no
-    clamping. ``step`` is 1/std per channel for a pixel-space epsilon on normalised inputs, 1 for
-    the normalised-space convention. The loss is summed over the batch, so each sample's gradient
-    is its own. Returns (x_tilde, y_hat)."""
-    x = x.detach().requires_grad_(True)
-    with input_gradient_only(model):
-        logits = model(x)
-        predictions = logits.argmax(dim=1)
-        loss = F.cross_entropy(logits / temperature, predictions, reduction="sum")
-        (gradient,) = torch.autograd.grad(loss, x)
-    return (x - epsilon * step * gradient_sign(gradient)).detach(), predictions
-
-
-def gradnorm_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """GradNorm's official loss for one sample (Huang et al. 2021): L = sum_c -log softmax(f/T)_c
-    (a target of all ones; ``methods.gradient_scores.gradnorm`` is its closed form)."""
-    return -F.log_softmax(logits / temperature, dim=-1).sum()
-
-
-def per_sample_gradnorm(model: nn.Module, x: torch.Tensor, temperature: float, parameter: str) -> torch.Tensor:
-    """S = sum |dL/dP| for each sample alone (L = ``gradnorm_loss``, P = the named parameter), by
-    per-sample autograd (torch.func: grad of a one-sample call, vmapped over the batch): the
-    official code's batch size 1, without its loop, for any head."""
-    from torch.func import functional_call, grad, vmap
-
-    weight = dict(model.named_parameters())[parameter].detach()
-
-    def loss(value, sample):
-        return gradnorm_loss(functional_call(model, {parameter: value}, (sample.unsqueeze(0),))[0], temperature)
-
-    gradients = vmap(grad(loss), in_dims=(None, 0))(weight, x)
-    return gradients.abs().flatten(1).sum(dim=1).detach()
-
-
-class _Reached(Exception):
-    """Raised by a hook to end a forward pass once the layer it needs has run."""
-
-
-def spatial_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """A layer's output as one vector per sample: the mean over spatial positions (N, C, ...) -> (N, C)."""
-    return tensor.flatten(2).mean(dim=2) if tensor.ndim > 2 else tensor.flatten(1)
-
-
-def layer_means(model: nn.Module, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The spatially averaged outputs of ``layers`` for input x; the forward stops at the deepest one."""
-    modules = dict(model.named_modules())
-    found: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def capture(module, inputs, output):
-            found[name] = spatial_mean(output)
-            if len(found) == len(layers):
-                raise _Reached
-        return capture
-
-    handles = [modules[layer].register_forward_hook(hook(layer)) for layer in layers]
-    try:
-        model(x)
-    except _Reached:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return found
-
-
-def gaussian_confidence(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Mahalanobis class scores (Lee et al. 2018): g_c(f) = -1/2 (f - mu_c)^T P (f - mu_c), (N, C), float64."""
-    centred = features.double()[:, None, :] - means[None, :, :]
-    return -0.5 * torch.einsum("ncd,de,nce->nc", centred, precision, centred)
-
-
-def mahalanobis_perturbed_confidences(model: nn.Module, x: torch.Tensor, layer: str, means: torch.Tensor,
-                                      precision: torch.Tensor, epsilons: tuple[float, ...],
-                                      step: torch.Tensor) -> torch.Tensor:
-    """M_l(x) of the Mahalanobis ensemble (Lee et al. 2018) for one layer and each epsilon, (N, E):
-    c_hat = argmax_c g_c(f_l(x)), loss = 1/2 (f_l - mu_c_hat)^T P (f_l - mu_c_hat) summed over the
-    batch (each sample's gradient is its own), x_tilde = x - epsilon * step * ``gradient_sign``(grad_x
-    loss) (``step`` as in ODIN: 1/std for pixel units), M_l = max_c g_c(f_l(x_tilde)). The gradient
-    does not depend on epsilon, so it is taken once; epsilon = 0 is the unperturbed confidence.
-    Float64 Gaussian terms."""
-    x = x.detach().requires_grad_(any(epsilons))
-    with input_gradient_only(model):
-        scores = gaussian_confidence(layer_means(model, x, (layer,))[layer], means, precision)
-        if any(epsilons):
-            loss = -scores.gather(1, scores.argmax(dim=1, keepdim=True)).sum()
-            (gradient,) = torch.autograd.grad(loss, x)
-    columns = []
-    with torch.no_grad():
-        for epsilon in epsilons:
-            if epsilon == 0:
-                columns.append(scores.detach().max(dim=1).values)
-                continue
-            perturbed = x.detach() - epsilon * step * gradient_sign(gradient)
-            columns.append(gaussian_confidence(layer_means(model, perturbed, (layer,))[layer], means,
-                                               precision).max(dim=1).values)
-    return torch.stack(columns, dim=1)
-
-
-def fgsm_inputs(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, size: float, mean: torch.Tensor,
-                std: torch.Tensor) -> torch.Tensor:
-    """FGSM copies (the Mahalanobis tuning protocol's pseudo-OOD): x_adv = clip(x + size * sign(grad_x
-    CE(f(x), y)), 0, 1) in [0,1] pixel space, returned normalised like x."""
-    x = x.detach().requires_grad_(True)
-    with input_gradient_only(model):
-        (gradient,) = torch.autograd.grad(F.cross_entropy(model(x), labels, reduction="sum"), x)
-    pixels = x.detach() * std + mean
-    adversarial = torch.clamp(pixels + size * gradient_sign(gradient), 0.0, 1.0)
-    return (adversarial - mean) / std
-
-
 class Network:
-    """A backbone on a device, ready for network methods: shaped forward passes, tails run from
-    cached activations, ODIN. Every pass works in batches of ``batch_size`` in eval mode.
+    """A backbone on a device, ready for network methods: forward passes with a layer's output
+    shaped, tails run from cached activations, and the pieces that methods' own passes are built
+    from (``batches``, ``collect``, ``channel_stats``). Every pass works in batches of
+    ``batch_size`` in eval mode.
 
     The network runs in its own precision; the logits are then recomputed from the head's input v
     in float64, f = W v + b, as the cache-only methods compute them, and kept in float64 (ASH-S
@@ -263,20 +140,6 @@ class Network:
         self.head = [torch.from_numpy(a).to(device, torch.float64) for a in backbone.head_parameters()]
         self._tails: dict[str, fx.GraphModule | None] = {}
 
-    def resolve_layer(self, layer: str) -> str:
-        """A module name of the backbone, ``PENULTIMATE``, or ``LAST_BLOCK`` (the backbone's declared
-        shaping layer); anything else is an error listing the names."""
-        if layer == LAST_BLOCK:
-            if not self.backbone.shaping_layer:
-                raise ValueError(f"backbone {self.backbone.name!r} declares no shaping layer for "
-                                 f"layer={LAST_BLOCK!r}; give a module name (or 'shaping_layer' in its config)")
-            layer = self.backbone.shaping_layer
-        modules = [name for name, _ in self.model.named_modules() if name]
-        if layer != PENULTIMATE and layer not in modules:
-            raise ValueError(f"backbone {self.backbone.name!r} has no layer {layer!r}; use {PENULTIMATE!r}, "
-                             f"{LAST_BLOCK!r} or one of its modules: {', '.join(modules)}")
-        return layer
-
     def tail(self, layer: str) -> nn.Module | None:
         """The network after ``layer`` (the head alone after ``PENULTIMATE``), or None (see ``network_tail``)."""
         if layer not in self._tails:
@@ -284,10 +147,11 @@ class Network:
             self._tails[layer] = head if layer == PENULTIMATE else network_tail(self.model, layer)
         return self._tails[layer]
 
-    def _batches(self, n: int):
+    def batches(self, n: int):
+        """Row slices of ``batch_size`` covering [0, n)."""
         return (slice(start, start + self.batch_size) for start in range(0, n, self.batch_size))
 
-    def _collect(self, features: torch.Tensor, outputs: dict[str, list[np.ndarray]], shape=None) -> None:
+    def collect(self, features: torch.Tensor, outputs: dict[str, list[np.ndarray]], shape=None) -> None:
         """Append the head's input v (shaped in float64 first when ``shape`` is given: shaping at
         ``PENULTIMATE``) and f = W v + b in float64."""
         features = features.detach().double()
@@ -304,9 +168,9 @@ class Network:
         hook = contextlib.nullcontext() if layer == PENULTIMATE else \
             shaping_hook(self.model, self.backbone.head, layer, shape)
         with capture_outputs(self.model, self.backbone.head, ()) as captured, hook:
-            for rows in self._batches(len(images)):
+            for rows in self.batches(len(images)):
                 self.model(self.backbone.preprocessing(images[rows]).to(self.device))
-                self._collect(captured["features"], outputs, shape if layer == PENULTIMATE else None)
+                self.collect(captured["features"], outputs, shape if layer == PENULTIMATE else None)
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
     @torch.no_grad()
@@ -316,53 +180,17 @@ class Network:
         tail = self.tail(layer)
         outputs: dict[str, list[np.ndarray]] = {}
         with capture_outputs(self.model, self.backbone.head, ()) as captured:
-            for rows in self._batches(len(activations)):
+            for rows in self.batches(len(activations)):
                 batch = torch.from_numpy(np.ascontiguousarray(activations[rows], np.float32)).to(self.device)
                 if layer == PENULTIMATE:
-                    self._collect(batch, outputs, shape)
+                    self.collect(batch, outputs, shape)
                 else:
                     tail(shape(batch))
-                    self._collect(captured["features"], outputs)
+                    self.collect(captured["features"], outputs)
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
-    def odin_outputs(self, images: np.ndarray, temperature: float, epsilon: float,
-                     space: str) -> dict[str, np.ndarray]:
-        """Logits and features at ODIN's perturbed inputs, and the class predicted from the
-        unperturbed logits. ``space``: 'pixel' (epsilon in [0,1] pixel units: the sign map divided
-        by each channel's normalisation std) or 'normalized' (the ReAct/DICE/GradNorm code)."""
-        _, std = self._channel_stats()
-        step = 1.0 / std if space == "pixel" else torch.ones_like(std)
-        outputs: dict[str, list[np.ndarray]] = {}
-        with capture_outputs(self.model, self.backbone.head, ()) as captured:
-            for rows in self._batches(len(images)):
-                x = self.backbone.preprocessing(images[rows]).to(self.device)
-                perturbed, predictions = odin_perturbed_inputs(self.model, x, temperature, epsilon, step)
-                with torch.no_grad():
-                    self.model(perturbed)
-                self._collect(captured["features"], outputs)
-                outputs.setdefault("predictions", []).append(predictions.cpu().numpy().astype(np.int64))
-        return {name: np.concatenate(parts) for name, parts in outputs.items()}
-
-    def gradnorm_outputs(self, images: np.ndarray, temperature: float, parameter: str) -> dict[str, np.ndarray]:
-        """Logits and features of the plain pass and GradNorm by per-sample autograd with respect to
-        ``parameter`` (a parameter name; 'head' is the head's weight)."""
-        names = dict(self.model.named_parameters())
-        parameter = f"{self.backbone.head}.weight" if parameter == "head" else parameter
-        if parameter not in names:
-            raise ValueError(f"backbone {self.backbone.name!r} has no parameter {parameter!r}; use 'head' or one of: "
-                             f"{', '.join(names)}")
-        outputs: dict[str, list[np.ndarray]] = {}
-        with capture_outputs(self.model, self.backbone.head, ()) as captured:
-            for rows in self._batches(len(images)):
-                x = self.backbone.preprocessing(images[rows]).to(self.device)
-                with torch.no_grad():
-                    self.model(x)
-                self._collect(captured["features"], outputs)
-                scores = per_sample_gradnorm(self.model, x, temperature, parameter)
-                outputs.setdefault("gradnorm", []).append(scores.double().cpu().numpy())
-        return {name: np.concatenate(parts) for name, parts in outputs.items()}
-
-    def _channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def channel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The preprocessing's per-channel normalisation (mean, std), shaped (1, C, 1, 1) on the device."""
         view = (1, -1, 1, 1)
         mean = torch.tensor(self.backbone.preprocessing.mean, dtype=torch.float32).view(view).to(self.device)
         std = torch.tensor(self.backbone.preprocessing.std, dtype=torch.float32).view(view).to(self.device)
@@ -371,35 +199,6 @@ class Network:
     def layer_outputs(self, images: np.ndarray, layer: str) -> np.ndarray:
         """The plain outputs of ``layer`` (float32, as extraction caches them)."""
         return forward_rows(self.backbone, images, (layer,), self.batch_size, self.device)[layer]
-
-    @torch.no_grad()
-    def layer_features(self, images: np.ndarray, layers: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Spatially averaged outputs of ``layers`` (float64, (N, C_l) each)."""
-        parts: dict[str, list[np.ndarray]] = {}
-        for rows in self._batches(len(images)):
-            found = layer_means(self.model, self.backbone.preprocessing(images[rows]).to(self.device), layers)
-            for layer in layers:
-                parts.setdefault(layer, []).append(found[layer].double().cpu().numpy())
-        return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}
-
-    def mahalanobis_confidences(self, images: np.ndarray, layers: tuple[str, ...], stats: dict,
-                                epsilons: tuple[float, ...], fgsm: tuple[np.ndarray, float] | None = None) -> np.ndarray:
-        """M_l(x) (``mahalanobis_perturbed_confidences``, pixel-space epsilon) for every layer and epsilon:
-        (N, L, E). ``stats[layer]`` = (class means (C, d), precision (d, d)). With ``fgsm`` = (labels,
-        size), the images are first replaced by their FGSM copies."""
-        mean, std = self._channel_stats()
-        tensors = {layer: [torch.from_numpy(np.asarray(a, np.float64)).to(self.device) for a in stats[layer]]
-                   for layer in layers}
-        out = np.empty((len(images), len(layers), len(epsilons)))
-        for rows in self._batches(len(images)):
-            x = self.backbone.preprocessing(images[rows]).to(self.device)
-            if fgsm is not None:
-                labels = torch.from_numpy(np.asarray(fgsm[0][rows], np.int64)).to(self.device)
-                x = fgsm_inputs(self.model, x, labels, fgsm[1], mean, std)
-            for i, layer in enumerate(layers):
-                out[rows, i, :] = mahalanobis_perturbed_confidences(
-                    self.model, x, layer, *tensors[layer], epsilons, 1.0 / std).cpu().numpy()
-        return out
 
 
 class EntryRows:
@@ -455,7 +254,8 @@ def _rows_in_chunks(path, description: str, batch_size: int, chunk_batches: int,
     ``compute(start, stop)`` in resumable chunks under the derived entry's partial folder (``step``
     keeps the chunks of different passes apart), concatenated per name."""
     def passes(step: str, n: int, names: tuple[str, ...], compute) -> dict[str, np.ndarray]:
-        chunks = compute_in_chunks(path, n, names, batch_size * chunk_batches, f"{step}-bs{batch_size}" if step else f"bs{batch_size}",
+        chunks = compute_in_chunks(path, n, names, batch_size * chunk_batches,
+                                   f"{step}-bs{batch_size}" if step else f"bs{batch_size}",
                                    compute,
                                    f"{description}: {step}" if step else description, progress)
         return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in names}
@@ -486,7 +286,8 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
            progress: bool = True) -> CachedSplit:
     """The outputs of network method ``method`` over ``entry``'s images, cached beside the entry
     under ``key`` (default ``method.network_key()``; methods fitted through the network add their
-    fit entry), computed by ``method.network_outputs(network, rows)`` in resumable chunks."""
+    fit entry), computed by ``method.network_outputs(network, rows)`` in resumable chunks and
+    checked by ``method.check_network_outputs`` before they are written."""
     _check_images(images, entry)
     key = method.network_key(backbone.declared()) if key is None else key
 
@@ -497,13 +298,8 @@ def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, sto
         with precision(network.device, amp=False):
             arrays = passes("", len(images), tuple(method.outputs),
                             lambda start, stop: method.network_outputs(network, EntryRows(images, entry, start, stop)))
-        bad = ~(np.isfinite(arrays["logits"]).all(axis=1) & np.isfinite(arrays["features"]).all(axis=1))
-        if bad.any():  # nothing is written: no derived entry ever holds them
-            raise NonFiniteOutputs(
-                f"{method.label()} produced NaN or infinite outputs on {bad.sum()} of {len(bad)} {images.name}/"
-                f"{images.split} samples (first row {np.flatnonzero(bad)[0]}) through {backbone.name}; its "
-                f"operation overflows on this backbone's activations (ASH and ReAct assume non-negative, ReLU-like "
-                f"ones) - choose another layer or parameters")
+        # before anything is written: outputs the method rejects never reach a derived entry
+        method.check_network_outputs(arrays, f"{images.name}/{images.split}", backbone.name)
         arrays["labels"] = np.asarray(images.labels, dtype=np.int64)
         return arrays, {"num_classes": int(arrays["logits"].shape[1]), "feature_dim": int(arrays["features"].shape[1]),
                         **method.network_meta()}

@@ -23,8 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.datasets import HOW_TO_GET, IMAGE_SUFFIXES, DatasetUnavailable, ImageFiles, ImageSet, download_dir, \
-    register_dataset, torchvision_download, unavailable
+from extract.datasets import (
+    HOW_TO_GET,
+    IMAGE_SUFFIXES,
+    DatasetUnavailable,
+    ImageFiles,
+    ImageSet,
+    download_dir,
+    register_dataset,
+    torchvision_download,
+    unavailable,
+)
 
 PICKS = ("first", "random")
 

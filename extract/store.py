@@ -33,8 +33,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from extract.cachefiles import (CacheWriteError, Temporary, atomic_target, file_lock, move_aside,
-                                remove_stale_temporaries, temporary, write_failure)
+from extract.cachefiles import (
+    CacheWriteError,
+    Temporary,
+    atomic_target,
+    file_lock,
+    move_aside,
+    remove_stale_temporaries,
+    temporary,
+    write_failure,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from extract.backbones import BackboneSpec
-from extract.datasets import ImageSet
 from extract.cachefiles import file_lock
+from extract.datasets import ImageSet
 from extract.store import content_key
 from extract.weights import load_checked, load_or_quarantine, save_checked
 

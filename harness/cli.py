@@ -24,27 +24,23 @@ import traceback
 from pathlib import Path
 
 from extract.cachefiles import nearest_existing
-from extract.datasets import DATASETS, DatasetUnavailable, default_data_root, fetch_dataset
+from extract.datasets import DATASETS, DatasetUnavailable, fetch_dataset
 from extract.store import CacheCorrupt, CacheMissing, FeatureStore, verify_file
-from harness.config import BenchmarkError, MethodRef, available_benchmarks, benchmark_path, check_seeds, \
-    load_benchmark
-from harness.evaluation import BACKENDS, Evaluation, RunSummary, ScoringGrid
-from harness.resolution import Resolution, RunOptions, load_record
+from harness.api import CACHE_ENV, Bench, default_cache_dir
+from harness.config import BenchmarkError, available_benchmarks, check_seeds
+from harness.evaluation import BACKENDS, RunSummary, ScoringGrid
+from harness.resolution import Resolution
 from methods import METHODS, make_method, parameter_grid
+from methods.base import installed_plugins
 from results.leaderboard import METRICS
 
 # Nothing imported above loads torch (3 s): `score` and `leaderboard` from a recorded resolution
 # never need it. Commands that do (run, extract, list, resolving afresh) import harness.pipeline.
 
-CACHE_ENV = "OODBENCH_CACHE_DIR"
 # What the user, the data or the machine can cause (bad input, missing or damaged files, a full
 # disk, permissions): one `error:` line and exit code 2. Anything else is a bug (exit code 1).
 USER_ERRORS = (BenchmarkError, CacheMissing, CacheCorrupt, DatasetUnavailable, ValueError, OSError, MemoryError)
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, "~/.cache/oodbench/store")).expanduser()
 
 
 def usable_cpus() -> int:
@@ -161,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "feature cache.")
     _global_options(parser, after_command=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", parents=[bench, grid], help="extract what is missing, score, write the leaderboard")
+    run = commands.add_parser("run", parents=[bench, grid],
+                              help="extract what is missing, score, write the leaderboard")
     run.add_argument("--methods", default=None, help="comma-separated method names (default: the benchmark's)")
     extract = commands.add_parser("extract", parents=[bench], help="train and extract only")
     extract.add_argument("--shard", type=_shard, default=None, metavar="I/N",
@@ -191,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "process is gone (killed runs); `cache verify` lists them")
     fetch = commands.add_parser("fetch", parents=[common], help="download a dataset with torchvision")
     fetch.add_argument("dataset")
-    fetch.add_argument("--data-root", type=Path, required=True)
+    fetch.add_argument("--data-root", type=Path, default=None, help="where to put it (default: the download "
+                       "folder, $OODBENCH_DOWNLOAD_DIR or ~/.cache/oodbench/data, which the loaders always search)")
     commands.add_parser("list", parents=[common], help="list benchmarks, datasets, backbones and methods")
     return parser
 
@@ -205,57 +203,21 @@ def _capped(value: int, option: str) -> int:
     return value
 
 
-def _options(args) -> RunOptions:
-    return RunOptions(cache_dir=folder_option(args.cache_dir or default_cache_dir(), "--cache-dir"),
-                      out_dir=folder_option(args.out, "--out"), data_root=args.data_root or default_data_root(),
-                      device=args.device, seeds=args.seeds, download=args.download, progress=not args.quiet,
-                      workers=_capped(args.workers, "--workers"), amp=args.amp)
+def _bench(args) -> Bench:
+    """The ``Bench`` of a benchmark command's options (checked before any work)."""
+    return Bench(args.benchmark, cache_dir=folder_option(args.cache_dir or default_cache_dir(), "--cache-dir"),
+                 out_dir=folder_option(args.out, "--out"), data_root=args.data_root, device=args.device,
+                 seeds=args.seeds, download=args.download, progress=not args.quiet,
+                 workers=_capped(args.workers, "--workers"), amp=args.amp)
 
 
-def _grid(args) -> ScoringGrid:
-    """The scoring grid of ``--backend/--jobs/--scheduler``, checked before any work; without a
-    cluster (``--scheduler``) its workers are processes of this machine, at most one per CPU."""
+def _grid(args) -> dict:
+    """The scoring grid options of ``--backend/--jobs/--scheduler``; without a cluster
+    (``--scheduler``) its workers are processes of this machine, at most one per CPU."""
     local = args.backend in ("loky", "threading") or not args.scheduler
     jobs = _capped(args.jobs, "--jobs") if local else args.jobs
-    return ScoringGrid(args.backend, jobs, args.scheduler)
-
-
-class _LazyRun:
-    """The benchmark's ``harness.pipeline.BenchmarkRun``, created (importing torch) on first use."""
-
-    def __init__(self, options: RunOptions, benchmark: str, summary: RunSummary):
-        self.options, self.benchmark, self.summary = options, benchmark, summary
-        self.run = None
-
-    def __call__(self):
-        if self.run is None:
-            from harness.pipeline import BenchmarkRun  # imports torch
-
-            self.run = BenchmarkRun(load_benchmark(self.benchmark), self.options, self.summary)
-        return self.run
-
-
-def _resolve(run: _LazyRun, compute: bool) -> Resolution:
-    """The benchmark resolved to its cache entries: from its record when nothing it came from has
-    changed (no torch, no images), else in full - training and extracting what is missing when
-    ``compute``, else raising ``CacheMissing`` for anything not cached."""
-    if not compute:
-        started = time.perf_counter()
-        resolution = load_record(run.options.record_path(benchmark_path(run.benchmark)))
-        if resolution is not None:
-            run.summary.add_time("read record", time.perf_counter() - started)
-            return resolution
-    return run().resolve(compute=compute)
-
-
-def _evaluation(args, compute: bool) -> Evaluation:
-    """The benchmark of ``args`` resolved (``_resolve``) and ready to score from the cache; missing
-    outputs of network methods are computed through the network (``oodbench leaderboard`` computes
-    no scores, so it never gets there)."""
-    options, summary = _options(args), RunSummary()
-    run = _LazyRun(options, args.benchmark, summary)
-    resolution = _resolve(run, compute=compute)
-    return Evaluation(resolution, FeatureStore(options.cache_dir), options.out_dir, summary, network=run)
+    ScoringGrid(args.backend, jobs, args.scheduler)  # checked now, before any work
+    return {"jobs": jobs, "backend": args.backend, "scheduler": args.scheduler}
 
 
 def _print_summary(summary: RunSummary, resolution: Resolution | None, started: float) -> None:
@@ -270,67 +232,57 @@ def _print_summary(summary: RunSummary, resolution: Resolution | None, started: 
 
 def cmd_run(args, compute: bool = True) -> int:
     started = time.perf_counter()
-    methods = None
-    if getattr(args, "methods", None):
-        methods = tuple(MethodRef(name.strip()) for name in args.methods.split(","))
-        for ref in methods:
-            make_method(ref.name)
-    grid = _grid(args)
-    evaluation = _evaluation(args, compute=compute)
-    metrics = evaluation.evaluate(methods, compute_scores=compute, grid=grid)
-    boards = evaluation.write_leaderboards(metrics)
-    for board in boards.values():
+    methods = [name.strip() for name in args.methods.split(",")] if getattr(args, "methods", None) else None
+    bench = _bench(args)
+    (bench.run if compute else bench.leaderboard)(methods, **_grid(args))
+    for board in bench.leaderboards.values():
         print()
         print(board.to_text())
-    _print_summary(evaluation.summary, evaluation.resolution, started)
+    _print_summary(bench.summary, bench.resolution, started)
     return 0
 
 
 def cmd_extract(args) -> int:
     started = time.perf_counter()
-    summary = RunSummary()
+    bench = _bench(args)
     shard = args.shard or torchrun_shard()
     if shard is not None:
-        run = _LazyRun(_options(args), args.benchmark, summary)()
-        summary.lines += run.extract_shard(shard) + run.skipped
-        _print_summary(summary, None, started)
+        bench.summary.lines += bench.extract(shard)
+        _print_summary(bench.summary, None, started)
         return 0
-    resolution = _resolve(_LazyRun(_options(args), args.benchmark, summary), compute=True)
+    resolution = bench.extract()
     for backbone in resolution.backbones:
         for label, path in backbone.entries.items():
             print(f"{backbone.name} seed {backbone.seed} {label}: {path}")
-        summary.lines.append(backbone.line())
-    _print_summary(summary, resolution, started)
+        bench.summary.lines.append(backbone.line())
+    _print_summary(bench.summary, resolution, started)
     return 0
 
 
 def cmd_score(args) -> int:
     """Score one method from the cache: no training, no extraction, no forward pass."""
     started = time.perf_counter()
-    ref = MethodRef(args.method, dict(args.param))
-    make_method(ref.name, **ref.params)
-    evaluation = _evaluation(args, compute=False)
-    resolution = evaluation.resolution
-    metrics = evaluation.evaluate((ref,), compute_scores=True, plot=False)
+    make_method(args.method, **dict(args.param))  # a bad name or parameter fails before any work
+    bench = _bench(args)
+    metrics = bench.score(args.method, **dict(args.param))
     columns = ["seed", "backbone", "ood_set", "fpr95", "auroc", "aupr_in", "aupr_out", "id_acc"]
     table = metrics[columns].copy()
     table[columns[3:]] = (100 * table[columns[3:]]).round(2)
-    print(f"{metrics['method'].iloc[0]} on {resolution.benchmark} ({resolution.convention}, values in %)")
+    print(f"{metrics['method'].iloc[0]} on {bench.resolution.benchmark} ({bench.resolution.convention}, values in %)")
     print(table.to_string(index=False))
     means = table.groupby(["backbone", "seed"])[columns[3:]].mean().round(2)
     print("\naverage over OOD sets:\n" + means.to_string())
-    _print_summary(evaluation.summary, resolution, started)
+    _print_summary(bench.summary, bench.resolution, started)
     return 0
 
 
 def cmd_sweep(args) -> int:
     """A method's grid scored from the cache alone; the setting is chosen on the validation OOD set."""
     started = time.perf_counter()
-    points = parameter_grid(args.method, dict(args.grid))
-    grid = _grid(args)
-    evaluation = _evaluation(args, compute=False)
-    resolution = evaluation.resolution
-    table = evaluation.sweep(args.method, points, args.criterion, grid)
+    points = parameter_grid(args.method, dict(args.grid))  # checked before any work
+    bench = _bench(args)
+    table = bench.sweep(args.method, dict(args.grid), args.criterion, **_grid(args))
+    resolution = bench.resolution
     val = f"val_{args.criterion}"
     print(f"{args.method} sweep on {resolution.benchmark}: {len(points)} settings, selected by {args.criterion} "
           f"on the validation OOD set {resolution.validation} ({resolution.convention}, values in %)")
@@ -343,29 +295,22 @@ def cmd_sweep(args) -> int:
         print(f"\nselected for {row['backbone']} seed {row['seed']}: {row['method']} (validation {args.criterion} "
               f"{100 * row[val]:.2f}) -> test FPR@95 {100 * row['test_fpr95']:.2f}, "
               f"AUROC {100 * row['test_auroc']:.2f}")
-    path = evaluation.out_dir() / "sweeps" / f"{args.method}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, index=False)
-    evaluation.summary.outputs.append(path)
-    _print_summary(evaluation.summary, resolution, started)
+    _print_summary(bench.summary, resolution, started)
     return 0
 
 
 def cmd_epochs(args) -> int:
-    from harness.epochs import write_epoch_report  # imports torch
-
     started = time.perf_counter()
-    methods = tuple(MethodRef(name.strip()) for name in args.methods.split(",") if name.strip())
-    for ref in methods:
-        make_method(ref.name)
-    summary = RunSummary()
-    run = _LazyRun(_options(args), args.benchmark, summary)()
-    table, paths = write_epoch_report(run, args.backbone, methods)
-    summary.outputs += paths
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    for name in methods:
+        make_method(name)
+    bench = _bench(args)
+    table, paths = bench.epochs(args.backbone, methods)
+    bench.summary.outputs += paths
     averages = table.groupby(["method", "epoch"])[["fpr95", "auroc", "test_acc"]].mean().mul(100).round(2)
-    print(f"{args.backbone} on {run.benchmark.name}: average over the OOD sets by epoch (%)")
+    print(f"{args.backbone} on {bench.benchmark.name}: average over the OOD sets by epoch (%)")
     print(averages.to_string())
-    _print_summary(summary, run.resolution([]), started)
+    _print_summary(bench.summary, bench.pipeline().resolution([]), started)
     return 0
 
 
@@ -440,6 +385,11 @@ def cmd_list(args) -> int:
     for name, cls in sorted(METHODS.items()):
         params = ", ".join(f"{k}={v}" for k, v in cls.defaults().items()) or "-"
         print(f"  {name:14} {params:20} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    plugins = installed_plugins()
+    if plugins:
+        print("\nmethods of installed plugins (entry points oodbench.methods):")
+        for name, target in plugins.items():
+            print(f"  {name:14} {target}")
     return 0
 
 

@@ -14,7 +14,7 @@ from extract.weights import WeightsCorrupt
 from harness.config import MethodRef
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
-from methods import METHODS
+from methods.base import method_class
 from results.plots import plot_epoch_curves
 
 HISTORY = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -27,7 +27,7 @@ def epoch_metrics(run: BenchmarkRun, backbone_name: str, methods: tuple[MethodRe
     if config is None:
         raise ValueError(f"benchmark {run.benchmark.name} has no backbone {backbone_name!r}; its backbones: "
                          f"{', '.join(c.name for c in run.benchmark.backbones)}")
-    network = [ref.name for ref in methods if "network" in METHODS[ref.name].reads]
+    network = [str(ref.name) for ref in methods if "network" in method_class(ref.name).reads]
     if network:
         raise ValueError(f"the per-epoch report scores from the cache; {', '.join(network)} need network passes "
                          "per snapshot - choose cache-only methods")

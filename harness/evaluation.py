@@ -18,12 +18,27 @@ import numpy as np
 import pandas as pd
 
 from extract.cachefiles import CacheWriteError, skip_read_only
-from extract.store import CachedSplit, CacheCorrupt, CacheMissing, FeatureStore, content_key, read_verified, \
-    write_h5_atomic
+from extract.store import (
+    CacheCorrupt,
+    CachedSplit,
+    CacheMissing,
+    FeatureStore,
+    content_key,
+    read_verified,
+    write_h5_atomic,
+)
 from harness.config import MethodRef
 from harness.resolution import Resolution, ResolvedBackbone
 from methods import Method, make_method
-from methods.base import NonFiniteOutputs
+from methods.base import (
+    MethodFailed,
+    NonFiniteOutputs,
+    SplitView,
+    UndeclaredRead,
+    blamed_on,
+    checked_outputs,
+    method_reference,
+)
 from results.leaderboard import LOWER_IS_BETTER, METRICS, Leaderboard, build_leaderboard
 from results.metrics import accuracy, ood_metrics
 from results.reproduction import load_published, reproduction_frame, write_reproduction
@@ -59,6 +74,25 @@ class CellResult:
     histogram: dict[str, np.ndarray]  # scores on the ID test set and every OOD set, for the plot
     left_out: str | None  # why the method was left out of this backbone (non-finite outputs), else None
     timings: dict[str, float]
+
+
+def method_label(reference, params: dict) -> str:
+    """The leaderboard label of a method with ``params`` (e.g. 'energy(T=2)')."""
+    return make_method(reference, **params).label()
+
+
+def tidy_metric_rows(benchmark: str, backbone: str, seed: int, method: str, convention: str, groups: dict[str, str],
+                     id_scored: Scored, id_labels: np.ndarray, ood_scored: dict[str, Scored]) -> list[dict]:
+    """One tidy row per OOD set: FPR@95, AUROC, AUPR-In/Out (ID test vs that set, ``convention``)
+    and the method's ID accuracy (its predictions on the ID test set)."""
+    id_acc = accuracy(id_scored.predictions, id_labels)
+    rows = []
+    for ood_label, scored in ood_scored.items():
+        values = ood_metrics(id_scored.scores, scored.scores, convention=convention)
+        rows.append({"benchmark": benchmark, "backbone": backbone, "seed": seed, "method": method,
+                     "ood_set": ood_label, "group": groups[ood_label], "convention": convention,
+                     **{k: values[k] for k in ("fpr95", "auroc", "aupr_in", "aupr_out")}, "id_acc": id_acc})
+    return rows
 
 
 BACKENDS = ("loky", "threading", "dask", "ray")
@@ -194,7 +228,9 @@ class Evaluation:
             entry = entries[label]
             data_key = entry.derived_key(method.name, method.output_key(fit_entry, backbone.info.get("declared"))) \
                 if through_network else entry.data_key
-            key = content_key("scores", method.name, method.get_params(), method.version, fit_entry.data_key, data_key)
+            code = {"code": method.code_key()} if method.code_key() else {}  # plugins: keyed by their source
+            key = content_key("scores", method.name, {**method.get_params(), **code}, method.version,
+                              fit_entry.data_key, data_key)
             path = self.store.scores_path(backbone.key, method.name, key)
             try:
                 if path.exists():
@@ -204,15 +240,17 @@ class Evaluation:
                 log.warning("recomputing scores: %s", err)
             if not compute:
                 raise CacheMissing(f"no cached {method.label()} scores for {backbone.name} on {label}; "
-                                   f"run `oodbench score {res.benchmark} --method {method.name}` first")
+                                   f"run `oodbench score {res.benchmark} --method {method_ref.name}` first")
             if through_network:
-                if method.fits_through_network and not method.is_fitted():
-                    method.load_state(self.network_state(backbone, method, fit_entry))
-                entry = self.derived_entry(backbone, method, label, entry, fit_entry)
+                with blamed_on(method, f"its network pass on {label}"):
+                    if method.fits_through_network and not method.is_fitted():
+                        method.load_state(self.network_state(backbone, method, fit_entry))
+                    entry = self.derived_entry(backbone, method, label, entry, fit_entry)
             if fitted is None:
-                fitted = method.fit(fit_entry)
-            scores, predictions = fitted.score_and_predict(entry)
-            scored = Scored(np.asarray(scores, dtype=np.float64), predictions)
+                with blamed_on(method, f"fit on {res.id_fit}"):
+                    fitted = method.fit(SplitView(fit_entry, method, fitting=True))
+            with blamed_on(method, f"score_samples/predict on {label}"):
+                scored = Scored(*checked_outputs(method, entry, *fitted.score_and_predict(SplitView(entry, method))))
             bad = ~np.isfinite(scored.scores)
             if bad.any():  # never cached: a NaN score has no rank
                 raise NonFiniteOutputs(f"{method.label()} gave {bad.sum()} NaN or infinite scores of {len(bad)} on "
@@ -247,7 +285,8 @@ class Evaluation:
             log.warning("recomputing: %s", err)
         if self.network is None:
             raise CacheMissing(f"no cached {method.label()} {what} for {backbone.name}; run `oodbench run "
-                               f"{self.resolution.benchmark} --methods {method.name}` (it runs the network)")
+                               f"{self.resolution.benchmark} --methods {method_reference(type(method))}` "
+                               "(it runs the network)")
         started = time.perf_counter()
         derived = compute(self.network())
         self.summary.add_time("network passes", time.perf_counter() - started)
@@ -270,17 +309,12 @@ class Evaluation:
 
     def metric_rows(self, backbone: ResolvedBackbone, method_ref: MethodRef, scored: dict[str, Scored],
                     entries: dict[str, CachedSplit]) -> list[dict]:
-        """One tidy row per OOD set: FPR@95, AUROC, AUPR-In/Out and the method's ID accuracy."""
+        """One tidy row per OOD set (``tidy_metric_rows``)."""
         res = self.resolution
-        id_acc = accuracy(scored[res.id_test].predictions, entries[res.id_test].labels)
-        label = make_method(method_ref.name, **method_ref.params).label()
-        rows = []
-        for ood_label, group in res.ood_groups.items():
-            values = ood_metrics(scored[res.id_test].scores, scored[ood_label].scores, convention=res.convention)
-            rows.append({"benchmark": res.benchmark, "backbone": backbone.name, "seed": backbone.seed,
-                         "method": label, "ood_set": ood_label, "group": group, "convention": res.convention,
-                         **{k: values[k] for k in ("fpr95", "auroc", "aupr_in", "aupr_out")}, "id_acc": id_acc})
-        return rows
+        return tidy_metric_rows(res.benchmark, backbone.name, backbone.seed,
+                                method_label(method_ref.name, method_ref.params), res.convention,
+                                res.ood_groups, scored[res.id_test], entries[res.id_test].labels,
+                                {label: scored[label] for label in res.ood_groups})
 
     def evaluate(self, methods: tuple[MethodRef, ...] | None = None, compute_scores: bool = True,
                  plot: bool = True, grid: ScoringGrid | None = None) -> pd.DataFrame:
@@ -337,8 +371,8 @@ class Evaluation:
             entries = self.current_entries(backbone)
             try:
                 scored = self.scores(backbone, method_ref, entries, compute=compute_scores)
-            except NonFiniteOutputs as err:  # one method failing one backbone leaves the rest standing
-                label = make_method(method_ref.name, **method_ref.params).label()
+            except (NonFiniteOutputs, MethodFailed, UndeclaredRead) as err:  # one method failing leaves the rest
+                label = method_label(method_ref.name, method_ref.params)
                 return CellResult([], {}, f"left out {label} on {backbone.name} seed {backbone.seed}: {err}",
                                   self.summary.timings)
             histogram = {"ID": scored[self.resolution.id_test].scores,
@@ -431,7 +465,7 @@ class Evaluation:
         """Every published table of this benchmark (``results.reproduction``) that one of the
         run's backbones answers, beside the paper, in ``<out>/reproduction/``."""
         sections = []
-        for table in load_published():
+        for table in load_published(method_label):
             if table.benchmark != self.resolution.benchmark or not {r.backbone for r in table.rows} & set(boards):
                 continue
             paths = write_reproduction(table, reproduction_frame(table, boards), self.out_dir() / "reproduction")

@@ -104,13 +104,13 @@ def measure_extraction(n: int, batch_size: int, device: str, repeats: int) -> di
         with precision(torch_device, amp=False):
             logits = [model(backbone.preprocessing(images.images[s:s + batch_size]).to(torch_device)).cpu().numpy()
                       for s in range(0, len(images), batch_size)]
-        energy.score(SimpleNamespace(logits=np.concatenate(logits)))
+        energy.score_samples(SimpleNamespace(logits=np.concatenate(logits)))
 
     with tempfile.TemporaryDirectory() as root:
         path = extract(backbone, images, FeatureStore(root), batch_size=batch_size, device=device,
                        progress=False).path
         best = interleaved_best(repeats, bare=bare_forward, extraction=extraction, rerun=reinference,
-                                cache=lambda: energy.score(CachedSplit(path)))
+                                cache=lambda: energy.score_samples(CachedSplit(path)))
     bare, extracted, rerun, from_cache = best["bare"], best["extraction"], best["rerun"], best["cache"]
     result = {
         "images": len(images), "dataset": images.name, "batch_size": batch_size, "device": str(torch_device),
@@ -340,7 +340,7 @@ def evaluate_method(name: str, split, fit_label: str, test_label: str, ood_label
     id_scores, predictions = method.score_and_predict(test)
     values = {"id_acc": accuracy(predictions, test.labels)}
     for label in ood_labels:
-        metrics = ood_metrics(id_scores, method.score(split(label)))
+        metrics = ood_metrics(id_scores, method.score_samples(split(label)))
         values.update({f"{label}/auroc": metrics["auroc"], f"{label}/fpr95": metrics["fpr95"]})
     return values
 
@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-fraction", type=float, default=1.0,
                         help="scale: multiply the synthetic sample counts (default 1: ImageNet-sized)")
     parser.add_argument("--workdir", type=Path, default=None, help="scale: where the synthetic cache goes")
-    parser.add_argument("--benchmark", default="fashion-mnist", help="reinference: the benchmark (default fashion-mnist)")
+    parser.add_argument("--benchmark", default="fashion-mnist",
+                        help="reinference: the benchmark (default fashion-mnist)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("out/perf.json"))

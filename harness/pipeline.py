@@ -14,16 +14,23 @@ import sys
 import time
 from pathlib import Path
 
-from extract.backbones import (Backbone, checkpoint_backbone, get_backbone_spec, preprocessing_from_config,
-                               read_state_dict, registered_backbone)
+from extract.backbones import (
+    Backbone,
+    checkpoint_backbone,
+    get_backbone_spec,
+    preprocessing_from_config,
+    read_state_dict,
+    registered_backbone,
+)
 from extract.datasets import DatasetUnavailable, ImageSet, load_dataset
 from extract.extraction import entry_data_key, extract, resolve_device
+from extract.finetuning import finetune_path
 from extract.store import CachedSplit, CacheMissing, FeatureStore
-from extract.finetuning import finetune_backbone, finetune_path
 from extract.training import train_backbone, weights_path
 from harness.config import BackboneConfig, Benchmark, DatasetRef, outlier_ref
 from harness.evaluation import RunSummary
 from harness.resolution import Resolution, ResolvedBackbone, RunOptions, save_record
+from methods.finetuning import finetune_backbone
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +38,10 @@ log = logging.getLogger(__name__)
 class BenchmarkRun:
     """One benchmark with its options: loads data, backbones and entries on demand."""
 
-    def __init__(self, benchmark: Benchmark, options: RunOptions, summary: RunSummary | None = None):
+    def __init__(self, benchmark: Benchmark, options: RunOptions, summary: RunSummary | None = None,
+                 backbones: dict[str, Backbone] | None = None):
+        """``backbones``: ready backbones by the name of the benchmark's backbone they stand for (an
+        in-memory model from the Python API), used as they are for every seed."""
         self.benchmark = benchmark
         self.options = options
         self.store = FeatureStore(options.cache_dir)
@@ -40,6 +50,7 @@ class BenchmarkRun:
         self.watched: set[Path] = set()  # every file read and folder searched: what the record depends on
         self._sets: dict[str, tuple[DatasetRef, ImageSet]] | None = None
         self._backbones: dict[tuple[str, int], Backbone] = {}
+        self.given = dict(backbones or {})
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -124,6 +135,8 @@ class BenchmarkRun:
         return self._backbones[config.name, seed]
 
     def _build(self, config: BackboneConfig, seed: int, compute: bool) -> Backbone:
+        if config.name in self.given:
+            return self.given[config.name]
         if config.finetune is not None:
             return self._finetuned(config, seed, compute)
         if config.factory:
@@ -162,14 +175,15 @@ class BenchmarkRun:
         return registered_backbone(spec, state, config.name, self.benchmark.num_classes, info)
 
     def _finetuned(self, config: BackboneConfig, seed: int, compute: bool) -> Backbone:
-        """``config.base`` (same seed) fine-tuned by ``config.finetune`` (``extract.finetuning``)."""
+        """``config.base`` (same seed) fine-tuned by ``config.finetune`` (``methods.finetuning``)."""
         base_config = next(c for c in self.benchmark.backbones if c.name == config.base)
         base = self.backbone(base_config, seed, compute)
         sets, recipe = self.datasets(), config.finetune
         fit_set = sets[self.benchmark.id_fit.label][1]
         outliers = self._load(outlier_ref(recipe)) if recipe.outliers else None
         weights_dir = self.store.root / "weights"
-        path = finetune_path(weights_dir, config.name, base, recipe, fit_set, outliers, self.benchmark.num_classes, seed)
+        path = finetune_path(weights_dir, config.name, base, recipe, fit_set, outliers, self.benchmark.num_classes,
+                             seed)
         started = time.perf_counter()
         tuned = finetune_backbone(config.name, base, recipe, fit_set, num_classes=self.benchmark.num_classes,
                                   seed=seed, weights_dir=weights_dir, test_set=sets[self.benchmark.id_test.label][1],
@@ -226,7 +240,8 @@ class BenchmarkRun:
                             device=self.options.device, progress=self.options.progress)
 
     # ------------------------------------------------------------------ extraction
-    def _extract(self, backbone: Backbone, images: ImageSet, shard: tuple[int, int] | None = None) -> CachedSplit | None:
+    def _extract(self, backbone: Backbone, images: ImageSet,
+                 shard: tuple[int, int] | None = None) -> CachedSplit | None:
         """``extract.extraction.extract`` with the benchmark's and the run's settings."""
         bench, options = self.benchmark, self.options
         return extract(backbone, images, self.store, layers=bench.layers, batch_size=bench.batch_size,
@@ -237,7 +252,7 @@ class BenchmarkRun:
         """The cache entry of every dataset for ``backbone``, extracting what is missing when ``compute``."""
         bench, entries = self.benchmark, {}
         started = time.perf_counter()
-        for label, (ref, images) in self.datasets().items():
+        for label, (_ref, images) in self.datasets().items():
             if compute:
                 entries[label] = self._extract(backbone, images)
                 continue
@@ -286,7 +301,8 @@ class BenchmarkRun:
         when ``compute``)."""
         entries = self.entries(backbone, compute=compute)
         return ResolvedBackbone(backbone.name, seed, backbone.key, {**backbone.info, "declared": backbone.declared()},
-                                {label: str(entry.path.relative_to(self.store.root)) for label, entry in entries.items()})
+                                {label: str(entry.path.relative_to(self.store.root))
+                                 for label, entry in entries.items()})
 
     def resolution(self, backbones: list[ResolvedBackbone]) -> Resolution:
         """The benchmark's sets, methods and conventions with these resolved backbones."""

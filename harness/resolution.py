@@ -9,8 +9,8 @@ everything it was derived from is unchanged:
 
 - the benchmark file's bytes, the seeds asked for, the data root and the download folder (the
   record's name);
-- the harness's own source (``extract/``, ``harness/``) and the versions of the libraries that
-  make images and weights;
+- the harness's own source (``extract/``, ``harness/``, the fine-tuning of ``methods/``) and the
+  versions of the libraries that make images and weights;
 - the stat (size, mtime, ctime, inode) of every file read and every folder searched on the way:
   dataset files, trained weights, checkpoints, factory modules. Rewriting, replacing, creating
   or deleting any of them changes its stat or its folder's, and ctime cannot be set back by
@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from extract.datasets import download_dir
 from extract.cachefiles import CacheWriteError, atomic_target, skip_read_only
+from extract.datasets import download_dir
 from extract.store import content_key
 from harness.config import MethodRef
 
@@ -40,7 +40,7 @@ RECORD_VERSION = 1
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # The code and libraries that decide datasets, weights and entry keys.
 CODE_DIRS = ("extract", "harness")
-CODE_FILES = ("methods/training_objectives.py",)  # the losses that decide fine-tuned weights
+CODE_FILES = ("methods/training_objectives.py", "methods/finetuning.py")  # what decides fine-tuned weights
 LIBRARIES = ("torch", "torchvision", "numpy", "scipy", "pillow", "scikit-learn", "h5py")
 
 

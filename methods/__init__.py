@@ -2,11 +2,13 @@
 
 Importing this package registers every method in ``METHODS``.
 """
-from methods import logit_scores  # noqa: F401  (registers msp, maxlogit, energy)
-from methods import gradient_scores  # noqa: F401
-from methods import distance_scores  # noqa: F401
-from methods import shaping_scores  # noqa: F401
-from methods import network_scores  # noqa: F401  (their network halves import torch only when they run)
+from methods import (
+    distance_scores,  # noqa: F401
+    gradient_scores,  # noqa: F401
+    logit_scores,  # noqa: F401  (registers msp, maxlogit, energy)
+    network_scores,  # noqa: F401  (their network halves import torch only when they run)
+    shaping_scores,  # noqa: F401
+)
 from methods.base import METHODS, Method, make_method, parameter_grid
 
 # methods that score from the cached entries alone (the others need their network pass first)

@@ -1,7 +1,7 @@
 """Scores fit on the ID training features: Mahalanobis, KNN, ViM, Residual and KL-matching.
 
 Each method learns its statistics from the fit split (ID train, true labels) in ``fit`` and scores
-every sample independently in ``score`` (higher = more in-distribution). All math is float64 and
+every sample independently in ``score_samples`` (higher = more in-distribution). All math is float64 and
 lives in the pure functions below; the registered classes only validate inputs and store state.
 Exact search everywhere (no faiss): KNN is brute force over the whole bank in bounded row blocks.
 """
@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from methods.base import (BLOCK_ROWS, Method, check_fitted, finite_features, finite_head,
-                          finite_logits, log_sum_exp, register, rowwise_apply, softmax_rows, split_name)
+from methods.base import (
+    BLOCK_ROWS,
+    Method,
+    check_fitted,
+    finite_features,
+    finite_head,
+    finite_logits,
+    log_sum_exp,
+    register,
+    rowwise_apply,
+    softmax_rows,
+    split_name,
+)
 
 NORM_EPS = 1e-10   # KNN normaliser, z = v / (||v|| + 1e-10) (spec 1.11)
 KL_EPS = 1e-12     # added to KL-matching templates (spec 1.13)
@@ -21,8 +32,9 @@ KNN_BLOCK_ELEMENTS = 1 << 24  # distance-matrix entries per KNN block (128 MiB o
 
 def _check_dim(method: str, split, features: np.ndarray, expected: int) -> None:
     if features.shape[1] != expected:
-        raise ValueError(f"{method}: {split_name(split)} has {features.shape[1]}-dim features but the method was fit on "
-                         f"{expected}-dim features; fit and scored splits must come from the same backbone")
+        raise ValueError(f"{method}: {split_name(split)} has {features.shape[1]}-dim features "
+                         f"but the method was fit on {expected}-dim features; "
+                         "fit and scored splits must come from the same backbone")
 
 
 # ---------------------------------------------------------------- Mahalanobis (spec 1.5(b))
@@ -114,7 +126,7 @@ class Mahalanobis(Method):
         self.whitening_ = whitening_factor(self.precision_)
         return self
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         check_fitted(self, "means_", "whitening_")
         features = finite_features(split, dtype=None)  # float64 a block at a time
         _check_dim(self.name, split, features, self.means_.shape[1])
@@ -173,7 +185,7 @@ class KNN(Method):
     ImageNet k=1000, or fit_fraction=0.01 with k=10)."""
 
     name = "knn"
-    reads = ("features",)
+    reads = ("features", "logits")  # logits: its predictions (ID accuracy)
     version = 4  # 2: the row norm added after the partition; 3: 1024-row products; 4: plain products
     grid = {"k": [1, 10, 20, 50, 100, 200, 500, 1000]}
 
@@ -191,7 +203,7 @@ class KNN(Method):
         self.bank_ = l2_normalise(features[keep])
         return self
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         check_fitted(self, "bank_")
         features = finite_features(split)
         _check_dim(self.name, split, features, self.bank_.shape[1])
@@ -274,7 +286,7 @@ class ViM(Method):
         self.alpha_ = float(finite_logits(split).max(axis=1).mean() / mean_residual)
         return self
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         check_fitted(self, "alpha_")
         residual = self._residual(split)
         return rowwise_apply(lambda f, r: vim_score(f, r, self.alpha_), finite_logits(split, dtype=None), residual)
@@ -285,13 +297,13 @@ class Residual(ViM):
     """ViM's residual alone: S = -r(x) = -||R^T (v - u)||."""
 
     name = "residual"
-    reads = ("features", "head")
+    reads = ("features", "head", "logits")  # logits: its predictions (ID accuracy)
 
     def fit(self, split) -> "Residual":
         self._fit_subspace(split)
         return self
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         return -self._residual(split)
 
 
@@ -333,7 +345,7 @@ class KLMatching(Method):
                                                                logits.shape[1])
         return self
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         check_fitted(self, "templates_")
         logits = finite_logits(split, dtype=None)
         if logits.shape[1] != self.templates_.shape[1]:

@@ -11,8 +11,16 @@ import logging
 
 import numpy as np
 
-from methods.base import (Method, check_fitted, finite_features, finite_logits, register, rowwise_apply,
-                          softmax_rows, split_name)
+from methods.base import (
+    Method,
+    check_fitted,
+    finite_features,
+    finite_logits,
+    register,
+    rowwise_apply,
+    softmax_rows,
+    split_name,
+)
 from methods.logit_scores import energy
 
 log = logging.getLogger(__name__)
@@ -121,7 +129,7 @@ class GradNorm(Method):
     def __init__(self, T: float = 1.0):
         self.T = T
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         _check_positive(self.name, "temperature T", self.T)
         return rowwise_apply(lambda f, v: gradnorm(f, v, self.T), *_logits_and_features(split))
 
@@ -130,7 +138,7 @@ class GradNorm(Method):
 class RG(Method):
     """RG, multiplicative: LSE_T(f) * sum_j min(v_j, k), unclipped logits.
 
-    ``score`` sets ``last_nonpositive_lse_fraction_`` (and logs it): the fraction of the scored
+    ``score_samples`` sets ``last_nonpositive_lse_fraction_`` (and logs it): the fraction of the scored
     split's samples with LSE_T <= 0, where this form misranks.
     """
 
@@ -142,7 +150,7 @@ class RG(Method):
         self.k = k
         self.T = T
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         _check_positive(self.name, "clip value k", self.k)
         _check_positive(self.name, "temperature T", self.T)
         logits, features = _logits_and_features(split)
@@ -186,7 +194,7 @@ class RGAdditive(Method):
         self.alpha_ = self.gamma * self.alpha_s_
         return self
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         check_fitted(self, "alpha_")
         return rowwise_apply(lambda f, v: rg_additive(f, v, self.k, self.alpha_), *_logits_and_features(split))
 
@@ -195,13 +203,13 @@ class RGAdditive(Method):
 class Igoe(Method):
     """"Conor Igoe" score, LSE_1(f) * ||v||_1 (RG Table 2; rg with k -> infinity).
 
-    ``score`` sets and logs ``last_nonpositive_lse_fraction_`` as ``rg`` does.
+    ``score_samples`` sets and logs ``last_nonpositive_lse_fraction_`` as ``rg`` does.
     """
 
     name = "igoe"
     reads = ("logits", "features")
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         logits, features = _logits_and_features(split)
         self.last_nonpositive_lse_fraction_ = nonpositive_lse_fraction(logits, 1.0)
         _log_nonpositive_lse(self.name, split, self.last_nonpositive_lse_fraction_)
@@ -219,7 +227,7 @@ class GradNormUClippedV(Method):
     def __init__(self, k: float = 1.0):
         self.k = k
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         _check_positive(self.name, "clip value k", self.k)
         return rowwise_apply(lambda f, v: gradnorm_u_clipped_v(f, v, self.k), *_logits_and_features(split))
 
@@ -235,7 +243,7 @@ class ClippedV(Method):
     def __init__(self, k: float = 1.0):
         self.k = k
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         _check_positive(self.name, "clip value k", self.k)
         _, features = _logits_and_features(split)
         return rowwise_apply(lambda v: clipped_feature_sum(v, self.k), features)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from methods.base import Method, finite_logits, log_sum_exp, register, rowwise_apply, softmax_rows
 
 
@@ -26,7 +27,7 @@ class MSP(Method):
 
     name = "msp"
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         return rowwise_apply(msp, finite_logits(split, dtype=None))
 
 
@@ -36,7 +37,7 @@ class MaxLogit(Method):
 
     name = "maxlogit"
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         return rowwise_apply(max_logit, finite_logits(split, dtype=None))
 
 
@@ -50,7 +51,7 @@ class Energy(Method):
     def __init__(self, T: float = 1.0):
         self.T = T
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         if not self.T > 0:
             raise ValueError(f"energy: temperature T must be > 0, got {self.T}")
         return rowwise_apply(lambda logits: energy(logits, self.T), finite_logits(split, dtype=None))

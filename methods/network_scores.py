@@ -4,9 +4,11 @@ autograd, the Mahalanobis ensemble (METHODS.md 1.8, 1.6, 1.4, 1.9, 1.5a).
 A network method has two halves. ``network_outputs(network, rows)`` runs the network (an
 ``extract.network.Network``) over rows of a cache entry and returns arrays; the harness caches
 them as a derived entry beside the entry (``extract.network.derive``), keyed by the entry and
-``network_key()``. ``score``/``predict`` then read that derived entry like any other, so
+``network_key()``. ``score_samples``/``predict`` then read that derived entry like any other, so
 re-scoring, sweeps over parameters the pass does not depend on, and leaderboards never run the
 network again. This module itself never imports torch: scoring a derived entry does not need it.
+What each method computes through the network (its torch half) is in ``methods.network_passes``,
+imported when a pass runs.
 """
 from __future__ import annotations
 
@@ -14,16 +16,33 @@ import warnings
 
 import numpy as np
 
-from methods.base import Method, check_fitted, finite_logits, register, rowwise_apply, softmax_rows, split_name
+from methods.base import (
+    Method,
+    NonFiniteOutputs,
+    check_fitted,
+    finite_logits,
+    register,
+    rowwise_apply,
+    softmax_rows,
+    split_name,
+)
 from methods.distance_scores import class_means_and_tied_covariance, pinv_precision
 from methods.logit_scores import energy
-from methods.shaping_scores import (ASH_GRID, ASH_VARIANTS, REACT_GRID, ash_rand, check_percentile, react_clip,
-                                    react_threshold)
+from methods.shaping_scores import (
+    ASH_GRID,
+    ASH_VARIANTS,
+    REACT_GRID,
+    ash_rand,
+    check_percentile,
+    react_clip,
+    react_threshold,
+)
 
 ODIN_SPACES = ("pixel", "normalized")
 # the input-noise magnitudes the Mahalanobis ensemble selects from (Lee et al. 2018's code)
 MAHALANOBIS_EPSILONS = (0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005)
-LAST_BLOCK = "last_block"  # a layer parameter meaning the backbone's declared shaping layer (``Backbone.shaping_layer``)
+# a layer parameter meaning the backbone's declared shaping layer (``Backbone.shaping_layer``)
+LAST_BLOCK = "last_block"
 BACKBONE_LAYERS = "backbone"  # a layers parameter meaning the backbone's declared feature layers
 
 
@@ -42,6 +61,8 @@ class NetworkMethod(Method):
         parameter ('last_block', 'backbone') is keyed by the modules it stands for, so a backbone
         that declares other layers never reuses outputs computed at the old ones."""
         key = {**self.get_params(), "version": self.version}
+        if self.code_key():  # a plugin: its outputs are keyed by its source too
+            key["code"] = self.code_key()
         declared = declared or {}
         if key.get("layer") == LAST_BLOCK and declared.get("shaping_layer"):
             key["layer"] = declared["shaping_layer"]
@@ -79,6 +100,17 @@ class NetworkMethod(Method):
         """``self.outputs`` for ``rows`` (``extract.network.EntryRows``), computed with ``network``."""
         raise NotImplementedError
 
+    def check_network_outputs(self, arrays: dict[str, np.ndarray], dataset: str, backbone: str) -> None:
+        """One ``NonFiniteOutputs`` when the pass over ``dataset`` (all rows) through ``backbone``
+        gave NaN or infinite logits or features; ``extract.network.derive`` then writes nothing."""
+        bad = ~(np.isfinite(arrays["logits"]).all(axis=1) & np.isfinite(arrays["features"]).all(axis=1))
+        if bad.any():
+            raise NonFiniteOutputs(
+                f"{self.label()} produced NaN or infinite outputs on {bad.sum()} of {len(bad)} {dataset} samples "
+                f"(first row {np.flatnonzero(bad)[0]}) through {backbone}; its operation overflows on this "
+                f"backbone's activations (ASH and ReAct assume non-negative, ReLU-like ones) - choose another "
+                f"layer or parameters")
+
     def derived(self, split):
         """``split`` when it holds this method's network outputs (a derived entry), else one clear error:
         scoring the plain entry would silently give another method's numbers."""
@@ -91,6 +123,25 @@ class NetworkMethod(Method):
 
     def predict(self, split) -> np.ndarray:
         return finite_logits(self.derived(split)).argmax(axis=1)
+
+
+def resolve_layer(network, layer: str) -> str:
+    """A method's layer parameter as a layer of ``network``'s backbone: a module name,
+    ``penultimate`` (the head's input), or ``LAST_BLOCK`` (the backbone's declared shaping layer);
+    anything else is an error listing the names."""
+    from extract.network import PENULTIMATE  # torch: only when the network runs
+
+    backbone = network.backbone
+    if layer == LAST_BLOCK:
+        if not backbone.shaping_layer:
+            raise ValueError(f"backbone {backbone.name!r} declares no shaping layer for "
+                             f"layer={LAST_BLOCK!r}; give a module name (or 'shaping_layer' in its config)")
+        layer = backbone.shaping_layer
+    modules = [name for name, _ in network.model.named_modules() if name]
+    if layer != PENULTIMATE and layer not in modules:
+        raise ValueError(f"backbone {backbone.name!r} has no layer {layer!r}; use {PENULTIMATE!r}, "
+                         f"{LAST_BLOCK!r} or one of its modules: {', '.join(modules)}")
+    return layer
 
 
 def tempered_msp(logits: np.ndarray, T: float) -> np.ndarray:
@@ -117,16 +168,16 @@ class _LayerShaping(NetworkMethod):
         raise NotImplementedError
 
     def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
-        from extract.network import numpy_rows  # torch: only when the network runs
+        from methods.network_passes import numpy_rows  # torch: only when the network runs
 
-        layer = network.resolve_layer(self.layer)
+        layer = resolve_layer(network, self.layer)
         shape = numpy_rows(self.shaping())
         cached = rows.activations(layer)
         if cached is not None and network.tail(layer) is not None:
             return network.tail_outputs(cached, layer, shape)
         return network.shaped_outputs(rows.images, layer, shape)
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         return rowwise_apply(lambda logits: energy(logits, 1.0), finite_logits(self.derived(split), dtype=None))
 
 
@@ -181,7 +232,7 @@ class ReActLayer(_LayerShaping):
 
     def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
         check_percentile(self.name, "p", self.p)
-        layer = network.resolve_layer(self.layer)
+        layer = resolve_layer(network, self.layer)
         n = len(rows.images)
         chosen = np.arange(n) if not 0 < self.fit_samples < n else \
             np.sort(np.random.default_rng(self.seed).permutation(n)[:self.fit_samples])
@@ -249,11 +300,14 @@ class ODIN(NetworkMethod):
             logits = rows.cached("logits").astype(np.float64)
             return {"logits": logits, "features": rows.cached("features"),
                     "predictions": logits.argmax(axis=1).astype(np.int64)}
-        return network.odin_outputs(rows.images, self.T, self.epsilon, self.space)
+        from methods.network_passes import odin_outputs  # torch: only when the network runs
 
-    def score(self, split) -> np.ndarray:
+        return odin_outputs(network, rows.images, self.T, self.epsilon, self.space)
+
+    def score_samples(self, split) -> np.ndarray:
         self._check()
-        return rowwise_apply(lambda logits: tempered_msp(logits, self.T), finite_logits(self.derived(split), dtype=None))
+        return rowwise_apply(lambda logits: tempered_msp(logits, self.T),
+                             finite_logits(self.derived(split), dtype=None))
 
     def predict(self, split) -> np.ndarray:
         predictions = np.asarray(self.derived(split).array("predictions"))
@@ -280,9 +334,11 @@ class GradNormAutograd(NetworkMethod):
     def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
         if not (np.isfinite(self.T) and self.T > 0):
             raise ValueError(f"{self.name}: T must be > 0, got {self.T}")
-        return network.gradnorm_outputs(rows.images, self.T, self.parameter)
+        from methods.network_passes import gradnorm_outputs  # torch: only when the network runs
 
-    def score(self, split) -> np.ndarray:
+        return gradnorm_outputs(network, rows.images, self.T, self.parameter)
+
+    def score_samples(self, split) -> np.ndarray:
         scores = np.asarray(self.derived(split).array("gradnorm"), np.float64)
         if not np.isfinite(scores).all():
             raise ValueError(f"{split_name(split)}: {self.name} produced NaN or infinite gradient norms; check the "
@@ -357,9 +413,11 @@ class MahalanobisEnsemble(NetworkMethod):
         if not names or "penultimate" in names:
             raise ValueError(f"{self.name}: needs module names (layers=a,b,...); backbone {network.backbone.name!r} "
                              f"names {list(network.backbone.layers) or 'none'}")
-        return tuple(network.resolve_layer(name) for name in names)
+        return tuple(resolve_layer(network, name) for name in names)
 
     def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
+        from methods.network_passes import layer_features, mahalanobis_confidences  # torch: only when it runs
+
         layers = self.layer_names(network)
         labels = np.asarray(rows.cached("labels"))
         n_classes = rows.cached("logits").shape[1]
@@ -370,7 +428,7 @@ class MahalanobisEnsemble(NetworkMethod):
         order = np.random.default_rng(self.seed).permutation(len(labels))
         held, rest = np.sort(order[:n_held]), np.sort(order[n_held:])
         features = passes("class-statistics", len(rest), layers,
-                          lambda start, stop: network.layer_features(rows.images[rest[start:stop]], layers))
+                          lambda start, stop: layer_features(network, rows.images[rest[start:stop]], layers))
         state, stats = {}, {}
         for layer in layers:
             try:
@@ -383,8 +441,8 @@ class MahalanobisEnsemble(NetworkMethod):
         def confidences(step, fgsm):
             def compute(start, stop):
                 chosen = held[start:stop]
-                return {"m": network.mahalanobis_confidences(rows.images[chosen], layers, stats, MAHALANOBIS_EPSILONS,
-                                                             fgsm=None if fgsm is None else (labels[chosen], fgsm))}
+                return {"m": mahalanobis_confidences(network, rows.images[chosen], layers, stats, MAHALANOBIS_EPSILONS,
+                                                     fgsm=None if fgsm is None else (labels[chosen], fgsm))}
             return passes(step, n_held, ("m",), compute)["m"]
 
         id_confidences = confidences("holdout-id", None)
@@ -402,14 +460,16 @@ class MahalanobisEnsemble(NetworkMethod):
         return self
 
     def network_outputs(self, network, rows) -> dict[str, np.ndarray]:
+        from methods.network_passes import mahalanobis_confidences  # torch: only when the network runs
+
         check_fitted(self, "state_")
         layers = self.layer_names(network)
         stats = {layer: (self.state_.array(f"means/{layer}"), self.state_.array(f"precision/{layer}"))
                  for layer in layers}
-        confidences = network.mahalanobis_confidences(rows.images, layers, stats, (self.epsilon_,))[:, :, 0]
+        confidences = mahalanobis_confidences(network, rows.images, layers, stats, (self.epsilon_,))[:, :, 0]
         return {"logits": rows.cached("logits").astype(np.float64), "features": rows.cached("features"),
                 "confidences": confidences}
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         check_fitted(self, "coef_")
         return ensemble_score(self.derived(split).array("confidences"), self.coef_, self.intercept_)

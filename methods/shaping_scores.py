@@ -181,7 +181,7 @@ ASH_VARIANTS = {"p": ash_p, "b": ash_b, "s": ash_s}
 # ---------------------------------------------------------------- split helpers
 
 class _Shaping(Method):
-    """Shared score/predict: subclasses implement ``_block_logits(features, W, b)``, the shaped
+    """Shared score_samples/predict: subclasses implement ``_block_logits(features, W, b)``, the shaped
     logits of a float64 block of rows; splits are shaped ``BLOCK_ROWS`` rows at a time, so the
     temporaries stay block-sized however large the split. The cached logits are never read: every
     logit comes from the (shaped) features and the head."""
@@ -208,7 +208,7 @@ class _Shaping(Method):
         blocks = [logits for _, logits in self._blocks(split)]
         return np.concatenate(blocks) if blocks else np.empty((0, len(split.head[1])))
 
-    def score(self, split) -> np.ndarray:
+    def score_samples(self, split) -> np.ndarray:
         return self.score_and_predict(split)[0]
 
     def predict(self, split) -> np.ndarray:

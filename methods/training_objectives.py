@@ -1,6 +1,6 @@
 """Training objectives: Unleashing Mask (UM), UMAP's popup masks, outlier exposure, energy-bounded
 fine-tuning, DOE's extrapolation direction and POEM's posterior sampling (METHODS.md section 2).
-The loss functions are small and pure; the loop that uses them is ``extract.finetuning``.
+The loss functions are small and pure; the loop that uses them is ``methods.finetuning``.
 Imports torch (the scoring methods of this package do not).
 
 Mask convention (METHODS.md 6.1): a keep fraction ``keep`` zeroes the j = floor((1 - keep) * numel)

@@ -211,7 +211,8 @@ def _convention(metrics: pd.DataFrame) -> str:
             raise ValueError(f"attrs convention {convention!r} disagrees with the column ({found[0]!r})")
         convention = found[0]
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {sorted(CONVENTIONS)} (df.attrs['convention']), got {convention!r}")
+        raise ValueError(f"convention must be one of {sorted(CONVENTIONS)} (df.attrs['convention']), "
+                         f"got {convention!r}")
     return convention
 
 

@@ -57,7 +57,8 @@ def plot_score_histograms(
         ax.hist(by_set["ID"], bins=bins, density=True, alpha=0.4, color="C0", label="ID")
         ood_sets = [name for name in by_set if name != "ID"]
         for index, name in enumerate(ood_sets, start=1):
-            ax.hist(by_set[name], bins=bins, density=True, histtype="step", linewidth=1.5, color=f"C{index}", label=name)
+            ax.hist(by_set[name], bins=bins, density=True, histtype="step", linewidth=1.5, color=f"C{index}",
+                    label=name)
         ax.set_title(method)
         ax.set_xlabel("score (higher = more ID)")
         ax.set_ylabel("density")

@@ -16,13 +16,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from results.leaderboard import CONVENTIONS, ID_COLUMN, METRICS, Leaderboard, _latex_escape, _markdown_escape, \
-    _pipe_row, _prepare
+from results.leaderboard import (
+    CONVENTIONS,
+    ID_COLUMN,
+    METRICS,
+    Leaderboard,
+    _latex_escape,
+    _markdown_escape,
+    _pipe_row,
+    _prepare,
+)
 
 PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "published" / "tables.yaml"
 PARTS = ("ours", "paper", "diff")
@@ -63,9 +72,7 @@ def _cell(text, where: str) -> tuple[float, float | None] | None:
         raise ValueError(f"{where}: {text!r} is not a number, 'mean±std' or '-'") from None
 
 
-def _table(item: dict, where: str) -> PublishedTable:
-    from methods import make_method  # the registry validates the method names and hyperparameters
-
+def _table(item: dict, where: str, label: Callable[[str, dict], str]) -> PublishedTable:
     where = f"{where} ({item.get('id', 'no id')})"
     required = {"id", "source", "benchmark", "backbone", "metrics", "columns", "rows"}
     missing, unknown = required - set(item), set(item) - required - {"convention", "note"}
@@ -88,7 +95,7 @@ def _table(item: dict, where: str) -> PublishedTable:
             raise ValueError(f"{here}: needs paper, method and values (optional params, backbone, id_acc); "
                              f"got {sorted(row)}")
         try:
-            label = make_method(row["method"], **dict(row.get("params") or {})).label()
+            method = label(row["method"], dict(row.get("params") or {}))
         except ValueError as err:
             raise ValueError(f"{here} ({row['paper']}): {err}") from err
         values = {}
@@ -105,19 +112,21 @@ def _table(item: dict, where: str) -> PublishedTable:
                     values[columns[column], metric] = cell
         if "id_acc" in row:
             values[ID_COLUMN] = _cell(row["id_acc"], f"{here} ({row['paper']}) id_acc")
-        rows.append(PublishedRow(str(row["paper"]), label, str(row.get("backbone", item["backbone"])), values))
+        rows.append(PublishedRow(str(row["paper"]), method, str(row.get("backbone", item["backbone"])), values))
     if any(ID_COLUMN in r.values for r in rows):
         keys += (ID_COLUMN,)
     return PublishedTable(str(item["id"]), str(item["source"]), str(item["benchmark"]), convention, keys,
                           tuple(rows), str(item.get("note", "")))
 
 
-def load_published(path: str | Path | None = None) -> list[PublishedTable]:
-    """Every table of the published-values file (default ``PUBLISHED_FILE``), validated (methods,
-    metrics, cell formats)."""
+def load_published(label: Callable[[str, dict], str], path: str | Path | None = None) -> list[PublishedTable]:
+    """Every table of the published-values file (default ``PUBLISHED_FILE``), validated (metrics,
+    cell formats; the methods by ``label``). ``label(method, params)`` is the leaderboard label of
+    a harness method (e.g. 'ash_s(p=95)'), a ValueError for an unknown method or parameter: the
+    method registry's, which the harness hands in (``results`` sits below ``methods``)."""
     path = Path(path or PUBLISHED_FILE)
     data = yaml.safe_load(path.read_text()) or {}
-    tables = [_table(item, f"{path}: tables #{i + 1}") for i, item in enumerate(data.get("tables", []))]
+    tables = [_table(item, f"{path}: tables #{i + 1}", label) for i, item in enumerate(data.get("tables", []))]
     ids = [t.id for t in tables]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: table ids appear twice: {sorted({i for i in ids if ids.count(i) > 1})}")

@@ -4,8 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from extract.backbones import (BACKBONES, CheckpointMismatch, CifarResNet, Preprocessing, checkpoint_backbone,
-                               get_backbone_spec, import_factory, read_state_dict, registered_backbone)
+from extract.backbones import (
+    BACKBONES,
+    CheckpointMismatch,
+    CifarResNet,
+    Preprocessing,
+    checkpoint_backbone,
+    get_backbone_spec,
+    import_factory,
+    read_state_dict,
+    registered_backbone,
+)
 from extract.datasets import load_dataset
 from extract.extraction import forward_rows
 

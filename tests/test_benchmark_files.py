@@ -107,8 +107,9 @@ def write_checkpoint(path, arch, num_classes, seed=0):
 
 def write_cifar_protocol_fixtures(root, classes):
     """Every dataset of the four CIFAR benchmark files, tiny, in its real format."""
-    from tests.test_paper_datasets import write_cifar, write_images, write_svhn
     import pickle
+
+    from tests.test_paper_datasets import write_cifar, write_images, write_svhn
 
     for name in ("cifar10", "cifar100"):
         write_cifar(root, name, n=20 if name == f"cifar{classes}" else 8)
@@ -272,7 +273,8 @@ def test_cifar10_jpeg_benchmark_file_runs_on_fixtures_in_the_real_formats(tmp_pa
     code, out, err = oodbench(capsys, "run", *common, "--out", tmp_path / "out", "--methods", "energy,ash_layer")
     assert code == 0, err
     for depth in (20, 32, 44, 56):
-        board = pd.read_csv(tmp_path / "out" / "cifar10-jpeg" / f"resnet{depth}" / "leaderboard.csv", index_col="method")
+        board = pd.read_csv(tmp_path / "out" / "cifar10-jpeg" / f"resnet{depth}" / "leaderboard.csv",
+                            index_col="method")
         assert sorted(board.index) == ["ash_layer", "energy"]
         assert {f"{s}/auroc" for s in ("textures", "animal-mnist", "notmnist", "mnist", "fashion-mnist",
                                         "gaussian")} <= set(board.columns)

@@ -2,7 +2,7 @@
 
 One warm ``oodbench run digits`` is made per test session (shared with test_pipeline.py
 through the session's base temp folder) and copied where a test mutates it. Forward passes
-are counted with a global nn.Module forward hook: ``score`` and ``leaderboard`` must never
+are counted with a global nn.Module forward hook: ``score_samples`` and ``leaderboard`` must never
 run a network.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import yaml
 from scipy.special import logsumexp
 
 from harness.cli import main
-from tests.conftest import files, only_a_record_was_added, oodbench
-from methods import METHODS as REGISTERED_METHODS
 from harness.config import BENCHMARK_DIR
+from methods import METHODS as REGISTERED_METHODS
+from tests.conftest import files, only_a_record_was_added, oodbench
 
 METHODS = tuple(sorted(REGISTERED_METHODS))  # the digits benchmark runs every registered method
 NETWORK_METHODS = tuple(m for m in METHODS if "network" in REGISTERED_METHODS[m].reads)
@@ -163,7 +163,8 @@ def test_unknown_method_lists_registered_methods(tmp_path, capsys):
     code, _, err = oodbench(capsys, "score", "digits", "--method", "nope", "--cache-dir", tmp_path / "cache",
                             "--quiet")
     assert code == 2
-    assert err == f"error: unknown method 'nope'; registered methods: {', '.join(METHODS)}\n"
+    assert err == (f"error: unknown method 'nope'; registered methods: {', '.join(METHODS)}; a method of your own "
+                   "is named 'module:Class'\n")
 
 
 def test_unknown_method_parameter_names_valid_parameters(tmp_path, capsys):
@@ -376,7 +377,8 @@ def _validation_is_a_test_set(config):
 @pytest.mark.parametrize("mutate, messages", [
     (_unknown_key, ["missing keys [], unknown keys ['bogus']; allowed: ['backbones', 'convention', 'description', "
                     "'extraction', 'id', 'methods', 'name', 'ood', 'seeds', 'validation']"]),
-    (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits", "gaussian, hopper-patches, imagenet"]),
+    (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits",
+                        "gaussian, hopper-patches, imagenet"]),
     (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),
     (_unknown_method_param, ["methods #1: method 'energy' has no parameter Q; its parameters: T (default 1.0)"]),
     (_unknown_dataset_param, ["dataset 'gaussian' has no parameters ['sigma']", "'n': 10000"]),

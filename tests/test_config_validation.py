@@ -113,7 +113,8 @@ def write_bench(tmp_path, snippet: str):
     ("backbones: [{name: n, arch: digits-net, train: {lr: 0.1}}]",
      "backbones #1 (n): train: missing keys ['epochs'], unknown keys []"),
     # a fine-tuned backbone's `finetune:` recipe (extract.finetuning.FineTuneRecipe)
-    ("backbones: [" + DIGITS_NET + ", {name: ft, finetune: 5}]", "backbones #2 (ft): finetune must be a mapping, got 5"),
+    ("backbones: [" + DIGITS_NET + ", {name: ft, finetune: 5}]",
+     "backbones #2 (ft): finetune must be a mapping, got 5"),
     ("backbones: [" + DIGITS_NET + ", {name: ft, finetune: {from: 5, epochs: 1}}]",
      "backbones #2 (ft): finetune: from must be a string, got 5"),
     (FT % "epochs: 0", "backbones #2 (ft): finetune: epochs must be an integer >= 1, got 0"),
@@ -172,7 +173,8 @@ def test_an_ood_or_validation_set_that_is_the_id_test_or_fit_split_is_refused(tm
 
 def test_other_splits_or_parameters_of_the_id_dataset_stay_accepted(tmp_path):
     bench = load_benchmark(write_bench(tmp_path, "ood: {near: [{dataset: digits, split: ood}, "
-                                                 "{dataset: digits, split: test, name: reshuffled, params: {seed: 1}}]}"))
+                                                 "{dataset: digits, split: test, name: reshuffled, "
+                                                 "params: {seed: 1}}]}"))
     assert [(r.dataset, r.split, r.params) for r in bench.ood][:2] == [("digits", "ood", {}),
                                                                       ("digits", "test", {"seed": 1})]
 

@@ -20,7 +20,6 @@ from extract.datasets import (
 )
 from extract.idx import IdxFormatError, read_idx
 
-
 # ---------------------------------------------------------------- fixture writers (the real formats, by hand)
 
 def idx_bytes(array):
@@ -480,8 +479,9 @@ def test_photo_patches(size):
 
 def test_bundled_files_read_as_scikit_learn_reads_them():
     """The loaders read scikit-learn's bundled files directly (no slow import); same arrays as its API."""
-    from extract.datasets import PHOTO_NAMES, _sklearn_bundled, bundled_digits
     from PIL import Image
+
+    from extract.datasets import PHOTO_NAMES, _sklearn_bundled, bundled_digits
 
     images, labels, _ = bundled_digits()
     reference = load_digits()
@@ -683,5 +683,18 @@ def test_negative_mnist_inverts_every_test_digit(tmp_path):
     negative = load_dataset("negative-mnist", "test", data_root=tmp_path)
     np.testing.assert_array_equal(negative.images.astype(int), 255 - images.astype(int))
     np.testing.assert_array_equal(negative.labels, labels)
-    with pytest.raises(DatasetUnavailable, match="(?s)'negative-mnist' is made from MNIST's test set: dataset 'mnist'.*t10k-images-idx3-ubyte.gz"):
+    with pytest.raises(DatasetUnavailable, match="(?s)'negative-mnist' is made from MNIST's test set: "
+                                                 "dataset 'mnist'.*t10k-images-idx3-ubyte.gz"):
         load_dataset("negative-mnist", "test", data_root=tmp_path / "nothing")
+
+
+def test_oodbench_fetch_without_a_data_root_downloads_where_the_loaders_look(tmp_path, monkeypatch, capsys,
+                                                                          fake_kmnist_server):
+    """`make benchmark`'s fallback runs `oodbench fetch fashion-mnist` with no --data-root."""
+    from tests.conftest import oodbench
+
+    monkeypatch.setenv("OODBENCH_DOWNLOAD_DIR", str(tmp_path / "downloads"))
+    code, _, err = oodbench(capsys, "fetch", "kmnist")
+    assert code == 0, err
+    assert (tmp_path / "downloads" / "KMNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file()
+    np.testing.assert_array_equal(load_dataset("kmnist").labels, fake_kmnist_server[0]["t10k"][1])

@@ -8,7 +8,7 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
 from methods import METHODS, make_method
-from methods.distance_scores import (kl_matching_score, kl_templates, knn_score, l2_normalise, vim_principal_dim)
+from methods.distance_scores import kl_matching_score, kl_templates, knn_score, l2_normalise, vim_principal_dim
 from tests.conftest import assert_batch_invariant
 
 DISTANCE_METHODS = ["mahalanobis", "knn", "vim", "residual", "klm"]
@@ -46,11 +46,11 @@ def sklearn_mahalanobis(fit, test):
 
 def test_mahalanobis_matches_sklearn():
     fit, test = toy_problem()
-    scores = make_method("mahalanobis").fit(fit).score(test)
+    scores = make_method("mahalanobis").fit(fit).score_samples(test)
     assert scores.dtype == np.float64 and scores.shape == (60,)
     np.testing.assert_allclose(scores, sklearn_mahalanobis(fit, test), rtol=1e-9)
     # The fit samples of a class are closer to their own mean than random test points on average.
-    assert make_method("mahalanobis").fit(fit).score(fit).mean() > scores.mean()
+    assert make_method("mahalanobis").fit(fit).score_samples(fit).mean() > scores.mean()
 
 
 def test_mahalanobis_rank_deficient_uses_pseudo_inverse():
@@ -63,13 +63,13 @@ def test_mahalanobis_rank_deficient_uses_pseudo_inverse():
     # test feature 0 varies freely: the null-space direction is ignored by the pseudo-inverse.
     method = make_method("mahalanobis").fit(fit)
     assert np.linalg.matrix_rank(np.linalg.pinv(method.precision_)) == fit.features.shape[1] - 2
-    scores = method.score(test)
+    scores = method.score_samples(test)
     assert np.isfinite(scores).all()
     np.testing.assert_allclose(scores, sklearn_mahalanobis(fit, test), rtol=1e-9)
     shifted = SimpleNamespace(**vars(test))
     shifted.features = test.features.copy()
     shifted.features[:, 0] += 100.0  # moving along the null space changes nothing
-    np.testing.assert_allclose(method.score(shifted), scores, rtol=1e-9)
+    np.testing.assert_allclose(method.score_samples(shifted), scores, rtol=1e-9)
 
 
 def test_mahalanobis_errors():
@@ -79,11 +79,11 @@ def test_mahalanobis_errors():
     with pytest.raises(ValueError, match=r"classes 2\b"):
         make_method("mahalanobis").fit(missing)
     with pytest.raises(ValueError, match="call fit"):
-        make_method("mahalanobis").score(test)
+        make_method("mahalanobis").score_samples(test)
     narrow = SimpleNamespace(**vars(test))
     narrow.features = test.features[:, :5]
     with pytest.raises(ValueError, match="5-dim features but the method was fit on 12-dim"):
-        make_method("mahalanobis").fit(fit).score(narrow)
+        make_method("mahalanobis").fit(fit).score_samples(narrow)
 
 
 # ------------------------------------------------------------------ KNN
@@ -91,7 +91,7 @@ def test_mahalanobis_errors():
 @pytest.mark.parametrize("k", [1, 7, 50])
 def test_knn_matches_sklearn_brute(k):
     fit, test = toy_problem(seed=1)
-    scores = make_method("knn", k=k).fit(fit).score(test)
+    scores = make_method("knn", k=k).fit(fit).score_samples(test)
     search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(l2_normalise(fit.features))
     distances, _ = search.kneighbors(l2_normalise(test.features))
     np.testing.assert_allclose(scores, -distances[:, -1] ** 2, rtol=1e-9)
@@ -137,7 +137,7 @@ def test_knn_errors():
     narrow = SimpleNamespace(**vars(test))
     narrow.features = test.features[:, :3]
     with pytest.raises(ValueError, match="3-dim features"):
-        make_method("knn", k=5).fit(fit).score(narrow)
+        make_method("knn", k=5).fit(fit).score_samples(narrow)
 
 
 # ------------------------------------------------------------------ ViM and Residual
@@ -173,8 +173,8 @@ def test_vim_and_residual_match_spec_transcription():
     assert vim.R_.shape == (8, 5)
     np.testing.assert_allclose(vim.u_, u, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(vim.alpha_, alpha, rtol=1e-9)
-    np.testing.assert_allclose(vim.score(test), expected, rtol=1e-9)
-    np.testing.assert_allclose(make_method("residual", dim=3).fit(fit).score(test), -r, rtol=1e-9)
+    np.testing.assert_allclose(vim.score_samples(test), expected, rtol=1e-9)
+    np.testing.assert_allclose(make_method("residual", dim=3).fit(fit).score_samples(test), -r, rtol=1e-9)
     np.testing.assert_array_equal(vim.predict(test), test.logits.argmax(axis=1))
 
 
@@ -187,7 +187,7 @@ def test_vim_principal_dim_rule():
     assert make_method("vim").fit(fit).R_.shape == (10, 5)  # dim=None: N // 2 principal, 5 residual
     assert make_method("residual").fit(fit).R_.shape == (10, 5)
     expected, *_ = vim_reference(fit, test, principal_dim=5)
-    np.testing.assert_allclose(make_method("vim").fit(fit).score(test), expected, rtol=1e-9)
+    np.testing.assert_allclose(make_method("vim").fit(fit).score_samples(test), expected, rtol=1e-9)
 
 
 def test_vim_errors():
@@ -195,7 +195,7 @@ def test_vim_errors():
     with pytest.raises(ValueError, match=r"principal dim must be in \[1, 8\)"):
         make_method("vim", dim=8).fit(fit)
     with pytest.raises(ValueError, match="call fit"):
-        make_method("residual").score(test)
+        make_method("residual").score_samples(test)
     bad_head = SimpleNamespace(**vars(fit))
     bad_head.head = (fit.head[0][:, :5], fit.head[1])
     with pytest.raises(ValueError, match="head W has 5 input dims"):
@@ -203,7 +203,7 @@ def test_vim_errors():
     narrow = SimpleNamespace(**vars(test))
     narrow.features = test.features[:, :6]
     with pytest.raises(ValueError, match="6-dim features"):
-        make_method("vim").fit(fit).score(narrow)
+        make_method("vim").fit(fit).score_samples(narrow)
 
 
 # ------------------------------------------------------------------ KL-matching
@@ -225,7 +225,7 @@ def test_klm_hand_worked_two_classes():
     # p = (0.9, 0.1):  KL(p||d_0) = 0.9 ln(0.9/0.825) + 0.1 ln(0.1/0.175) = 0.0783102 - 0.0559616 = 0.0223486605
     #                  KL(p||d_1) = 0.9 ln(3.6) + 0.1 ln(0.1/0.75)        = 1.1528348 - 0.2014903 = 0.9513501589
     #                  S = -0.0223486605
-    scores = method.score(logit_split([[0.0, 0.0], [np.log(9), 0.0]]))
+    scores = method.score_samples(logit_split([[0.0, 0.0], [np.log(9), 0.0]]))
     np.testing.assert_allclose(scores, [-0.14384103622589042, -0.022348660497124653], rtol=1e-9)
     np.testing.assert_array_equal(method.predict(logit_split([[0.0, 1.0], [2.0, 1.0]])), [1, 0])
 
@@ -243,14 +243,14 @@ def test_klm_drops_never_predicted_class_and_handles_zero_probabilities():
     query = np.array([[0.0, 0.0, 4.0]])
     p = np.exp(query[0]) / np.exp(query[0]).sum()
     kl = [np.sum(p * np.log(p / (d + 1e-12))) for d in method.templates_]
-    np.testing.assert_allclose(method.score(logit_split(query)), [-min(kl)], rtol=1e-10)
+    np.testing.assert_allclose(method.score_samples(logit_split(query)), [-min(kl)], rtol=1e-10)
     # p_i = 0 (underflow) contributes nothing; q + 1e-12 keeps the log finite.
     templates, _ = kl_templates(np.array([[1.0, 0.0]]), np.array([0]), 2)
     np.testing.assert_allclose(kl_matching_score(np.array([[1.0, 0.0]]), templates), [-np.log(1 / (1 + 1e-12))],
                                atol=1e-15)
     assert np.isfinite(kl_matching_score(np.array([[0.0, 1.0]]), templates)).all()
     with pytest.raises(ValueError, match="3 classes but the templates were fit on 2"):
-        make_method("klm").fit(logit_split([[1.0, 0.0], [0.0, 1.0]])).score(logit_split(query))
+        make_method("klm").fit(logit_split([[1.0, 0.0], [0.0, 1.0]])).score_samples(logit_split(query))
 
 
 # ------------------------------------------------------------------ shared properties
@@ -260,14 +260,14 @@ def test_scores_do_not_depend_on_batch_composition(name):
     fit, test = toy_problem(seed=8, n_test=97)
     method = make_method(name, k=5) if name == "knn" else make_method(name)
     method.fit(fit)
-    whole = method.score(test)
+    whole = method.score_samples(test)
     assert whole.dtype == np.float64 and whole.shape == (97,)
     order = np.random.default_rng(0).permutation(97)
     shuffled = SimpleNamespace(**{**vars(test), "features": test.features[order], "logits": test.logits[order]})
-    assert_batch_invariant(whole[order], method.score(shuffled))
+    assert_batch_invariant(whole[order], method.score_samples(shuffled))
     parts = []
     for rows in (slice(0, 13), slice(13, 14), slice(14, 97)):
-        parts.append(method.score(SimpleNamespace(**{**vars(test), "features": test.features[rows],
+        parts.append(method.score_samples(SimpleNamespace(**{**vars(test), "features": test.features[rows],
                                                      "logits": test.logits[rows]})))
     assert_batch_invariant(whole, parts)
 
@@ -279,11 +279,11 @@ def test_refit_replaces_state(name):
     fit_b = make_split(fit_b.features + 1.0, *fit_a.head, fit_b.labels)  # same head, different features
     params = {"k": 5} if name == "knn" else {}
     reused = make_method(name, **params).fit(fit_a)
-    from_a = reused.score(test)
+    from_a = reused.score_samples(test)
     reused.fit(fit_b)
     fresh = make_method(name, **params).fit(fit_b)
-    np.testing.assert_array_equal(reused.score(test), fresh.score(test))
-    assert not np.allclose(reused.score(test), from_a)
+    np.testing.assert_array_equal(reused.score_samples(test), fresh.score_samples(test))
+    assert not np.allclose(reused.score_samples(test), from_a)
 
 
 def test_registry_entries():

@@ -15,11 +15,22 @@ from torch import nn
 import extract.training as training
 from extract.backbones import get_backbone_spec, registered_backbone
 from extract.datasets import load_dataset
-from extract.finetuning import DiversifiedOutlierExposure, FineTuneRecipe, PopupNetwork, doe_step, finetune_backbone
+from extract.finetuning import FineTuneRecipe
 from extract.training import Recipe, train_backbone
-from methods.training_objectives import (bayesian_posterior, boundary_outliers, energy_bounded_loss, estimate_zeta,
-                                         keep_mask, masked_layers, oe_loss, popup_mask, popup_scores, thompson_sample,
-                                         um_loss)
+from methods.finetuning import DiversifiedOutlierExposure, PopupNetwork, doe_step, finetune_backbone
+from methods.training_objectives import (
+    bayesian_posterior,
+    boundary_outliers,
+    energy_bounded_loss,
+    estimate_zeta,
+    keep_mask,
+    masked_layers,
+    oe_loss,
+    popup_mask,
+    popup_scores,
+    thompson_sample,
+    um_loss,
+)
 
 
 class Tiny(nn.Module):
@@ -96,7 +107,7 @@ def test_masks_drop_exactly_floor_of_one_minus_keep_of_every_layer(keep):
     model = Tiny()
     scores = popup_scores(model, seed=3)
     assert set(scores) == set(masked_layers(model)) == {"conv", "fc"}
-    for name, score in scores.items():
+    for _name, score in scores.items():
         mask = keep_mask(score, keep)
         numel = score.numel()
         assert int((mask == 0).sum()) == math.floor((1 - Fraction(str(keep))) * numel)  # exact arithmetic

@@ -55,7 +55,7 @@ def test_gradnorm_closed_form_equals_per_sample_autograd_of_the_official_loss(T)
         loss = (-torch.log_softmax(f / T, dim=0)).sum()  # all-ones target
         (grad,) = torch.autograd.grad(loss, weight)     # last-layer weight only
         expected.append(grad.abs().sum().item())
-    got = make_method("gradnorm", T=T).score(split(logits.numpy(), v.numpy()))
+    got = make_method("gradnorm", T=T).score_samples(split(logits.numpy(), v.numpy()))
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -65,11 +65,11 @@ def test_gradnorm_hand_worked():
     #      Row 1: C p - 1 = [2*3/4 - 1, 2*1/4 - 1] = [0.5, -0.5] -> sum |.| = 1; times ||v||_1.
     #      Give row 1 the features [0.5, 2.0, 0] too: S = 1 * 2.5 / 1 = 2.5.
     features = np.array([[0.5, 2.0, 0.0], [0.5, 2.0, 0.0]])
-    np.testing.assert_allclose(make_method("gradnorm").score(split(LOGITS, features)), [0.0, 2.5], atol=1e-15)
+    np.testing.assert_allclose(make_method("gradnorm").score_samples(split(LOGITS, features)), [0.0, 2.5], atol=1e-15)
     # T=2, row 1: p = softmax([log3 / 2, 0]) = [s/(1+s), 1/(1+s)], s = sqrt 3.
     #   |2p - 1| = (s - 1)/(s + 1) for both classes -> sum = 2(s-1)/(s+1) = (s-1)^2 = 4 - 2 sqrt 3.
     #   S = (1/2) * (4 - 2 sqrt 3) * 2.5 = 5 - 2.5 sqrt 3 = 0.669872981...
-    np.testing.assert_allclose(make_method("gradnorm", T=2.0).score(split(LOGITS, features))[1],
+    np.testing.assert_allclose(make_method("gradnorm", T=2.0).score_samples(split(LOGITS, features))[1],
                                5 - 2.5 * np.sqrt(3), rtol=1e-12)
 
 
@@ -77,13 +77,13 @@ def test_gradnorm_hand_worked():
 
 def test_rg_hand_worked():
     # k=1, T=1. Row 0: LSE = log 2, clipped sum = 1.5 -> S = 1.5 log 2. Row 1: clipped sum 0 -> S = 0.
-    np.testing.assert_allclose(make_method("rg").score(split(LOGITS, FEATURES)), [1.5 * np.log(2), 0.0],
+    np.testing.assert_allclose(make_method("rg").score_samples(split(LOGITS, FEATURES)), [1.5 * np.log(2), 0.0],
                                rtol=1e-12)
     # k=0.4: clipped sum = 0.4 + 0.4 + 0 = 0.8.  T=2: LSE_2 = 2 log(e^0 + e^0) = 2 log 2.
-    np.testing.assert_allclose(make_method("rg", k=0.4, T=2.0).score(split(LOGITS[:1], FEATURES[:1])),
+    np.testing.assert_allclose(make_method("rg", k=0.4, T=2.0).score_samples(split(LOGITS[:1], FEATURES[:1])),
                                [0.8 * 2 * np.log(2)], rtol=1e-12)
     # Unclipped logits: row 1 with features [0.5, 2, 0] -> LSE = log 4 = 2 log 2, S = 1.5 * 2 log 2 = 3 log 2.
-    np.testing.assert_allclose(make_method("rg").score(split(LOGITS[1:], FEATURES[:1])), [3 * np.log(2)],
+    np.testing.assert_allclose(make_method("rg").score_samples(split(LOGITS[1:], FEATURES[:1])), [3 * np.log(2)],
                                rtol=1e-12)
 
 
@@ -93,7 +93,7 @@ def test_clipped_feature_sum_keeps_negative_values():
 
 def test_rg_with_large_k_equals_igoe():
     data = random_split(seed=3)
-    np.testing.assert_allclose(make_method("rg", k=1e12).score(data), make_method("igoe").score(data),
+    np.testing.assert_allclose(make_method("rg", k=1e12).score_samples(data), make_method("igoe").score_samples(data),
                                rtol=1e-12)
 
 
@@ -104,15 +104,15 @@ def test_rg_reports_the_fraction_of_nonpositive_lse(caplog):
     data = split(logits, rng.random((10, 4)), name="toy/lse")
     method = make_method("rg")
     with caplog.at_level(logging.INFO, logger="methods.gradient_scores"):
-        method.score(data)
+        method.score_samples(data)
     assert method.last_nonpositive_lse_fraction_ == pytest.approx(0.3)
     assert nonpositive_lse_fraction(logits) == pytest.approx(0.3)
     assert "rg on toy/lse: 0.3 of samples have LSE <= 0" in caplog.text
     # Recomputed on each scored split.
-    method.score(split(logits[[0, 2]], rng.random((2, 4))))
+    method.score_samples(split(logits[[0, 2]], rng.random((2, 4))))
     assert method.last_nonpositive_lse_fraction_ == 0.0
     igoe = make_method("igoe")
-    igoe.score(data)
+    igoe.score_samples(data)
     assert igoe.last_nonpositive_lse_fraction_ == pytest.approx(0.3)
 
 
@@ -126,7 +126,7 @@ def test_rg_add_hand_worked():
     assert method.alpha_s_ == pytest.approx(2 / 3 * np.log(2), rel=1e-12)
     assert method.alpha_ == pytest.approx(np.log(2) / 3, rel=1e-12)
     # Scores: row 0 = log 2 + (log 2 / 3) * 1.5 = 1.5 log 2; row 1 = 2 log 2 + 0.
-    np.testing.assert_allclose(method.score(split(LOGITS, FEATURES)), [1.5 * np.log(2), 2 * np.log(2)],
+    np.testing.assert_allclose(method.score_samples(split(LOGITS, FEATURES)), [1.5 * np.log(2), 2 * np.log(2)],
                                rtol=1e-12)
 
 
@@ -161,12 +161,12 @@ def test_rg_add_refit_recomputes_alpha():
     fresh = make_method("rg_add").fit(second)
     assert method.alpha_s_ == fresh.alpha_s_ and method.alpha_ == fresh.alpha_
     assert method.alpha_ != alpha_first
-    np.testing.assert_array_equal(method.score(first), fresh.score(first))
+    np.testing.assert_array_equal(method.score_samples(first), fresh.score_samples(first))
 
 
 def test_rg_add_errors():
     with pytest.raises(ValueError, match="call fit"):
-        make_method("rg_add").score(random_split())
+        make_method("rg_add").score_samples(random_split())
     constant = split(np.random.default_rng(0).normal(size=(5, 3)), np.full((5, 4), 2.0), name="toy/train")
     with pytest.raises(ValueError, match="std of sum_j min\\(v_j, k=1.0\\) is 0.0 on 5 fit samples"):
         make_method("rg_add").fit(constant)
@@ -180,7 +180,7 @@ def test_rg_add_errors():
 
 def test_igoe_hand_worked():
     # Row 0: log 2 * ||[0.5, 2, 0]||_1 = 2.5 log 2. Row 1: 2 log 2 * 0 = 0.
-    np.testing.assert_allclose(make_method("igoe").score(split(LOGITS, FEATURES)), [2.5 * np.log(2), 0.0],
+    np.testing.assert_allclose(make_method("igoe").score_samples(split(LOGITS, FEATURES)), [2.5 * np.log(2), 0.0],
                                rtol=1e-12)
 
 
@@ -188,16 +188,16 @@ def test_gradnorm_u_clipped_v_hand_worked():
     # Row 1 logits [log 3, 0]: U = |1/2 - 3/4| + |1/2 - 1/4| = 0.5; with features [0.5, 2, 0], k=1: V = 1.5.
     # S = 0.75. Row 0 logits [0, 0]: U = 0 -> S = 0.
     features = np.array([[0.5, 2.0, 0.0], [0.5, 2.0, 0.0]])
-    np.testing.assert_allclose(make_method("gradnorm_u_clipped_v").score(split(LOGITS, features)), [0.0, 0.75],
+    np.testing.assert_allclose(make_method("gradnorm_u_clipped_v").score_samples(split(LOGITS, features)), [0.0, 0.75],
                                atol=1e-15)
     # k=0.4: V = 0.8 -> S = 0.4.
-    np.testing.assert_allclose(make_method("gradnorm_u_clipped_v", k=0.4).score(split(LOGITS, features))[1], 0.4,
-                               rtol=1e-12)
+    np.testing.assert_allclose(make_method("gradnorm_u_clipped_v", k=0.4).score_samples(split(LOGITS, features))[1],
+                               0.4, rtol=1e-12)
 
 
 def test_clipped_v_hand_worked():
-    np.testing.assert_allclose(make_method("clipped_v").score(split(LOGITS, FEATURES)), [1.5, 0.0])
-    np.testing.assert_allclose(make_method("clipped_v", k=0.4).score(split(LOGITS, FEATURES)), [0.8, 0.0])
+    np.testing.assert_allclose(make_method("clipped_v").score_samples(split(LOGITS, FEATURES)), [1.5, 0.0])
+    np.testing.assert_allclose(make_method("clipped_v", k=0.4).score_samples(split(LOGITS, FEATURES)), [0.8, 0.0])
 
 
 # ---------------------------------------------------------------- shared properties
@@ -206,11 +206,11 @@ def test_clipped_v_hand_worked():
 def test_scores_do_not_depend_on_batch_composition(name):
     method = fitted(name)
     data = random_split(n=50, seed=9)
-    whole = method.score(data)
+    whole = method.score_samples(data)
     assert whole.dtype == np.float64 and whole.shape == (50,)
     order = np.random.default_rng(10).permutation(50)
-    assert_batch_invariant(whole[order], method.score(split(data.logits[order], data.features[order])))
-    parts = [method.score(split(data.logits[s], data.features[s])) for s in (slice(0, 13), slice(13, None))]
+    assert_batch_invariant(whole[order], method.score_samples(split(data.logits[order], data.features[order])))
+    parts = [method.score_samples(split(data.logits[s], data.features[s])) for s in (slice(0, 13), slice(13, None))]
     assert_batch_invariant(whole, parts)
 
 
@@ -245,14 +245,14 @@ def test_registry_defaults_and_grids():
 def test_non_positive_k_is_rejected(name, k):
     method = make_method(name, k=k)
     with pytest.raises(ValueError, match=f"{name}: clip value k must be > 0"):
-        method.fit(random_split()).score(random_split())
+        method.fit(random_split()).score_samples(random_split())
 
 
 @pytest.mark.parametrize("name", ["gradnorm", "rg"])
 @pytest.mark.parametrize("T", [0.0, -1.0])
 def test_non_positive_temperature_is_rejected(name, T):
     with pytest.raises(ValueError, match=f"{name}: temperature T must be > 0"):
-        make_method(name, T=T).score(random_split())
+        make_method(name, T=T).score_samples(random_split())
 
 
 @pytest.mark.parametrize("name", FEATURE_METHODS)
@@ -261,9 +261,9 @@ def test_nan_logits_get_the_finite_logits_error(name):
     data = random_split(n=4)
     data.logits[2, 1] = np.nan
     with pytest.raises(ValueError, match="toy/test: 1 of 4 samples have NaN or infinite logits \\(first row 2\\)"):
-        method.score(data)
+        method.score_samples(data)
     with pytest.raises(ValueError, match="toy/test: 1 of 4 samples have NaN or infinite logits"):
-        make_method(name).fit(data).score(data)
+        make_method(name).fit(data).score_samples(data)
 
 
 @pytest.mark.parametrize("name", FEATURE_METHODS)
@@ -271,10 +271,10 @@ def test_bad_features_name_the_split(name):
     method = fitted(name)
     data = random_split(n=6)
     with pytest.raises(ValueError, match="toy/test: 5 feature rows but 6 logit rows"):
-        method.score(split(data.logits, data.features[:5]))
+        method.score_samples(split(data.logits, data.features[:5]))
     with pytest.raises(ValueError, match="toy/test: features must be 2-D"):
-        method.score(split(data.logits, data.features[:, 0]))
+        method.score_samples(split(data.logits, data.features[:, 0]))
     features = data.features.copy()
     features[3, 0] = np.inf
     with pytest.raises(ValueError, match="toy/test: 1 of 6 samples have NaN or infinite features \\(first row 3\\)"):
-        method.score(split(data.logits, features))
+        method.score_samples(split(data.logits, features))

@@ -12,9 +12,19 @@ from PIL import Image
 from torch import nn
 from torchvision import models, transforms
 
-from extract.backbones import (BIT_NORM, IMAGENET_NORM, Preprocessing, ResNetV2, StdConv2d, bit_npz_key,
-                               get_backbone_spec, load_bit_npz, load_state_dict_strict, read_state_dict,
-                               registered_backbone)
+from extract.backbones import (
+    BIT_NORM,
+    IMAGENET_NORM,
+    Preprocessing,
+    ResNetV2,
+    StdConv2d,
+    bit_npz_key,
+    get_backbone_spec,
+    load_bit_npz,
+    load_state_dict_strict,
+    read_state_dict,
+    registered_backbone,
+)
 from extract.extraction import forward_rows
 
 TORCHVISION = {"resnet50": models.resnet50, "mobilenet-v2": models.mobilenet_v2, "densenet121": models.densenet121}

@@ -21,19 +21,19 @@ def split(logits, name="toy/test"):
 def test_msp_hand_worked():
     # Row 0: e^3 / (e + e^2 + e^3) = 1 / (e^-2 + e^-1 + 1) = 1 / 1.503214724 = 0.6652409558
     # Row 1: three equal logits -> 1/3.
-    np.testing.assert_allclose(make_method("msp").score(split(LOGITS)), [0.6652409558, 1 / 3], rtol=1e-10)
+    np.testing.assert_allclose(make_method("msp").score_samples(split(LOGITS)), [0.6652409558, 1 / 3], rtol=1e-10)
 
 
 def test_maxlogit_hand_worked():
-    np.testing.assert_array_equal(make_method("maxlogit").score(split(LOGITS)), [3.0, 0.0])
+    np.testing.assert_array_equal(make_method("maxlogit").score_samples(split(LOGITS)), [3.0, 0.0])
 
 
 def test_energy_hand_worked():
     # T=1: log(e + e^2 + e^3) = 3 + log(1.503214724) = 3.407605964; log(3) = 1.098612289.
-    np.testing.assert_allclose(make_method("energy").score(split(LOGITS)), [3.407605964, np.log(3)], rtol=1e-9)
+    np.testing.assert_allclose(make_method("energy").score_samples(split(LOGITS)), [3.407605964, np.log(3)], rtol=1e-9)
     # T=2: 2 log(e^0.5 + e + e^1.5) = 3 + 2 log(1 + e^-0.5 + e^-1) = 3 + 2 * 0.680272...
     expected = 3 + 2 * np.log(1 + np.exp(-0.5) + np.exp(-1.0))
-    np.testing.assert_allclose(make_method("energy", T=2.0).score(split(LOGITS)), [expected, 2 * np.log(3)],
+    np.testing.assert_allclose(make_method("energy", T=2.0).score_samples(split(LOGITS)), [expected, 2 * np.log(3)],
                                rtol=1e-12)
 
 
@@ -54,10 +54,10 @@ def test_scores_do_not_depend_on_batch_composition(name):
     rng = np.random.default_rng(1)
     logits = rng.normal(0, 3, size=(50, 7))
     method = make_method(name)
-    whole = method.score(split(logits))
+    whole = method.score_samples(split(logits))
     order = rng.permutation(50)
-    assert_batch_invariant(whole[order], method.score(split(logits[order])))
-    assert_batch_invariant(whole, [method.score(split(logits[:13])), method.score(split(logits[13:]))])
+    assert_batch_invariant(whole[order], method.score_samples(split(logits[order])))
+    assert_batch_invariant(whole, [method.score_samples(split(logits[:13])), method.score_samples(split(logits[13:]))])
 
 
 def test_the_batch_invariance_check_allows_rounding_and_nothing_more():
@@ -80,13 +80,13 @@ def test_higher_means_more_in_distribution():
     confident, flat = [[10.0, 0.0, 0.0]], [[1.0, 1.0, 1.0]]
     for name in ("msp", "maxlogit", "energy"):
         method = make_method(name)
-        assert method.score(split(confident))[0] > method.score(split(flat))[0]
+        assert method.score_samples(split(confident))[0] > method.score_samples(split(flat))[0]
 
 
 def test_predict_is_argmax_of_the_logits():
     np.testing.assert_array_equal(make_method("energy").predict(split([[0.1, 2.0], [3.0, -1.0]])), [1, 0])
     scores, predictions = make_method("energy").score_and_predict(split(LOGITS))
-    np.testing.assert_array_equal(scores, make_method("energy").score(split(LOGITS)))
+    np.testing.assert_array_equal(scores, make_method("energy").score_samples(split(LOGITS)))
     np.testing.assert_array_equal(predictions, [2, 0])
 
 
@@ -111,7 +111,7 @@ def test_unknown_method_and_parameter_errors():
     with pytest.raises(ValueError, match="bad parameter value"):
         make_method("energy", T="hot")
     with pytest.raises(ValueError, match="T must be > 0"):
-        make_method("energy", T=0.0).score(split(LOGITS))
+        make_method("energy", T=0.0).score_samples(split(LOGITS))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -120,7 +120,7 @@ def test_non_finite_logits_get_one_clear_error(bad):
     logits[1, 2] = bad
     for name in ("msp", "maxlogit", "energy"):
         with pytest.raises(ValueError, match="toy/test: 1 of 2 samples have NaN or infinite logits \\(first row 1\\)"):
-            make_method(name).score(split(logits))
+            make_method(name).score_samples(split(logits))
 
 
 def head_split(features, logits, W, b, labels=None):
@@ -143,12 +143,12 @@ def test_every_method_is_the_same_on_a_split_of_many_row_blocks_and_on_its_piece
     features[-40:] = features[BLOCK_ROWS - 20:BLOCK_ROWS + 20]
     logits = features @ W.T + b  # once: the pieces below are rows of the same arrays
     method = make_method(name).fit(fit)
-    whole = method.score(head_split(features, logits, W, b))
-    reversed_ = method.score(head_split(features[::-1].copy(), logits[::-1].copy(), W, b))
-    pieces = [method.score(head_split(f, lg, W, b))
+    whole = method.score_samples(head_split(features, logits, W, b))
+    reversed_ = method.score_samples(head_split(features[::-1].copy(), logits[::-1].copy(), W, b))
+    pieces = [method.score_samples(head_split(f, lg, W, b))
               for f, lg in zip(np.split(features, [5, 1500]), np.split(logits, [5, 1500]))]
     with threadpool_limits(limits=1, user_api="blas"):
-        one_thread = method.score(head_split(features, logits, W, b))
+        one_thread = method.score_samples(head_split(features, logits, W, b))
     assert_batch_invariant(whole, reversed_[::-1])
     assert_batch_invariant(whole, pieces)
     assert_batch_invariant(whole, one_thread)

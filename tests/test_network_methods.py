@@ -13,9 +13,7 @@ from torch import nn
 
 from extract.backbones import Backbone, Preprocessing
 from extract.extraction import partial_folder
-from extract.network import (PENULTIMATE, EntryRows, Network, derive, derive_state, fgsm_inputs, gradnorm_loss, layer_means,
-                             mahalanobis_perturbed_confidences, network_tail, numpy_rows, odin_perturbed_inputs,
-                             per_sample_gradnorm)
+from extract.network import PENULTIMATE, EntryRows, Network, derive, derive_state, network_tail
 from harness.config import MethodRef, load_benchmark
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
@@ -23,6 +21,16 @@ from harness.resolution import RunOptions
 from methods import CACHE_ONLY_METHODS, METHODS, make_method, network_scores
 from methods.base import BLOCK_ROWS
 from methods.gradient_scores import gradnorm
+from methods.network_passes import (
+    fgsm_inputs,
+    gradnorm_loss,
+    layer_means,
+    mahalanobis_perturbed_confidences,
+    numpy_rows,
+    odin_outputs,
+    odin_perturbed_inputs,
+    per_sample_gradnorm,
+)
 from methods.network_scores import ensemble_score, fit_ensemble, tempered_msp
 from methods.shaping_scores import ash_b, react_clip
 from tests.conftest import assert_batch_invariant
@@ -161,7 +169,7 @@ def test_odin_epsilon_is_in_pixel_units_unless_asked_for_normalised_units():
         perturbed, _ = odin_perturbed_inputs(backbone.model, x, 1000.0, 0.002, step)
         moved = (x - perturbed) / 0.002  # in normalised units
         np.testing.assert_allclose(torch.abs(moved * (scale if space == "pixel" else 1)).numpy(), 1.0, rtol=1e-4)
-        outputs = network.odin_outputs(raw, 1000.0, 0.002, space)
+        outputs = odin_outputs(network, raw, 1000.0, 0.002, space)
         with torch.no_grad():
             np.testing.assert_allclose(outputs["logits"], backbone.model(perturbed).numpy(), atol=1e-6)
 
@@ -173,7 +181,7 @@ def test_odin_with_zero_epsilon_is_msp_at_temperature_T():
     with torch.no_grad():
         plain = backbone.model(backbone.preprocessing(raw)).numpy().astype(np.float64)
     for T in (1.0, 1000.0):
-        outputs = network.odin_outputs(raw, T, 0.0, "pixel")  # through the network: x - 0 * sign = x
+        outputs = odin_outputs(network, raw, T, 0.0, "pixel")  # through the network: x - 0 * sign = x
         expected = softmax(plain / T, axis=1).max(axis=1)
         np.testing.assert_allclose(tempered_msp(outputs["logits"], T), expected, rtol=1e-6)
         np.testing.assert_array_equal(outputs["predictions"], plain.argmax(axis=1))
@@ -260,7 +268,8 @@ def test_ash_at_the_penultimate_layer_through_the_network_equals_the_cache_only_
         derived = evaluation.derived_entry(backbone, network_method, label, entries[label])
         shaped = cache_only._logits(entries[label])  # W ash(v) + b from the cached features and head
         assert np.abs(derived.logits - shaped).max() <= 1e-4
-        np.testing.assert_allclose(network_method.score(derived), cache_only.score(entries[label]), atol=1e-4)
+        np.testing.assert_allclose(network_method.score_samples(derived), cache_only.score_samples(entries[label]),
+                                   atol=1e-4)
         np.testing.assert_array_equal(network_method.predict(derived), cache_only.predict(entries[label]))
 
 
@@ -285,7 +294,7 @@ def test_gradnorm_by_autograd_on_the_head_equals_the_closed_form_from_the_cache(
     for label in ("digits-test", "photo-patches"):
         derived = evaluation.derived_entry(backbone, method, label, entries[label])
         closed = gradnorm(entries[label].logits.astype(np.float64), entries[label].features.astype(np.float64), 2.0)
-        np.testing.assert_allclose(method.score(derived), closed, rtol=1e-5)
+        np.testing.assert_allclose(method.score_samples(derived), closed, rtol=1e-5)
 
 
 def test_symbolic_layers_are_keyed_by_the_modules_the_backbone_declares():
@@ -369,7 +378,7 @@ def test_a_network_method_without_a_network_or_with_a_bad_layer_gets_one_clear_e
     with pytest.raises(ValueError, match="odin: epsilon must be >= 0"):
         evaluation.scores(backbone, MethodRef("odin", {"epsilon": -1.0}), entries)
     with pytest.raises(ValueError, match="ash_layer scores the outputs of its own network pass .*not digits/test"):
-        make_method("ash_layer").score(entries["digits-test"])  # the plain entry would give energy's numbers
+        make_method("ash_layer").score_samples(entries["digits-test"])  # the plain entry would give energy's numbers
     with pytest.raises(ValueError, match="odin scores the outputs of its own network pass"):
         make_method("odin").predict(entries["digits-test"])
     with pytest.raises(ValueError, match="unknown variant 'q'"):
@@ -390,7 +399,7 @@ def test_mahalanobis_ensemble_is_tuned_on_held_out_fit_images_and_scored_from_it
     method.load_state(state)
     derived = evaluation.derived_entry(backbone, method, "digits-test", entries["digits-test"], fit)
     assert derived.array("confidences").shape == (len(entries["digits-test"]), 2)
-    np.testing.assert_array_equal(scored["digits-test"].scores, method.score(derived))
+    np.testing.assert_array_equal(scored["digits-test"].scores, method.score_samples(derived))
     forwards.clear()
     evaluation.scores(backbone, MethodRef("mahalanobis_ens", {"holdout": 200}), entries)
     assert forwards == []  # state, outputs and scores all cached
@@ -456,7 +465,7 @@ def test_a_network_method_scores_its_derived_entry_the_same_shuffled_or_cut(name
 
     def score(rows):
         entry = {key: array[rows] for key, array in arrays.items()}
-        return method.score(SimpleNamespace(meta={"kind": "derived", "method": name}, name="toy/derived",
+        return method.score_samples(SimpleNamespace(meta={"kind": "derived", "method": name}, name="toy/derived",
                                             logits=entry["logits"], features=entry["features"], array=entry.get))
 
     whole = score(slice(None))

@@ -31,8 +31,9 @@ def write_cifar(root, name="cifar10", n=12, seed=0):
             ("batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
         test_file = "test_batch"
     else:
-        folder, batch, meta = root / "cifar-100-python", {"data": rows, "fine_labels": labels, "coarse_labels": labels}, \
-            ("meta", {"fine_label_names": [f"f{i}" for i in range(100)]})
+        folder, batch, meta = (root / "cifar-100-python",
+                               {"data": rows, "fine_labels": labels, "coarse_labels": labels},
+                               ("meta", {"fine_label_names": [f"f{i}" for i in range(100)]}))
         test_file = "test"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / test_file).write_bytes(pickle.dumps(batch, protocol=2))
@@ -91,7 +92,8 @@ def test_cifar_download_goes_through_torchvision_into_the_data_root(tmp_path, mo
         raise RuntimeError("no network")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", failing)
-    with pytest.raises(DatasetUnavailable, match="downloading dataset 'cifar10' with torchvision .* failed: no network"):
+    with pytest.raises(DatasetUnavailable,
+                       match="downloading dataset 'cifar10' with torchvision .* failed: no network"):
         load_dataset("cifar10", "test", data_root=tmp_path / "other", download=True)
 
 

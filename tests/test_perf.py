@@ -6,9 +6,20 @@ import numpy as np
 import pytest
 
 from extract.store import CachedSplit, FeatureStore
-from harness.perf import (IMAGENET_SHAPE, SCALE_KNN_SETTINGS, measure_network, measure_reinference, measure_scale,
-                          peak_resident_bytes, reset_peak_resident, scale_methods, scaled_shape, time_method,
-                          touch_memory, write_synthetic_cache)
+from harness.perf import (
+    IMAGENET_SHAPE,
+    SCALE_KNN_SETTINGS,
+    measure_network,
+    measure_reinference,
+    measure_scale,
+    peak_resident_bytes,
+    reset_peak_resident,
+    scale_methods,
+    scaled_shape,
+    time_method,
+    touch_memory,
+    write_synthetic_cache,
+)
 from harness.resolution import RunOptions
 from methods import CACHE_ONLY_METHODS
 

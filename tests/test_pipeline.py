@@ -21,14 +21,15 @@ from sklearn.metrics import roc_auc_score
 
 from extract.backbones import DigitsNet
 from extract.store import CachedSplit, CacheMissing
-from tests.conftest import files, only_a_record_was_added, oodbench
-from tests.test_backbones import option_a_checkpoint
-from tests.test_datasets import write_cifar_jpeg_tree
-from methods import METHODS as REGISTERED_METHODS, Method, make_method
 from harness.config import BENCHMARK_DIR, MethodRef, load_benchmark
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
 from harness.resolution import RunOptions
+from methods import METHODS as REGISTERED_METHODS
+from methods import Method, make_method
+from tests.conftest import files, only_a_record_was_added, oodbench
+from tests.test_backbones import option_a_checkpoint
+from tests.test_datasets import write_cifar_jpeg_tree
 
 METHODS = tuple(sorted(REGISTERED_METHODS))  # the digits benchmark runs every registered method
 OOD_SETS = {"digits-6to9": "digits.ood", "photo-patches": "photo-patches.test", "gaussian": "gaussian.test"}
@@ -347,8 +348,8 @@ def test_a_registry_architecture_with_a_checkpoint_under_the_data_root_runs_end_
                   backbones=[{"name": "resnet20", "arch": "cifar-resnet20",
                               "checkpoint": "{data_root}/ckpt/resnet20-*.th"}])
     bench = write_yaml(tmp_path / "tiny-cifar.yaml", config)
-    argv = ("run", bench, "--data-root", tmp_path / "data", "--cache-dir", tmp_path / "cache", "--out", tmp_path / "out",
-            "--quiet")
+    argv = ("run", bench, "--data-root", tmp_path / "data", "--cache-dir", tmp_path / "cache",
+            "--out", tmp_path / "out", "--quiet")
     code, out, err = oodbench(capsys, *argv)
     assert code == 0, err
     board = read_board(tmp_path / "out" / "cifar10-jpeg" / "resnet20" / "leaderboard.csv")

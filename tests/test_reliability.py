@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import harness.cli
+import harness.evaluation
 from extract.backbones import DigitsNet
 from extract.training import cached_weights
 from extract.weights import load_checked, save_checked
@@ -91,7 +92,7 @@ def test_damaged_weights_files_are_moved_aside(warm, tmp_path, caplog, damage):
 
 
 def test_damaged_weights_are_not_retrained_by_score(warm, cache_copy, tmp_path, capsys, forwards):
-    """``score`` never trains: damaged weights are moved aside and it says what to run."""
+    """``score_samples`` never trains: damaged weights are moved aside and it says what to run."""
     [weights] = cache_copy.glob("weights/digits-net-seed0-*.pt")
     flip_bytes_in_the_middle(weights)
     code, _, err = oodbench(capsys, "score", "digits", "--method", "energy", "--cache-dir", cache_copy,
@@ -107,7 +108,8 @@ def test_weights_files_carry_a_checksum_of_every_value(tmp_path):
     contents = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3)}, "record": {"history": [{"acc": 0.5}]}}
     save_checked(contents, path)
     loaded = load_checked(path)
-    assert torch.equal(loaded["state_dict"]["w"], contents["state_dict"]["w"]) and loaded["record"] == contents["record"]
+    assert (torch.equal(loaded["state_dict"]["w"], contents["state_dict"]["w"])
+            and loaded["record"] == contents["record"])
     plain = torch.load(path, weights_only=True)  # still a plain torch file
     assert set(plain) == {"state_dict", "record", "format", "checksum"}
     for edit in (lambda s: s["state_dict"]["w"].__setitem__((0, 0), 1e-30),
@@ -337,14 +339,14 @@ def test_a_folder_option_that_is_a_file(tmp_path, capsys, option, under):
 def test_workers_and_jobs_are_capped_at_the_cpu_count(capsys, monkeypatch):
     monkeypatch.setattr(harness.cli, "usable_cpus", lambda: 2)
     args = build_parser().parse_args(["run", "digits", "--workers", "100000", "--jobs", "64"])
-    assert harness.cli._options(args).workers == 2
-    assert harness.cli._grid(args).jobs == 2
+    assert harness.cli._bench(args).options.workers == 2
+    assert harness.cli._grid(args)["jobs"] == 2
     err = capsys.readouterr().err
     assert "note: --workers 100000 is more than the 2 CPUs available; using 2" in err
     assert "note: --jobs 64 is more than the 2 CPUs available; using 2" in err
     cluster = build_parser().parse_args(["run", "digits", "--jobs", "64", "--backend", "dask",
                                          "--scheduler", "tcp://head:8786"])
-    assert harness.cli._grid(cluster).jobs == 64  # a cluster's workers are not this machine's
+    assert harness.cli._grid(cluster)["jobs"] == 64  # a cluster's workers are not this machine's
 
 
 def test_global_options_before_and_after_the_command():
@@ -369,7 +371,7 @@ def test_quiet_before_the_command_runs(cache_copy, tmp_path, capsys):
 def test_ctrl_c_is_one_line_and_exit_130(cache_copy, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(harness.cli.Evaluation, "evaluate", interrupted)
+    monkeypatch.setattr(harness.evaluation.Evaluation, "evaluate", interrupted)
     code, _, err = oodbench(capsys, "score", "digits", "--method", "energy", "--cache-dir", cache_copy,
                             "--out", tmp_path / "out")
     assert code == 130

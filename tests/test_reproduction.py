@@ -9,6 +9,7 @@ import yaml
 
 import results.reproduction as reproduction
 from harness.config import available_benchmarks, load_benchmark
+from harness.evaluation import method_label
 from results.leaderboard import build_leaderboard
 from results.reproduction import load_published, reproduction_frame, write_reproduction
 from tests.conftest import oodbench
@@ -31,7 +32,7 @@ def write_published(path, *tables):
 
 
 def test_packaged_published_values_load_with_their_cells(tmp_path):
-    tables = {t.id: t for t in load_published()}
+    tables = {t.id: t for t in load_published(method_label)}
     assert len(tables) == 8
     ash = {row.paper_method: row for row in tables["ash-table1-resnet50"].rows}
     assert ash["ASH-S@90"].method == "ash_s" and ash["ASH-P@60"].method == "ash_p(p=60)"
@@ -48,7 +49,7 @@ def test_packaged_published_values_load_with_their_cells(tmp_path):
 def test_published_tables_name_packaged_benchmarks_sets_and_backbones():
     """Every table names a packaged benchmark, maps its columns to that file's OOD labels and its
     rows to that file's backbones."""
-    for table in load_published():
+    for table in load_published(method_label):
         assert table.benchmark in available_benchmarks(), table.id
         bench = load_benchmark(table.benchmark)
         labels = {ref.label for ref in bench.ood} | {"avg", "ID"}
@@ -69,12 +70,12 @@ def test_malformed_published_tables_say_what_is_wrong(tmp_path, change, message)
     table = yaml.safe_load(yaml.safe_dump(TABLE))
     change(table)
     with pytest.raises(ValueError) as err:
-        load_published(write_published(tmp_path / "published.yaml", table))
+        load_published(method_label, write_published(tmp_path / "published.yaml", table))
     assert message in str(err.value) and "toy-table" in str(err.value)
 
 
 def test_frame_puts_the_seed_mean_beside_the_paper_with_the_difference(tmp_path):
-    [table] = load_published(write_published(tmp_path / "published.yaml", TABLE))
+    [table] = load_published(method_label, write_published(tmp_path / "published.yaml", TABLE))
     board = build_leaderboard(make_metrics())  # energy and msp, seeds 0 and 1, on cifar100/tin/svhn
     frame = reproduction_frame(table, {"resnet18": board})
     energy, msp, energy_t2 = (frame.iloc[i] for i in range(3))
@@ -108,7 +109,8 @@ def test_frame_puts_the_seed_mean_beside_the_paper_with_the_difference(tmp_path)
 
 def test_a_run_of_a_benchmark_a_table_names_writes_the_reproduction(warm, cache_copy, tmp_path, capsys, monkeypatch):
     table = {"id": "digits-paper", "source": "A digits paper, Table 1", "benchmark": "digits",
-             "backbone": "digits-net", "metrics": ["fpr95", "auroc"], "columns": {"Gaussian": "gaussian", "Mean": "avg"},
+             "backbone": "digits-net", "metrics": ["fpr95", "auroc"],
+             "columns": {"Gaussian": "gaussian", "Mean": "avg"},
              "rows": [{"paper": "Energy", "method": "energy", "values": {"Gaussian": "10.00/90.00", "Mean": "20/80"}}]}
     monkeypatch.setattr(reproduction, "PUBLISHED_FILE", write_published(tmp_path / "published.yaml", table))
     code, out, err = oodbench(capsys, "leaderboard", "digits", "--cache-dir", cache_copy, "--out", tmp_path / "out",

@@ -14,8 +14,19 @@ from extract.extraction import extract
 from extract.store import FeatureStore
 from extract.training import Recipe, train_backbone
 from methods import METHODS, make_method
-from methods.shaping_scores import (ash_b, ash_keep_count, ash_logits, ash_p, ash_rand, ash_s, dice_logits,
-                                    dice_mask, dice_react_logits, react_logits, react_threshold)
+from methods.shaping_scores import (
+    ash_b,
+    ash_keep_count,
+    ash_logits,
+    ash_p,
+    ash_rand,
+    ash_s,
+    dice_logits,
+    dice_mask,
+    dice_react_logits,
+    react_logits,
+    react_threshold,
+)
 from tests.conftest import assert_batch_invariant
 
 SHAPING = ["react", "dice", "dice_react", "ash_p", "ash_b", "ash_s", "ash_rand"]
@@ -59,9 +70,9 @@ def test_react_source_validated_and_unfitted_errors():
     make_method("react", source="val").fit(split)
     for name in ("react", "dice", "dice_react"):
         with pytest.raises(ValueError, match="fit"):
-            make_method(name).score(split)
+            make_method(name).score_samples(split)
     with pytest.raises(ValueError, match="percentile"):
-        make_method("ash_p", p=101.0).score(split)
+        make_method("ash_p", p=101.0).score_samples(split)
 
 
 # ---------------------------------------------------------------- hand-worked values
@@ -113,7 +124,7 @@ def test_ash_p100_zeros_and_all_zero_sample():
     np.testing.assert_array_equal(ash_b(np.zeros((2, 10)), 90.0), 0.0)
     split = fake_split(np.zeros((3, 10)), np.ones((2, 10)), [0.0, 1.0])
     for name in ASH:
-        assert np.all(np.isfinite(make_method(name).score(split)))
+        assert np.all(np.isfinite(make_method(name).score_samples(split)))
 
 
 def test_dice_hand_worked_global_threshold():
@@ -131,7 +142,7 @@ def test_dice_hand_worked_global_threshold():
     method = make_method("dice", p=50.0).fit(fit)
     np.testing.assert_array_equal(method.mask_, mask)
     test = fake_split(v, W, b)
-    np.testing.assert_allclose(method.score(test), logsumexp([13.1, 3.8]))
+    np.testing.assert_allclose(method.score_samples(test), logsumexp([13.1, 3.8]))
     assert method.predict(test).tolist() == [0]
 
 
@@ -147,9 +158,9 @@ def test_react_hand_worked():
     # [5, 1] -> [4.5, 1] -> [4.5, 1, 6.5]; [0, 6] -> [0, 4.5] -> [0, 4.5, 5.5]
     expected = np.array([[4.5, 1.0, 6.5], [0.0, 4.5, 5.5]])
     np.testing.assert_allclose(react_logits(test.features, W, b, method.c_), expected)
-    np.testing.assert_allclose(method.score(test), logsumexp(expected, axis=1))
+    np.testing.assert_allclose(method.score_samples(test), logsumexp(expected, axis=1))
     assert method.predict(test).tolist() == [2, 2]
-    assert method.score(test).dtype == np.float64
+    assert method.score_samples(test).dtype == np.float64
 
 
 # ---------------------------------------------------------------- purity and batch independence
@@ -159,7 +170,7 @@ def test_no_mutation_and_batch_independence(name):
     fit, test = random_split(1), random_split(2)
     copies = [fit.features.copy(), test.features.copy(), fit.head[0].copy(), test.head[0].copy()]
     method = make_method(name).fit(fit)
-    full_scores, full_pred = method.score(test), method.predict(test)
+    full_scores, full_pred = method.score_samples(test), method.predict(test)
     np.testing.assert_array_equal(fit.features, copies[0])
     np.testing.assert_array_equal(test.features, copies[1])
     np.testing.assert_array_equal(fit.head[0], copies[2])
@@ -167,18 +178,18 @@ def test_no_mutation_and_batch_independence(name):
     assert full_scores.dtype == np.float64 and np.all(np.isfinite(full_scores))
     order = np.random.default_rng(0).permutation(len(test.features))
     shuffled = fake_split(test.features[order], *test.head)
-    assert_batch_invariant(full_scores[order], method.score(shuffled))
+    assert_batch_invariant(full_scores[order], method.score_samples(shuffled))
     # the argmax of logits that agree to rounding: equal unless two logits of a sample are that close
     np.testing.assert_array_equal(method.predict(shuffled), full_pred[order])
     halves = [fake_split(part, *test.head) for part in np.array_split(test.features, [7])]
-    assert_batch_invariant(full_scores, [method.score(h) for h in halves])
+    assert_batch_invariant(full_scores, [method.score_samples(h) for h in halves])
 
 
 @pytest.mark.parametrize("name", SHAPING)
 def test_score_and_predict_shapes_once_and_equals_the_separate_calls(name, monkeypatch):
     fit, test = random_split(3), random_split(4)
     method = make_method(name).fit(fit)
-    expected = method.score(test), method.predict(test)
+    expected = method.score_samples(test), method.predict(test)
     calls = []
     original = type(method)._blocks
     monkeypatch.setattr(type(method), "_blocks", lambda self, split: calls.append(1) or original(self, split))
@@ -262,7 +273,7 @@ def assert_equivalent(method, split, hooked, atol=1e-4):
     cache_logits = method._logits(split)
     assert np.max(np.abs(cache_logits - hooked)) <= atol
     np.testing.assert_array_equal(method.predict(split), hooked.argmax(axis=1))
-    np.testing.assert_allclose(method.score(split), logsumexp(hooked, axis=1), rtol=0, atol=atol)
+    np.testing.assert_allclose(method.score_samples(split), logsumexp(hooked, axis=1), rtol=0, atol=atol)
     return cache_logits
 
 

@@ -87,7 +87,7 @@ def test_two_processes_at_once_give_the_entries_of_one_process(tmp_path, capsys)
     processes = [shard_process(bench, tmp_path / "sharded", "0/2"),
                  shard_process(bench, tmp_path / "sharded", None, {"RANK": "1", "WORLD_SIZE": "2"})]
     outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (out, err) in zip(processes, outputs):
+    for process, (_out, err) in zip(processes, outputs):
         assert process.returncode == 0, err
     assert "shard 0/2: digits-net seed 0:" in outputs[0][0] and "shard 1/2: digits-net seed 0:" in outputs[1][0]
     single = sorted(p.relative_to(tmp_path / "single") for p in (tmp_path / "single").rglob("*.h5"))

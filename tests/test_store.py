@@ -336,7 +336,7 @@ def test_cached_split_detects_damage_on_first_read(tmp_path):
     entry = CachedSplit(path)
     flip_byte(path, data_offset(path, "features") + 1)
     with pytest.raises(CacheCorrupt):
-        entry.features
+        _ = entry.features
 
 
 # ---------------------------------------------------------------- the store: paths, ls, rm

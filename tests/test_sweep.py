@@ -103,7 +103,7 @@ def test_every_swept_parameter_refits_and_changes_the_scores(warm, tmp_path):
                     scored = evaluation.derived_entry(backbone, method, "digits-test", test, fit)
                 else:
                     scored = test
-                fresh = method.fit(fit).score(scored)
+                fresh = method.fit(fit).score_samples(scored)
                 np.testing.assert_allclose(cached, fresh, rtol=1e-12, atol=1e-12, err_msg=f"{name} {axis}={value}")
                 scores.append(cached)
             assert not np.allclose(*scores), f"{name}: {axis} = {values[0]} and {values[1]} score alike"
