@@ -1,6 +1,7 @@
 # make benchmark : create/reuse the virtual environment, make sure Fashion-MNIST is present,
 #                  run the default benchmark offline and print where the leaderboard is.
-# make test      : the whole test suite (make test-fast skips the slow end-to-end tests).
+# make test      : ruff, then the whole test suite (make test-fast skips the slow end-to-end tests).
+# make docs      : the documentation site (MkDocs, strict: a broken link fails) in site/.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,11 +12,11 @@ ifneq ($(strip $(DATA_ROOT)),)
 export OODBENCH_DATA_ROOT := $(abspath $(DATA_ROOT))
 endif
 
-.PHONY: benchmark test test-fast install data perf clean
+.PHONY: benchmark test test-fast lint install data perf docs clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,docs]"
 	@touch $@
 
 install: $(VENV)/.installed
@@ -41,14 +42,21 @@ benchmark: data
 	$(BIN)/oodbench run fashion-mnist --out $(OUT)
 	@echo "leaderboard: $(OUT)/fashion-mnist/cnn28/leaderboard.{md,csv,tex}, report: $(OUT)/fashion-mnist/report.md"
 
-test: install
+test: lint
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# ruff (its rules are in pyproject.toml); make test runs it first
+lint: install
+	$(BIN)/ruff check .
+
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache site
 
 perf: data
 	$(BIN)/python -m harness.perf --out $(OUT)/perf.json
