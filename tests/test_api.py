@@ -106,6 +106,7 @@ def test_network_methods_are_scored_through_the_bench():
         ob.score("odin", splits)
 
 
+@pytest.mark.slow
 def test_evaluate_an_in_memory_model_without_yaml(tmp_path, forwards):
     torch.manual_seed(0)
     model = digits_net()

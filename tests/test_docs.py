@@ -80,6 +80,7 @@ def test_python_blocks_parser(tmp_path):
     assert python_blocks(page) == [(4, "x = 1\n"), (18, "y = x + 1\n")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", EXECUTED_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
 def test_docs_examples_run(page, tmp_path, monkeypatch, cache_copy):
     """Each page's ```python blocks run in order in one fresh namespace, in a temporary working

@@ -52,6 +52,7 @@ def plugins(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow
 def test_example_plugin_scores_sweeps_and_runs_through_the_cli(cache_copy, tmp_path, capsys, plugins, forwards):
     out = tmp_path / "out"
     code, printed, err = oodbench(capsys, "score", "digits", "--method", EXAMPLE, "--param", "top=2",
@@ -92,6 +93,7 @@ def score_files(cache: Path, name: str) -> dict[Path, float]:
     return {p: p.stat().st_mtime_ns for p in cache.glob(f"*/scores/{name}.*.h5")}
 
 
+@pytest.mark.slow
 def test_editing_a_plugin_rescores_it_and_nothing_else(cache_copy, tmp_path, capsys, plugins, monkeypatch):
     body = """
     class Plugin(Method):
@@ -274,6 +276,7 @@ def test_builtins_keep_their_cache_keys_and_plugins_are_keyed_by_code():
     assert len(Doubled.code_key()) == 16
 
 
+@pytest.mark.slow
 def test_the_console_script_finds_a_plugin_in_the_current_folder_and_its_workers_too(cache_copy, tmp_path):
     """`oodbench` (a console script: the current folder is not on its path) run from the plugin's
     folder, with the scoring grid in two worker processes that import the plugin again."""
@@ -318,6 +321,7 @@ class Plugin(NetworkMethod):
 """
 
 
+@pytest.mark.slow
 def test_a_network_plugin_uses_the_derived_entries_like_the_builtins(cache_copy, tmp_path, capsys, plugins,
                                                                      forwards, monkeypatch):
     import sys
