@@ -761,8 +761,10 @@ BIT_NORM = Preprocessing(input_size=480, channels=3, mean=(0.5, 0.5, 0.5), std=(
 # shaping_layer: before_head.gn, the final GroupNorm's output before its ReLU (signed), as the WRN's bn1 in
 # the same pre-activation layout. Not body.block4: GN(c * h) = GN(h) for any per-sample c > 0, so ASH-S's and
 # ASH-B's rescaling there would be divided out again.
+# layers: the root (conv, pad, max pool) and the four stages, GradNorm's five Mahalanobis layers (its
+# ResNetV2.intermediate_forward 'all'; METHODS.md 1.5(a)), what mahalanobis_ens's layers='backbone' stands for.
 @register_backbone("bit-s-r101x1", preprocessing=BIT_NORM, head="head.conv",
-                   layers=("body.block1", "body.block2", "body.block3", "body.block4"),
+                   layers=("root", "body.block1", "body.block2", "body.block3", "body.block4"),
                    shaping_layer="before_head.gn",
                    description="BiT-S-R101x1 (Kolesnikov et al. 2020; MOS, GradNorm): ResNet-v2 101, GroupNorm + "
                                "weight standardisation, 480x480 inputs, 2048-d GAP feature, 1x1-conv head; weights "

@@ -191,25 +191,32 @@ class PosteriorSampling(nn.Module):
     features z (the input of the module ``head``) of the current network, with targets -``conf``
     (ID) and +``conf`` (outliers) plus noise n ~ N(0, sigma_n = 0.5), gives the posterior N(mu, Sigma)
     (``bayesian_posterior``); a Thompson sample beta of it chooses the ``keep`` outliers of the pool
-    with the smallest |beta^T z|. Simplification: the regression's data are the outliers chosen for
-    the previous epoch and as many seeded random ID samples (POEM buffers the last 4 epochs); in
-    the first epoch there are none, so beta comes from the prior N(0, sigma I), sigma = 20.
+    with the smallest |beta^T z|. The regression's data, as POEM's buffer of BUF_SIZE = ``buffer``
+    (4) epochs: the outliers chosen in the last ``buffer`` epochs (features recomputed by the current
+    network) and, as the official code repeats its ID images once per buffered epoch, ``keep``
+    seeded random ID samples repeated as often. In the first epoch there are none, so beta comes
+    from the prior N(0, sigma I), sigma = 20. Differences from the official code: its ID images are
+    the whole training set (here a seeded sample of ``keep``, drawn anew each epoch), its noise one
+    scalar drawn once (here one draw per target and epoch), and its buffered outliers the augmented
+    crops trained on (here the pool's rows).
 
     State: the posterior is recomputed from scratch each epoch from the network's current weights,
-    the buffer ``selected`` (the previous epoch's choice, in ``state_dict()``, which
+    the buffer ``selected`` (row e mod ``buffer`` holds epoch e's choice; in ``state_dict()``, which
     ``train_epochs`` saves to resume) and the epoch's seeded generator, so a resumed run picks the
     same outliers. Only ``network`` is exported.
     """
 
     def __init__(self, network: nn.Module, head: str, inputs: torch.Tensor, pool: torch.Tensor, *, keep: int,
-                 conf: float, device: str):
+                 conf: float, device: str, buffer: int = 4):
         super().__init__()
         if not 1 <= keep <= len(pool):
             raise ValueError(f"POEM keeps poem_keep = {keep} of {len(pool)} auxiliary outliers; it must lie in "
                              f"[1, {len(pool)}]")
+        if buffer < 1:
+            raise ValueError(f"POEM's regression buffers poem_buffer = {buffer} epochs of outliers; it must be >= 1")
         self.network, self.head, self.conf, self.device = network, head, conf, device
         self.inputs, self.pool = inputs, pool  # plain attributes: not part of the state
-        self.register_buffer("selected", torch.zeros(keep, dtype=torch.long))
+        self.register_buffer("selected", torch.zeros(buffer, keep, dtype=torch.long))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.network(inputs)
@@ -226,21 +233,28 @@ class PosteriorSampling(nn.Module):
         return torch.cat(parts)
 
 
+def poem_buffered(model: PosteriorSampling, epoch: int) -> torch.Tensor:
+    """The pool rows POEM's regression uses at the start of ``epoch``: the choices of the last
+    min(epoch, buffer) epochs (row e mod buffer of ``selected`` holds epoch e's), in row order."""
+    return model.selected[:min(epoch, len(model.selected))].flatten().cpu()
+
+
 def poem_selection(model: PosteriorSampling, epoch: int, generator: torch.Generator) -> torch.Tensor:
     """This epoch's outliers (rows of the pool) by Thompson sampling (see ``PosteriorSampling``)."""
     pool = model.features(model.pool)
     dim = pool.shape[1]
-    if epoch == 0:  # no data yet: the prior N(0, sigma I)
+    buffered, keep = poem_buffered(model, epoch), model.selected.shape[1]
+    if not len(buffered):  # no data yet: the prior N(0, sigma I)
         mu, covariance = torch.zeros(dim, dtype=torch.float64), POEM_SIGMA * torch.eye(dim, dtype=torch.float64)
     else:
-        count = len(model.selected)
-        rows = torch.randint(len(model.inputs), (count,), generator=generator)
-        features = torch.cat([model.features(model.inputs[rows]), pool[model.selected.cpu()]])
+        count, epochs = len(buffered), len(buffered) // keep
+        rows = torch.randint(len(model.inputs), (keep,), generator=generator)
+        features = torch.cat([model.features(model.inputs[rows]).repeat(epochs, 1), pool[buffered]])
         targets = torch.cat([torch.full((count,), -model.conf), torch.full((count,), model.conf)]).double()
         noise = math.sqrt(POEM_SIGMA_N) * torch.randn(2 * count, generator=generator, dtype=torch.float64)
         mu, covariance = bayesian_posterior(features, targets + noise)
-    chosen = boundary_outliers(pool, thompson_sample(mu, covariance, generator), len(model.selected))
-    model.selected.copy_(chosen)
+    chosen = boundary_outliers(pool, thompson_sample(mu, covariance, generator), keep)
+    model.selected[epoch % len(model.selected)].copy_(chosen)
     return chosen
 
 
@@ -259,8 +273,8 @@ def finetune_backbone(name: str, base: Backbone, recipe: FineTuneRecipe, train_s
     None when it is not cached and ``compute`` is false.
 
     The record adds to ``train_epochs``'s the base backbone's key, zeta (given or estimated, with
-    the mask fraction) and, for POEM, ``poem_keep`` (the outliers chosen per epoch). ``base``
-    itself is left untouched (its model is copied).
+    the mask fraction) and, for POEM, ``poem_keep`` (the outliers chosen per epoch: by default 1/8 of
+    the pool, ``FineTuneRecipe.poem_kept``). ``base`` itself is left untouched (its model is copied).
     """
     final = finetune_path(weights_dir, name, base, recipe, train_set, outlier_set, num_classes, seed)
     saved = cached_weights(final)
@@ -309,9 +323,10 @@ def finetune_backbone(name: str, base: Backbone, recipe: FineTuneRecipe, train_s
         step = doe_step
     elif recipe.objective == "poem":
         head = dict(model.named_modules())[base.head]
-        keep = recipe.poem_keep or max(1, len(outliers) // 2)
+        keep = recipe.poem_kept(len(outliers))
         network = PosteriorSampling(network, next(n for n, m in network.named_modules() if m is head), inputs,
-                                    outliers, keep=keep, conf=recipe.poem_conf, device=device)
+                                    outliers, keep=keep, conf=recipe.poem_conf, device=device,
+                                    buffer=recipe.poem_buffer)
         before_epoch = poem_selection
         record["poem_keep"] = keep
     if recipe.objective in ("doe", "poem"):  # export the network without the objective's state

@@ -3,8 +3,9 @@ fine-tuning, DOE's extrapolation direction and POEM's posterior sampling (METHOD
 The loss functions are small and pure; the loop that uses them is ``methods.finetuning``.
 Imports torch (the scoring methods of this package do not).
 
-Mask convention (METHODS.md 6.1): a keep fraction ``keep`` zeroes the j = floor((1 - keep) * numel)
-entries of a layer with the smallest |score| and keeps the rest; UM's delta = 0.975 keeps 97.5%.
+Mask convention (METHODS.md 6.1): a keep fraction ``keep`` zeroes the j = int((1 - keep) * numel)
+entries of a layer with the smallest |score| (the float product truncated, as edge-popup's GetSubnet)
+and keeps the rest; UM's delta = 0.975 keeps 97.5%.
 """
 from __future__ import annotations
 
@@ -37,12 +38,13 @@ def popup_scores(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
 
 
 def keep_mask(scores: torch.Tensor, keep: float) -> torch.Tensor:
-    """1 for the entries kept, 0 for the j = floor((1 - keep) * numel) entries with the smallest
-    |score| (the edge-popup rule, per layer)."""
+    """1 for the entries kept, 0 for the j = int((1 - keep) * numel) entries with the smallest
+    |score| (the edge-popup rule, per layer: allenai/hidden-networks' GetSubnet truncates the float
+    product, so j is one less than the exact floor when the product lands just under an integer)."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"the kept fraction must lie in (0, 1], got {keep}")
     flat = scores.detach().abs().flatten()
-    dropped = int(math.floor((1.0 - keep) * flat.numel() + 1e-9))  # 1e-9: (1 - 0.975) * 400 is 9.999..., not 10
+    dropped = int((1.0 - keep) * flat.numel())  # as GetSubnet: (1 - 0.8) * 640 = 127.99999999999997 drops 127
     mask = torch.ones_like(flat)
     mask[flat.argsort()[:dropped]] = 0.0
     return mask.view_as(scores)

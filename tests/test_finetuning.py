@@ -13,11 +13,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import extract.training as training
+import methods.finetuning as finetuning
 from extract.backbones import get_backbone_spec, registered_backbone
 from extract.datasets import load_dataset
-from extract.finetuning import FineTuneRecipe
+from extract.finetuning import FineTuneRecipe, mask_count_changed
 from extract.training import Recipe, train_backbone
-from methods.finetuning import DiversifiedOutlierExposure, PopupNetwork, doe_step, finetune_backbone
+from methods.finetuning import (
+    DiversifiedOutlierExposure,
+    PopupNetwork,
+    PosteriorSampling,
+    doe_step,
+    finetune_backbone,
+    poem_selection,
+)
 from methods.training_objectives import (
     bayesian_posterior,
     boundary_outliers,
@@ -103,20 +111,56 @@ def test_outlier_losses_match_hand_computed_values():
 
 
 @pytest.mark.parametrize("keep", [0.975, 0.97, 0.8, 0.5, 1.0])
-def test_masks_drop_exactly_floor_of_one_minus_keep_of_every_layer(keep):
+def test_masks_drop_exactly_int_of_one_minus_keep_of_every_layer(keep):
     model = Tiny()
     scores = popup_scores(model, seed=3)
     assert set(scores) == set(masked_layers(model)) == {"conv", "fc"}
     for _name, score in scores.items():
         mask = keep_mask(score, keep)
         numel = score.numel()
-        assert int((mask == 0).sum()) == math.floor((1 - Fraction(str(keep))) * numel)  # exact arithmetic
+        assert int((mask == 0).sum()) == int((1 - keep) * numel)  # GetSubnet's j, in floating point
         dropped, kept = score.abs()[mask == 0].numpy(), score.abs()[mask == 1].numpy()
         assert dropped.max(initial=0) <= kept.min()  # the smallest |s| are dropped
     fan_in = model.fc.weight.shape[1]  # kaiming-uniform(a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert scores["fc"].abs().max() <= 1 / math.sqrt(fan_in)
     assert all(torch.equal(a, b) for a, b in zip(scores.values(), popup_scores(model, seed=3).values()))
     assert not torch.equal(scores["fc"], popup_scores(model, seed=4)["fc"])
+
+
+def test_masks_truncate_the_float_product_as_the_official_get_subnet():
+    """allenai/hidden-networks' GetSubnet zeroes j = int((1 - k) * numel) scores, the float product
+    truncated: where it lands just under an integer, one fewer than the exact floor (and than the
+    former floor(x + 1e-9)). Worked by hand: (1 - 0.9) * 10 = 0.9999999999999998, so a 10-weight
+    layer keeping 90% drops none; (1 - 0.8) * 640 = 127.99999999999997 (cnn28's 64 x 10 head keeping
+    80%, UMAP's default) drops 127, the 127 smallest |s|; (1 - 0.975) * 400 = 10.000000000000009
+    drops 10."""
+    assert (1 - 0.9) * 10 < 1 and (1 - 0.8) * 640 < 128 and (1 - 0.975) * 400 > 10  # the floating point
+    assert math.floor((1 - Fraction("0.9")) * 10) == 1 and math.floor((1 - Fraction("0.8")) * 640) == 128
+    assert torch.equal(keep_mask(torch.arange(1.0, 11.0), 0.9), torch.ones(10))
+    scores = -torch.arange(1.0, 641.0).view(10, 64)  # |s| = 1 ... 640
+    mask = keep_mask(scores, 0.8)
+    assert mask.shape == (10, 64) and int((mask == 0).sum()) == 127
+    assert torch.equal(mask.flatten(), (torch.arange(1.0, 641.0) > 127).float())
+    assert int((keep_mask(torch.arange(1.0, 401.0), 0.975) == 0).sum()) == 10
+    assert torch.equal(popup_mask(scores, 0.8), mask)  # UMAP's straight-through mask: the same rule
+
+
+def test_the_mask_rule_keys_the_weights_whose_mask_count_can_change():
+    """The rounding of the mask count changed (issue 17): the weights of a recipe whose mask fraction
+    can give another count (UMAP's default keep 0.8) are keyed anew; the others keep their keys
+    (UM's delta 0.975, 0.97, 0.965), and for those the two rules agree on every layer size."""
+    n = np.arange(1, 200_001, dtype=np.float64)
+    for keep in (0.975, 0.97, 0.965, 0.95, 0.5, 0.6, 0.99):
+        assert not mask_count_changed(keep)
+        assert np.array_equal(np.trunc((1 - keep) * n), np.floor((1 - keep) * n + 1e-9)), keep
+    assert mask_count_changed(0.8) and mask_count_changed(0.9)
+    for masked in (FineTuneRecipe(epochs=1, forget="umap"), FineTuneRecipe(epochs=1, forget="umap", zeta=0.1),
+                   FineTuneRecipe(epochs=1, forget="um", delta=0.9)):
+        assert masked.identity()["mask_count"] == "int"
+    for kept in (FineTuneRecipe(epochs=1), FineTuneRecipe(epochs=1, forget="um"),
+                 FineTuneRecipe(epochs=1, forget="um", zeta=0.1), FineTuneRecipe(epochs=1, forget="umap", keep=0.5),
+                 FineTuneRecipe(epochs=1, objective="oe", outliers="digits-ood", forget="um", delta=0.97)):
+        assert "mask_count" not in kept.identity()
 
 
 def test_zeta_is_the_mean_cross_entropy_of_the_seeded_masked_model_and_reproducible():
@@ -233,8 +277,10 @@ def test_fine_tuning_recipes_are_validated():
     for objective in ("doe", "poem"):
         with pytest.raises(ValueError, match=f"objective '{objective}' needs 'outliers'"):
             FineTuneRecipe(epochs=1, objective=objective)
-    with pytest.raises(ValueError, match="doe_warmup >= 0 and poem_keep >= 1"):
+    with pytest.raises(ValueError, match="doe_warmup >= 0 and poem_keep, poem_buffer >= 1"):
         FineTuneRecipe(epochs=1, objective="poem", outliers="digits-ood", poem_keep=0)
+    with pytest.raises(ValueError, match="doe_warmup >= 0 and poem_keep, poem_buffer >= 1"):
+        FineTuneRecipe(epochs=1, objective="poem", outliers="digits-ood", poem_buffer=0)
     doe, poem = (FineTuneRecipe(epochs=1, objective=o, outliers="digits-ood", forget="um", zeta=0.1)
                  for o in ("doe", "poem"))
     assert "doe_warmup" in doe.identity() and not {"poem_keep", "poem_conf", "m_in", "oe_weight"} & set(doe.identity())
@@ -342,6 +388,61 @@ def test_poem_posterior_is_the_closed_form():
     np.testing.assert_allclose(mu.numpy(), np.linalg.solve(z.T @ z / 0.5 + np.eye(4) / 20, z.T @ y / 0.5), rtol=1e-6)
 
 
+def test_poem_defaults_keep_one_eighth_of_the_pool_and_buffer_four_epochs():
+    """POEM (METHODS.md 2.5): 50,000 of a pool of 200 x 2,000 outliers per epoch, a regression
+    buffer of the last 4 epochs (the official BUF_SIZE); both key the POEM weights and no others."""
+    poem = FineTuneRecipe(epochs=1, objective="poem", outliers="digits-ood")
+    assert poem.poem_keep is None and poem.poem_buffer == 4
+    assert poem.poem_kept(200 * 2000) == 50_000 and poem.poem_kept(1000) == 125 and poem.poem_kept(7) == 1
+    assert FineTuneRecipe(epochs=1, objective="poem", outliers="digits-ood", poem_keep=300).poem_kept(400_000) == 300
+    assert poem.identity()["poem_buffer"] == 4
+    assert poem.identity() != FineTuneRecipe(epochs=1, objective="poem", outliers="digits-ood",
+                                             poem_buffer=1).identity()
+    for other in (FineTuneRecipe(epochs=1), FineTuneRecipe(epochs=1, objective="energy", outliers="digits-ood"),
+                  FineTuneRecipe(epochs=1, objective="doe", outliers="digits-ood")):
+        assert "poem_buffer" not in other.identity()
+
+
+def test_poem_regression_uses_the_outliers_chosen_in_the_last_four_epochs(monkeypatch):
+    """Observed at the regression: at the start of epoch e it gets the outliers chosen in epochs
+    max(0, e - 4) ... e - 1 (their features by the current network) and the epoch's ID sample once
+    per buffered epoch, with targets -conf / +conf; epoch 0 samples from the prior."""
+    torch.manual_seed(0)
+    network = Tiny().eval()
+    inputs, _ = tiny_data(30, seed=1)
+    pool, _ = tiny_data(40, seed=2)
+    model = PosteriorSampling(network, "fc", inputs, pool, keep=5, conf=3.0, device="cpu")
+    assert model.selected.shape == (4, 5)  # the default buffer: four epochs of choices
+    seen, original = [], finetuning.bayesian_posterior
+
+    def posterior(features, targets):
+        seen.append((features.clone(), targets.clone()))
+        return original(features, targets)
+
+    monkeypatch.setattr(finetuning, "bayesian_posterior", posterior)
+    pool_features = model.features(pool)  # the network does not train here: the same every epoch
+    chosen = []
+    for epoch in range(7):
+        chosen.append(poem_selection(model, epoch, training.epoch_generator(0, epoch)))
+        assert len(seen) == epoch and len(set(chosen[-1].tolist())) == 5
+        if epoch == 0:
+            continue
+        features, targets = seen[-1]
+        buffered = [e for e in range(max(0, epoch - 4), epoch)]
+        assert len(features) == 2 * 5 * len(buffered) == len(targets)
+        id_part, outlier_part = features[:5 * len(buffered)], features[5 * len(buffered):]
+        by_slot = torch.cat([chosen[e] for e in sorted(buffered, key=lambda e: e % 4)])
+        torch.testing.assert_close(outlier_part, pool_features[by_slot])
+        assert all(torch.equal(block, id_part[:5]) for block in id_part.split(5))  # one ID sample, repeated
+        assert not any(torch.equal(id_part[:1], row[None]) for row in outlier_part)
+        assert (targets[:len(id_part)] < 0).float().mean() > 0.9 and (targets[len(id_part):] > 0).float().mean() > 0.9
+    assert [len(f) for f, _ in seen] == [10, 20, 30, 40, 40, 40]  # 1, 2, 3, 4, 4, 4 epochs of 5 outliers
+    one = PosteriorSampling(network, "fc", inputs, pool, keep=5, conf=3.0, device="cpu", buffer=1)
+    for epoch in range(3):
+        poem_selection(one, epoch, training.epoch_generator(0, epoch))
+    assert [len(f) for f, _ in seen[6:]] == [10, 10]  # a buffer of one epoch: the previous epoch alone
+
+
 def test_thompson_selection_keeps_the_outliers_nearest_the_sampled_boundary():
     features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.5], [0.1, -0.1]])
     beta = torch.tensor([1.0, -1.0], dtype=torch.float64)  # |beta^T z| = 1, 1, 0, 1.5, 0.2
@@ -364,7 +465,7 @@ def test_thompson_selection_keeps_the_outliers_nearest_the_sampled_boundary():
 
 
 @pytest.mark.slow
-def test_poem_fine_tuning_runs_on_half_the_pool_and_widens_the_energy_gap(digits_backbone, tmp_path):
+def test_poem_fine_tuning_runs_on_an_eighth_of_the_pool_and_widens_the_energy_gap(digits_backbone, tmp_path):
     base, train, test = digits_backbone
     outliers = load_dataset("digits", "ood")
 
@@ -378,7 +479,8 @@ def test_poem_fine_tuning_runs_on_half_the_pool_and_widens_the_energy_gap(digits
                             outlier_batch_size=64, m_in=-6.0, m_out=-2.0)  # margins on this tiny network's scale
     state, record = finetune_backbone("digits-net+poem", base, recipe, train, num_classes=6, seed=0,
                                       weights_dir=tmp_path, test_set=test, outlier_set=outliers, progress=False)
-    assert record["label"] == "POEM" and record["poem_keep"] == len(outliers.images) // 2
+    assert record["label"] == "POEM" and record["poem_keep"] == len(outliers.images) // 8
+    assert record["recipe"]["poem_buffer"] == 4
     tuned = registered_backbone(get_backbone_spec("digits-net"), state, "digits-net+poem", 6)  # no POEM state left
     assert energy_gap(tuned.model) > energy_gap(base.model) + 0.2
     assert [h["epoch"] for h in record["history"]] == [1, 2] and record["history"][-1]["test_acc"] > 0.9

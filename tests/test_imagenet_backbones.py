@@ -26,6 +26,8 @@ from extract.backbones import (
     registered_backbone,
 )
 from extract.extraction import forward_rows
+from extract.network import Network
+from methods import make_method
 
 TORCHVISION = {"resnet50": models.resnet50, "mobilenet-v2": models.mobilenet_v2, "densenet121": models.densenet121}
 PUBLISHED_PARAMETERS = {"resnet50": 25_557_032, "mobilenet-v2": 3_504_872, "densenet121": 7_978_856}
@@ -237,6 +239,33 @@ def test_bit_units_follow_the_resnet_v2_definition(bit):
     assert block2.unit01.downsample is not None and block2.unit02.downsample is None
     assert bit.model.body.block1.unit01.downsample is not None  # 64 -> 256 channels at stride 1
     assert [len(bit.model.body[i]) for i in range(4)] == [3, 4, 23, 3]
+
+
+BIT_MAHALANOBIS_LAYERS = ("root", "body.block1", "body.block2", "body.block3", "body.block4")
+
+
+def test_bit_declares_the_root_and_its_four_stages():
+    """BiT's Mahalanobis ensemble (GradNorm's code, METHODS.md 1.5(a)) uses five layers: the root
+    (conv, pad, max pool) and the four stages, as ``intermediate_forward(x, 'all')`` returns them."""
+    assert get_backbone_spec("bit-s-r101x1").layers == BIT_MAHALANOBIS_LAYERS
+
+
+def test_bit_mahalanobis_ensemble_on_the_backbone_layers_is_root_plus_four_stages(bit):
+    """layers='backbone' (the default) resolves to the root and the four stages, keys its outputs by
+    them, and their spatial means have the root's 64 and the stages' 256 ... 2048 channels."""
+    from methods.network_passes import layer_features
+
+    ensemble = make_method("mahalanobis_ens")
+    assert ensemble.layers == "backbone" and bit.declared()["layers"] == list(BIT_MAHALANOBIS_LAYERS)
+    network = Network(bit, torch.device("cpu"), batch_size=2)
+    assert ensemble.layer_names(network) == BIT_MAHALANOBIS_LAYERS
+    assert ensemble.network_key(bit.declared())["layers"] == list(BIT_MAHALANOBIS_LAYERS)
+    images = np.random.default_rng(0).integers(0, 256, size=(1, 64, 64, 3), dtype=np.uint8)
+    features = layer_features(network, images, BIT_MAHALANOBIS_LAYERS)
+    assert [features[layer].shape[1] for layer in BIT_MAHALANOBIS_LAYERS] == [64, 256, 512, 1024, 2048]
+    with torch.no_grad():
+        root = bit.model.root(bit.preprocessing(images)).double().mean(dim=(2, 3))
+    np.testing.assert_allclose(features["root"], root.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_bit_features_are_the_pooled_group_norm_relu_output(bit):
