@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from extract.idx import read_idx
+
+log = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DATA_ROOT_ENV = "OODBENCH_DATA_ROOT"
@@ -405,6 +409,40 @@ def seeded_fit_split(images: ImageSet, split: str, fit_fraction: float, seed: in
                     source=f"{images.source}; {what}: stratified {split} part of a fit_fraction={fit_fraction} "
                            f"split, seed={seed}",
                     classes=images.classes, inputs=images.inputs)
+
+
+def held_out(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """``images`` cut in two: (the rest, split '<split>-fit'; the held-out part, split
+    '<split>-val'), each in the original order. A benchmark's ID validation split when its dataset
+    has none: sweeps select on it, and the methods never fit on it.
+
+    The held-out part is a stratified ``train_test_split(test_size=n_val, random_state=seed,
+    stratify=labels)`` with n_val = ceil(``fraction`` N) (what ``test_size=fraction`` gives), raised
+    to the number of classes. Where no stratified cut exists (a class with one image: the tiny
+    fixtures of the tests, not a real training set) it is a seeded random cut, with a warning."""
+    from sklearn.model_selection import train_test_split  # imported here: scikit-learn is slow to import
+
+    n, classes = len(images), np.unique(images.labels, return_counts=True)[1]
+    if n < 2:
+        raise ValueError(f"{images.name}/{images.split}: {n} image(s); an ID validation split needs a fit split of "
+                         "at least 2 images, or the dataset's own validation split (id: val: split)")
+    n_val = min(max(math.ceil(fraction * n), len(classes)), n - 1)
+    if classes.min() >= 2 and len(classes) <= min(n_val, n - n_val):
+        rest, val = train_test_split(np.arange(n), test_size=n_val, random_state=seed, stratify=images.labels)
+        how = "a stratified"
+    else:
+        log.warning("%s/%s: a class has a single image, or there are more classes than images to hold out; the ID "
+                    "validation split is a seeded random, not stratified, %d of %d images", images.name, images.split,
+                    n_val, n)
+        rest, val = train_test_split(np.arange(n), test_size=n_val, random_state=seed)
+        how = "an unstratified"
+    parts = []
+    for index, part in ((np.sort(rest), "fit"), (np.sort(val), "val")):
+        parts.append(ImageSet(images.name, f"{images.split}-{part}", images.images[index], images.labels[index],
+                              source=f"{images.source}; the {part} part of {how} hold-out of fraction={fraction:g}, "
+                                     f"seed={seed}",
+                              classes=images.classes, inputs=images.inputs))
+    return parts[0], parts[1]
 
 
 @register_dataset("mnist", ("train", "test", "fit", "eval"), "MNIST handwritten digits, 28x28 grayscale, 10 "

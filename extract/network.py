@@ -263,22 +263,28 @@ def _rows_in_chunks(path, description: str, batch_size: int, chunk_batches: int,
 
 
 def derive_state(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,
+                 key: dict | None = None, validation: tuple[ImageSet, CachedSplit] | None = None,
                  batch_size: int = 256, chunk_batches: int = 16, device: str = "cpu",
                  progress: bool = True) -> CachedSplit:
     """What ``method`` learns through the network on the fit entry (``method.network_fit``), cached
-    beside that entry as ``<method>-fit``; its row-wise passes are chunked and resumable."""
+    beside that entry as ``<method>-fit`` under ``key`` (default ``method.network_key``); its row-wise
+    passes are chunked and resumable. ``validation``: the images and entry of another set the
+    method tunes on, handed to ``network_fit`` as ``validation=`` rows."""
     _check_images(images, entry)
+    if validation is not None:
+        _check_images(*validation)
 
     def compute(path):
         network = Network(backbone, resolve_device(device), batch_size)
         passes = _rows_in_chunks(path, f"{method.label()} fit {backbone.name} {images.name}/{images.split}",
                                  batch_size, chunk_batches, progress)
+        extra = {} if validation is None else {"validation": EntryRows(*validation, 0, len(validation[0]))}
         with precision(network.device, amp=False):
-            state = method.network_fit(network, EntryRows(images, entry, 0, len(images)), passes)
+            state = method.network_fit(network, EntryRows(images, entry, 0, len(images)), passes, **extra)
         return state, method.network_meta()
 
-    return _derived_entry(store, entry, f"{method.name}-fit", method.network_key(backbone.declared()), backbone,
-                          f"{method.label()} fitted", compute)
+    return _derived_entry(store, entry, f"{method.name}-fit", key or method.network_key(backbone.declared()),
+                          backbone, f"{method.label()} fitted", compute)
 
 
 def derive(method, backbone: Backbone, images: ImageSet, entry: CachedSplit, store: FeatureStore, *,

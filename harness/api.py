@@ -88,6 +88,8 @@ class Splits:
     ood: dict[str, CachedSplit]
     groups: dict[str, str]  # OOD label -> 'near', 'far' or ''
     validation: CachedSplit | None = None
+    val: CachedSplit | None = None  # the ID validation split
+    fpr_rule: str = "canonical"
 
 
 class Bench:
@@ -265,7 +267,8 @@ class Bench:
         return Splits(resolution.benchmark, resolved.name, resolved.seed, resolution.convention,
                       entries[resolution.id_fit], entries[resolution.id_test],
                       {label: entries[label] for label in resolution.ood_labels}, dict(resolution.ood_groups),
-                      entries[resolution.validation] if resolution.validation else None)
+                      entries[resolution.validation] if resolution.validation else None,
+                      entries[resolution.id_val], resolution.fpr_rule)
 
 
 # ---------------------------------------------------------------------- one-line entry points
@@ -295,8 +298,9 @@ def score(method, splits: Splits) -> pd.DataFrame:
     if "network" in instance.reads:
         raise ValueError(f"{instance.name} computes its outputs through the network; score it with "
                          "Bench(...).score(method), which runs its network pass and caches it")
-    with blamed_on(instance, f"fit on {splits.fit.name}"):
-        fitted = instance.fit(SplitView(splits.fit, instance, fitting=True))
+    fit = splits.val if instance.fits_on == "val" else splits.fit
+    with blamed_on(instance, f"fit on {fit.name}"):
+        fitted = instance.fit(SplitView(fit, instance, fitting=True))
     scored = {}
     for label, split in {"ID": splits.test, **splits.ood}.items():
         with blamed_on(instance, f"score_samples/predict on {split.name}"):
@@ -306,7 +310,7 @@ def score(method, splits: Splits) -> pd.DataFrame:
             raise ValueError(f"{instance.label()} gave NaN or infinite scores on {split.name}")
     return pd.DataFrame(tidy_metric_rows(splits.benchmark, splits.backbone, splits.seed, instance.label(),
                                          splits.convention, splits.groups, scored["ID"], splits.test.labels,
-                                         {label: scored[label] for label in splits.ood}))
+                                         {label: scored[label] for label in splits.ood}, splits.fpr_rule))
 
 
 __all__ = ["Bench", "CacheMissing", "Splits", "evaluate_model", "method_ref", "open_splits", "run", "score"]

@@ -22,7 +22,7 @@ import yaml
 
 from extract.datasets import DATASETS
 from methods import METHODS, make_method
-from results.metrics import CONVENTIONS
+from results.metrics import CONVENTIONS, FPR_RULES
 
 if TYPE_CHECKING:
     from extract.finetuning import FineTuneRecipe
@@ -50,6 +50,19 @@ class DatasetRef:
 class MethodRef:
     name: str
     params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IDValidation:
+    """Where a benchmark's ID validation split comes from (what sweeps select on, beside the
+    validation OOD set; OpenOOD v1.5's protocol): the ID dataset's own ``split`` (with
+    ``params``), or, without one, a seeded stratified ``fraction`` of the fit split, which is then
+    held out of the methods' fitting."""
+
+    split: str = ""
+    params: dict = field(default_factory=dict)
+    fraction: float = 0.1
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,10 +101,18 @@ class Benchmark:
     source: str = ""
     fit_params: dict = field(default_factory=dict)  # the ID dataset's parameters for each split
     test_params: dict = field(default_factory=dict)
+    val: IDValidation = field(default_factory=lambda: IDValidation())
+    fpr_rule: str = "canonical"  # results.metrics.FPR_RULES
 
     @property
     def id_fit(self) -> DatasetRef:
         return DatasetRef(self.id_dataset, self.fit_split, self.fit_params, name=f"{self.id_dataset}-{self.fit_split}")
+
+    @property
+    def id_val(self) -> DatasetRef:
+        """The ID validation split: the dataset's own ``val.split``, or (split '') the slice
+        ``val.fraction`` of the fit split held out from it."""
+        return DatasetRef(self.id_dataset, self.val.split, self.val.params, name=f"{self.id_dataset}-val")
 
     @property
     def id_test(self) -> DatasetRef:
@@ -209,9 +230,11 @@ def _checked_fields(where: str, mapping, cls, limits: dict) -> dict:
 PREPROCESSING_LIMITS = {"input_size": ">= 1", "channels": (1, 3), "std": "> 0", "resize_to": ">= 0"}
 # The keys of a benchmark file, of its `id`, `extraction` and backbone entries, and of a dataset reference.
 BENCHMARK_KEYS = {"name": str, "description": str, "id": dict, "ood": list | dict, "validation": str | dict | None,
-                  "seeds": object, "convention": str, "methods": list | None, "backbones": list, "extraction": dict}
+                  "seeds": object, "convention": str, "fpr_rule": str, "methods": list | None, "backbones": list,
+                  "extraction": dict}
 ID_KEYS = {"dataset": str, "fit_split": str, "test_split": str, "num_classes": int, "fit_params": dict | None,
-           "test_params": dict | None}
+           "test_params": dict | None, "val": dict}
+ID_VAL_KEYS = {"split": str, "params": dict, "fraction": float, "seed": int}
 EXTRACTION_KEYS = {"batch_size": int, "layers": tuple[str, ...], "activations_dtype": str}
 BACKBONE_KEYS = {"name": str, "arch": str, "train": dict, "factory": str, "checkpoint": str, "kwargs": dict,
                  "head": str, "layers": tuple[str, ...], "preprocessing": dict, "shaping_layer": str, "finetune": dict}
@@ -243,6 +266,27 @@ def _same_data(a: DatasetRef, b: DatasetRef) -> bool:
     """Whether two references name the same images: dataset, split and parameters (defaults filled in)."""
     defaults = DATASETS[a.dataset].defaults
     return (a.dataset, a.split) == (b.dataset, b.split) and {**defaults, **a.params} == {**defaults, **b.params}
+
+
+def _id_validation(where: str, mapping, id_test: DatasetRef, id_fit: DatasetRef) -> IDValidation:
+    """The ``id: val`` mapping: ``{split, params}`` (the dataset's own validation split, disjoint
+    from the fit and test splits) or ``{fraction, seed}`` (held out of the fit split; default
+    {fraction: 0.1, seed: 0})."""
+    config = _checked(where, mapping, ID_VAL_KEYS, limits={"fraction": "(0, 1)", "seed": ">= 0"})
+    if "split" in config and ({"fraction", "seed"} & set(config)):
+        raise BenchmarkError(f"{where}: give either 'split' (the dataset's own validation split) or 'fraction' and "
+                             "'seed' (a slice held out of the fit split), not both")
+    if "split" not in config and "params" in config:
+        raise BenchmarkError(f"{where}: 'params' belongs to a 'split'")
+    val = IDValidation(config.get("split", ""), dict(config.get("params") or {}), config.get("fraction", 0.1),
+                       config.get("seed", 0))
+    if val.split:
+        ref = _dataset_ref(where, {"dataset": id_test.dataset, "split": val.split, "params": val.params}, "")
+        for other, what in ((id_fit, "fit"), (id_test, "test")):
+            if _same_data(ref, other):
+                raise BenchmarkError(f"{where}: the ID validation split ({val.split!r}) is the {what} split; it must "
+                                     f"be disjoint from the fit and test splits (sweeps select on it)")
+    return val
 
 
 def _check_not_id(where: str, ref: DatasetRef, id_test: DatasetRef, id_fit: DatasetRef) -> None:
@@ -372,7 +416,11 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
     for its type and range here, and every error names ``source`` and the key."""
     from extract.extraction import ACTIVATION_DTYPES
 
-    _checked(source, data, BENCHMARK_KEYS, {"name", "id", "ood", "backbones"}, {"convention": CONVENTIONS})
+    _checked(source, data, BENCHMARK_KEYS, {"name", "id", "ood", "backbones"},
+             {"convention": CONVENTIONS, "fpr_rule": FPR_RULES})
+    if data.get("fpr_rule") == "cal_metric" and data.get("convention", "id_positive") != "id_positive":
+        raise BenchmarkError(f"{source}: fpr_rule cal_metric is defined with ID as the positive class; it needs "
+                             "convention id_positive")
     id_config = _checked(f"{source}: id", data["id"], ID_KEYS, {"dataset", "fit_split", "test_split", "num_classes"},
                          {"num_classes": ">= 2"})
     id_ref = _dataset_ref(f"{source}: id", {"dataset": id_config["dataset"], "split": id_config["test_split"],
@@ -382,6 +430,7 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
     if _same_data(fit_ref, id_ref):
         raise BenchmarkError(f"{source}: id: the fit split ({id_config['fit_split']!r}) and the test split are the "
                              "same data; the methods would be fit on the images they are tested on")
+    val = _id_validation(f"{source}: id val", id_config.get("val", {}), id_ref, fit_ref)
     ood_config = data["ood"]
     grouped = isinstance(ood_config, dict)
     if grouped:
@@ -428,7 +477,8 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
         validation=validation, seeds=seeds, convention=convention,
         batch_size=extraction.get("batch_size", 256),
         layers=tuple(extraction.get("layers", ())), activations_dtype=extraction.get("activations_dtype", "float32"),
-        source=source, fit_params=fit_ref.params, test_params=id_ref.params)
+        source=source, fit_params=fit_ref.params, test_params=id_ref.params, val=val,
+        fpr_rule=data.get("fpr_rule", "canonical"))
 
 
 def available_benchmarks() -> list[str]:

@@ -82,13 +82,14 @@ def method_label(reference, params: dict) -> str:
 
 
 def tidy_metric_rows(benchmark: str, backbone: str, seed: int, method: str, convention: str, groups: dict[str, str],
-                     id_scored: Scored, id_labels: np.ndarray, ood_scored: dict[str, Scored]) -> list[dict]:
-    """One tidy row per OOD set: FPR@95, AUROC, AUPR-In/Out (ID test vs that set, ``convention``)
-    and the method's ID accuracy (its predictions on the ID test set)."""
+                     id_scored: Scored, id_labels: np.ndarray, ood_scored: dict[str, Scored],
+                     fpr_rule: str = "canonical") -> list[dict]:
+    """One tidy row per OOD set: FPR@95 (by ``fpr_rule``), AUROC, AUPR-In/Out (ID test vs that
+    set, ``convention``) and the method's ID accuracy (its predictions on the ID test set)."""
     id_acc = accuracy(id_scored.predictions, id_labels)
     rows = []
     for ood_label, scored in ood_scored.items():
-        values = ood_metrics(id_scored.scores, scored.scores, convention=convention)
+        values = ood_metrics(id_scored.scores, scored.scores, convention=convention, fpr_rule=fpr_rule)
         rows.append({"benchmark": benchmark, "backbone": backbone, "seed": seed, "method": method,
                      "ood_set": ood_label, "group": groups[ood_label], "convention": convention,
                      **{k: values[k] for k in ("fpr95", "auroc", "aupr_in", "aupr_out")}, "id_acc": id_acc})
@@ -219,14 +220,14 @@ class Evaluation:
         """
         res = self.resolution
         method = make_method(method_ref.name, **method_ref.params)
-        fit_entry = entries[res.id_fit]
+        fit_entry = entries[res.id_val if method.fits_on == "val" else res.id_fit]
         started = time.perf_counter()
         fitted: Method | None = None
         result = {}
         through_network = "network" in method.reads
-        for label in (res.id_test, *res.ood_labels, *([res.validation] if res.validation else [])):
+        for label in (res.id_test, *res.ood_labels, *([res.validation, res.id_val] if res.validation else [])):
             entry = entries[label]
-            data_key = entry.derived_key(method.name, method.output_key(fit_entry, backbone.info.get("declared"))) \
+            data_key = entry.derived_key(method.name, self.output_key(backbone, method, fit_entry, entries)) \
                 if through_network else entry.data_key
             code = {"code": method.code_key()} if method.code_key() else {}  # plugins: keyed by their source
             key = content_key("scores", method.name, {**method.get_params(), **code}, method.version,
@@ -244,8 +245,8 @@ class Evaluation:
             if through_network:
                 with blamed_on(method, f"its network pass on {label}"):
                     if method.fits_through_network and not method.is_fitted():
-                        method.load_state(self.network_state(backbone, method, fit_entry))
-                    entry = self.derived_entry(backbone, method, label, entry, fit_entry)
+                        method.load_state(self.network_state(backbone, method, fit_entry, entries))
+                    entry = self.derived_entry(backbone, method, label, entry, fit_entry, entries)
             if fitted is None:
                 with blamed_on(method, f"fit on {res.id_fit}"):
                     fitted = method.fit(SplitView(fit_entry, method, fitting=True))
@@ -292,20 +293,40 @@ class Evaluation:
         self.summary.add_time("network passes", time.perf_counter() - started)
         return derived
 
+    def validation_entry(self, method: Method, entries: dict[str, CachedSplit] | None) -> CachedSplit | None:
+        """The validation OOD entry (of ``entries``, the backbone's entries) for a network method tuned on
+        it (``needs_validation_set``), else None."""
+        if not getattr(method, "needs_validation_set", False):
+            return None
+        if self.resolution.validation is None:
+            raise ValueError(f"{method.label()} is tuned on the benchmark's validation OOD set, and "
+                             f"{self.resolution.benchmark} has none; name one under `validation:` in its file")
+        return entries[self.resolution.validation]
+
+    def output_key(self, backbone: ResolvedBackbone, method: Method, fit_entry: CachedSplit | None,
+                   entries: dict[str, CachedSplit] | None = None) -> dict:
+        """The key of a network method's outputs on any entry of ``backbone``."""
+        return method.output_key(fit_entry, backbone.info.get("declared"), self.validation_entry(method, entries))
+
     def derived_entry(self, backbone: ResolvedBackbone, method: Method, label: str, entry: CachedSplit,
-                      fit_entry: CachedSplit | None = None) -> CachedSplit:
+                      fit_entry: CachedSplit | None = None,
+                      entries: dict[str, CachedSplit] | None = None) -> CachedSplit:
         """A network method's outputs on ``entry``'s images (``fit_entry``: where a method fitted through
-        the network learned its state; it keys the outputs)."""
-        key = method.output_key(fit_entry, backbone.info.get("declared"))
+        the network learned its state; it keys the outputs, with the validation entry it was tuned on)."""
+        key = self.output_key(backbone, method, fit_entry, entries)
         return self._derived(entry.derived_path(method.name, key), backbone, method, f"network outputs on {label}",
                              lambda network: network.derive(backbone, method, label, key))
 
-    def network_state(self, backbone: ResolvedBackbone, method: Method, fit_entry: CachedSplit) -> CachedSplit:
-        """What a network method learned through the network on the fit entry."""
-        key = method.network_key(backbone.info.get("declared"))
+    def network_state(self, backbone: ResolvedBackbone, method: Method, fit_entry: CachedSplit,
+                      entries: dict[str, CachedSplit] | None = None) -> CachedSplit:
+        """What a network method learned through the network on the fit entry (and the validation OOD
+        set, for one tuned on it)."""
+        validation = self.validation_entry(method, entries)
+        key = method.fit_key(backbone.info.get("declared"), validation)
         return self._derived(fit_entry.derived_path(f"{method.name}-fit", key), backbone, method,
                              f"fitted state on {self.resolution.id_fit}",
-                             lambda network: network.derive_state(backbone, method, self.resolution.id_fit))
+                             lambda network: network.derive_state(backbone, method, self.resolution.id_fit, key,
+                                                                  self.resolution.validation if validation else None))
 
     def metric_rows(self, backbone: ResolvedBackbone, method_ref: MethodRef, scored: dict[str, Scored],
                     entries: dict[str, CachedSplit]) -> list[dict]:
@@ -314,7 +335,7 @@ class Evaluation:
         return tidy_metric_rows(res.benchmark, backbone.name, backbone.seed,
                                 method_label(method_ref.name, method_ref.params), res.convention,
                                 res.ood_groups, scored[res.id_test], entries[res.id_test].labels,
-                                {label: scored[label] for label in res.ood_groups})
+                                {label: scored[label] for label in res.ood_groups}, res.fpr_rule)
 
     def evaluate(self, methods: tuple[MethodRef, ...] | None = None, compute_scores: bool = True,
                  plot: bool = True, grid: ScoringGrid | None = None) -> pd.DataFrame:
@@ -422,7 +443,8 @@ class Evaluation:
         res = self.resolution
         entries = self.current_entries(backbone)
         scored = self.scores(backbone, method_ref, entries)
-        validation = ood_metrics(scored[res.id_test].scores, scored[res.validation].scores, convention=res.convention)
+        validation = ood_metrics(scored[res.id_val].scores, scored[res.validation].scores, convention=res.convention,
+                                 fpr_rule=res.fpr_rule)
         test = pd.DataFrame(self.metric_rows(backbone, method_ref, scored, entries))
         row = {"backbone": backbone.name, "seed": backbone.seed, "method": test["method"].iloc[0],
                **{f"param_{k}": v for k, v in make_method(method_ref.name, **method_ref.params).get_params().items()},
@@ -505,7 +527,8 @@ class Evaluation:
     def _write_report(self, sections: list[tuple[str, Path]]) -> Path:
         res = self.resolution
         lines = [f"# {res.benchmark}", "", res.description, "",
-                 f"Seeds: {', '.join(map(str, res.seeds))}. Convention: {res.convention}.", ""]
+                 f"Seeds: {', '.join(map(str, res.seeds))}. Convention: {res.convention}"
+                 + (f", FPR@95 by the {res.fpr_rule} rule" if res.fpr_rule != "canonical" else "") + ".", ""]
         lines += [f"- {line}" for line in self.summary.lines + res.skipped]
         for title, markdown in sections:
             lines += ["", f"## {title}", "", markdown.read_text()]

@@ -22,7 +22,7 @@ from extract.backbones import (
     read_state_dict,
     registered_backbone,
 )
-from extract.datasets import DatasetUnavailable, ImageSet, load_dataset
+from extract.datasets import DatasetUnavailable, ImageSet, held_out, load_dataset
 from extract.extraction import entry_data_key, extract, resolve_device
 from extract.finetuning import finetune_path
 from extract.store import CachedSplit, CacheMissing, FeatureStore
@@ -50,6 +50,7 @@ class BenchmarkRun:
         self.watched: set[Path] = set()  # every file read and folder searched: what the record depends on
         self._sets: dict[str, tuple[DatasetRef, ImageSet]] | None = None
         self._backbones: dict[tuple[str, int], Backbone] = {}
+        self._training_set: ImageSet | None = None
         self.given = dict(backbones or {})
 
     @property
@@ -63,8 +64,15 @@ class BenchmarkRun:
             return self._sets
         bench, sets = self.benchmark, {}
         started = time.perf_counter()
-        for ref in (bench.id_fit, bench.id_test):
-            sets[ref.label] = (ref, self._load(ref))  # the ID data is required: errors propagate
+        # the ID data is required: errors propagate
+        if bench.val.split:
+            fit = self.training_set()
+            val = self._load(bench.id_val)
+        else:
+            fit, val = held_out(self.training_set(), bench.val.fraction, bench.val.seed)
+        sets[bench.id_fit.label] = (bench.id_fit, fit)
+        sets[bench.id_val.label] = (bench.id_val, val)
+        sets[bench.id_test.label] = (bench.id_test, self._load(bench.id_test))
         validation = [bench.validation] if bench.validation else []
         for ref in (*bench.ood, *validation):
             try:
@@ -89,6 +97,13 @@ class BenchmarkRun:
         self.summary.add_time("load datasets", time.perf_counter() - started)
         self._sets = sets
         return sets
+
+    def training_set(self) -> ImageSet:
+        """The whole ID fit split, as its dataset gives it: what backbones are trained and fine-tuned
+        on (the methods fit on it less the ID validation slice held out of it, ``datasets``)."""
+        if self._training_set is None:
+            self._training_set = self._load(self.benchmark.id_fit)
+        return self._training_set
 
     def _load(self, ref: DatasetRef) -> ImageSet:
         try:
@@ -154,7 +169,7 @@ class BenchmarkRun:
             return registered_backbone(spec, read_state_dict(path), config.name, self.benchmark.num_classes,
                                        {"seed": seed, "checkpoint": str(path)})
         sets = self.datasets()
-        fit_set = sets[self.benchmark.id_fit.label][1]
+        fit_set = self.training_set()
         test_set = sets[self.benchmark.id_test.label][1]
         weights_dir = self.store.root / "weights"
         path = weights_path(weights_dir, spec, config.recipe, fit_set, self.benchmark.num_classes, seed)
@@ -179,7 +194,7 @@ class BenchmarkRun:
         base_config = next(c for c in self.benchmark.backbones if c.name == config.base)
         base = self.backbone(base_config, seed, compute)
         sets, recipe = self.datasets(), config.finetune
-        fit_set = sets[self.benchmark.id_fit.label][1]
+        fit_set = self.training_set()
         outliers = self._load(outlier_ref(recipe)) if recipe.outliers else None
         weights_dir = self.store.root / "weights"
         path = finetune_path(weights_dir, config.name, base, recipe, fit_set, outliers, self.benchmark.num_classes,
@@ -231,13 +246,17 @@ class BenchmarkRun:
                       self.store, key=key, batch_size=self.benchmark.batch_size, device=self.options.device,
                       progress=self.options.progress)
 
-    def derive_state(self, resolved: ResolvedBackbone, method, label: str) -> CachedSplit:
-        """What a network method learns on the fit set through the network (``extract.network.derive_state``)."""
+    def derive_state(self, resolved: ResolvedBackbone, method, label: str, key: dict,
+                     validation: str | None = None) -> CachedSplit:
+        """What a network method learns on the fit set through the network, keyed by ``key``, with the
+        set labelled ``validation`` for one tuned on it (``extract.network.derive_state``)."""
         from extract.network import derive_state
 
+        tuning = (self.datasets()[validation][1], self._entry(resolved, validation)) if validation else None
         return derive_state(method, self.resolved_backbone(resolved), self.datasets()[label][1],
-                            self._entry(resolved, label), self.store, batch_size=self.benchmark.batch_size,
-                            device=self.options.device, progress=self.options.progress)
+                            self._entry(resolved, label), self.store, key=key, validation=tuning,
+                            batch_size=self.benchmark.batch_size, device=self.options.device,
+                            progress=self.options.progress)
 
     # ------------------------------------------------------------------ extraction
     def _extract(self, backbone: Backbone, images: ImageSet,
@@ -311,4 +330,4 @@ class BenchmarkRun:
         return Resolution(bench.name, bench.description, bench.convention, self.seeds, bench.methods,
                           bench.id_fit.label, bench.id_test.label,
                           {ref.label: ref.group for ref in bench.ood if ref.label in sets}, validation,
-                          self.skipped, backbones)
+                          self.skipped, backbones, bench.id_val.label, bench.fpr_rule)

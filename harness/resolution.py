@@ -36,7 +36,7 @@ from harness.config import MethodRef
 
 log = logging.getLogger(__name__)
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: the ID validation split and the FPR rule
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 # The code and libraries that decide datasets, weights and entry keys.
 CODE_DIRS = ("extract", "harness")
@@ -75,6 +75,8 @@ class Resolution:
     validation: str | None  # the validation OOD set's label (sweeps select on it); None when absent
     skipped: list[str]  # one line per optional OOD set whose files are absent
     backbones: list[ResolvedBackbone]
+    id_val: str  # the ID validation split's label (sweeps select on it against ``validation``)
+    fpr_rule: str = "canonical"
 
     @property
     def ood_labels(self) -> list[str]:

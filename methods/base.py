@@ -78,6 +78,7 @@ class Method:
     name: str = ""
     reads: tuple[str, ...] = ("logits",)
     grid: dict[str, list] = {}
+    fits_on: str = "fit"  # the split fit() receives: "fit" (the ID fit split) or "val" (the ID validation split)
     # bump when the math or its rounding changes, so cached scores are recomputed
     # (2: own log-sum-exp and softmax, 1024-row products; 3: plain matrix products, without the
     # zero-padded fixed-shape 1,024-row blocks, so products round a little differently)

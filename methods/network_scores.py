@@ -41,6 +41,9 @@ from methods.shaping_scores import (
 ODIN_SPACES = ("pixel", "normalized")
 # the input-noise magnitudes the Mahalanobis ensemble selects from (Lee et al. 2018's code)
 MAHALANOBIS_EPSILONS = (0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005)
+# what the Mahalanobis ensemble's regression is tuned against: FGSM copies of held-out ID images (the
+# UM/ReAct/GradNorm code) or a validation OOD set (Lee et al. 2018 tuned on real OOD data)
+MAHALANOBIS_TUNING = ("fgsm", "validation")
 # a layer parameter meaning the backbone's declared shaping layer (``Backbone.shaping_layer``)
 LAST_BLOCK = "last_block"
 BACKBONE_LAYERS = "backbone"  # a layers parameter meaning the backbone's declared feature layers
@@ -70,19 +73,38 @@ class NetworkMethod(Method):
             key["layers"] = list(declared["layers"])
         return key
 
-    def output_key(self, fit_entry=None, declared: dict | None = None) -> dict:
+    def fit_key(self, declared: dict | None = None, validation_entry=None) -> dict:
+        """The key of the state ``network_fit`` learns (its ``<method>-fit`` entry): ``network_key``,
+        plus the validation OOD entry's data key for a method that ``needs_validation_set``."""
+        key = self.network_key(declared)
+        if self.needs_validation_set:
+            if validation_entry is None:
+                raise ValueError(f"{self.name} is tuned on the validation OOD set: its fit needs that set's entry")
+            key["validation"] = validation_entry.data_key
+        return key
+
+    def output_key(self, fit_entry=None, declared: dict | None = None, validation_entry=None) -> dict:
         """The key of this method's outputs on any entry: ``network_key``, plus the fit entry for a
-        method whose state is learned on it (other fit data, other outputs)."""
+        method whose state is learned on it (other fit data, other outputs), and the validation OOD
+        entry for one tuned on that too (``fit_key``)."""
         if not self.fits_through_network:
             return self.network_key(declared)
         if fit_entry is None:
             raise ValueError(f"{self.name} is fitted through the network: its outputs need the fit entry")
-        return {**self.network_key(declared), "fit": fit_entry.data_key}
+        return {**self.fit_key(declared, validation_entry), "fit": fit_entry.data_key}
 
-    def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
+    @property
+    def needs_validation_set(self) -> bool:
+        """True when ``network_fit`` also needs the benchmark's validation OOD set (``validation=``);
+        the harness must then pass that set's rows and key the fitted state by its entry too."""
+        return False
+
+    def network_fit(self, network, rows, passes, validation=None) -> dict[str, np.ndarray]:
         """The state learned on the fit entry's ``rows`` (all of them), as named arrays. Row-wise
         network passes go through ``passes(step, n, names, compute(start, stop) -> arrays)``, which
-        runs them in resumable chunks with a progress bar and returns the concatenated arrays."""
+        runs them in resumable chunks with a progress bar and returns the concatenated arrays.
+        ``validation``: the rows (``extract.network.EntryRows``) of the benchmark's validation OOD
+        set, for a method whose ``needs_validation_set``; other methods ignore it."""
         raise NotImplementedError
 
     def load_state(self, state) -> "NetworkMethod":
@@ -230,7 +252,7 @@ class ReActLayer(_LayerShaping):
         self.fit_samples = fit_samples
         self.seed = seed
 
-    def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
+    def network_fit(self, network, rows, passes, validation=None) -> dict[str, np.ndarray]:
         check_percentile(self.name, "p", self.p)
         layer = resolve_layer(network, self.layer)
         n = len(rows.images)
@@ -346,26 +368,30 @@ class GradNormAutograd(NetworkMethod):
         return scores
 
 
-def fit_ensemble(id_confidences: np.ndarray, pseudo_ood_confidences: np.ndarray) -> dict:
-    """The Mahalanobis ensemble's weights and input noise (Lee et al. 2018, the tuning protocol of the
-    UM/ReAct/GradNorm code): inputs are per-layer confidences M (n, L, E) of held-out ID images and of
-    their FGSM copies, for each candidate epsilon. For each epsilon, sklearn's LogisticRegressionCV
-    (default settings) separates ID (0) from pseudo-OOD (1) on the first half of the samples; its
-    score S = -P(1 | M) is evaluated on the second half by FPR at 95% TPR (ID positive). The epsilon
-    with the lowest FPR (the first on ties) is chosen, with that logistic regression."""
+def fit_ensemble(id_confidences: np.ndarray, ood_confidences: np.ndarray) -> dict:
+    """The Mahalanobis ensemble's weights and input noise (Lee et al. 2018): inputs are per-layer
+    confidences M (n, L, E) of held-out ID images and (m, L, E) of the samples tuned against (FGSM
+    copies of the ID images in the UM/ReAct/GradNorm code, or a validation OOD set), for each
+    candidate epsilon. For each epsilon, sklearn's LogisticRegressionCV (default settings)
+    separates ID (0) from (pseudo-)OOD (1) on the first half of each; its score S = -P(1 | M) is
+    evaluated on the second halves by FPR at 95% TPR (ID positive). The epsilon with the lowest FPR
+    (the first on ties) is chosen, with that logistic regression. The weights are unconstrained, as
+    in the original: a layer may get a weight of the "wrong" sign (docs/methods.md, "The Mahalanobis
+    ensemble on noise")."""
     from sklearn.linear_model import LogisticRegressionCV
 
     from results.metrics import fpr_at_tpr
 
-    half = len(id_confidences) // 2
+    half_id, half_ood = len(id_confidences) // 2, len(ood_confidences) // 2
     fits, fprs = [], []
     for e in range(id_confidences.shape[2]):
-        features = np.concatenate([id_confidences[:half, :, e], pseudo_ood_confidences[:half, :, e]])
-        targets = np.r_[np.zeros(half), np.ones(half)]
+        features = np.concatenate([id_confidences[:half_id, :, e], ood_confidences[:half_ood, :, e]])
+        targets = np.r_[np.zeros(half_id), np.ones(half_ood)]
         with warnings.catch_warnings():  # sklearn's notices of future default changes; these are today's defaults
             warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
             regression = LogisticRegressionCV(scoring="accuracy").fit(features, targets)  # the default, made explicit
-        scores = [-regression.predict_proba(m[half:, :, e])[:, 1] for m in (id_confidences, pseudo_ood_confidences)]
+        scores = [-regression.predict_proba(m[half:, :, e])[:, 1]
+                  for m, half in ((id_confidences, half_id), (ood_confidences, half_ood))]
         fits.append(regression)
         fprs.append(fpr_at_tpr(*scores))
     best = int(np.argmin(fprs))
@@ -392,20 +418,45 @@ class MahalanobisEnsemble(NetworkMethod):
 
     The regression and epsilon are chosen on ``holdout`` images (at most half the split) drawn
     (seeded) from the ID fit split - never on test data, unlike the UM code, which tunes on the first 1000 test images -
-    against FGSM copies of them (x + ``fgsm`` * sign(grad CE), clipped to [0,1]) as pseudo-OOD; the
-    class statistics come from the rest of the fit split. ``layers``: comma-separated module names,
-    or 'backbone' for the backbone's named layers.
+    against, with ``tune_on='fgsm'`` (the UM/ReAct/GradNorm protocol), FGSM copies of them (x + ``fgsm`` *
+    sign(grad CE), clipped to [0,1]) as pseudo-OOD, or with ``tune_on='validation'`` (real OOD data, as Lee
+    et al. tuned), up to ``holdout`` seeded images of the benchmark's validation OOD set. The class statistics
+    come from the rest of the fit split. ``layers``: comma-separated module names, or 'backbone' for the
+    backbone's named layers. The regression's weights are unconstrained: tuned on FGSM copies it can give a
+    layer a weight of the wrong sign, which ranks far-away inputs such as noise as ID (docs/methods.md,
+    "The Mahalanobis ensemble on noise").
     """
 
     name = "mahalanobis_ens"
     outputs = ("logits", "features", "confidences")
     fits_through_network = True
 
-    def __init__(self, layers: str = BACKBONE_LAYERS, holdout: int = 1000, fgsm: float = 0.05, seed: int = 0):
+    def __init__(self, layers: str = BACKBONE_LAYERS, holdout: int = 1000, fgsm: float = 0.05, seed: int = 0,
+                 tune_on: str = "fgsm"):
         self.layers = layers
         self.holdout = holdout
         self.fgsm = fgsm
         self.seed = seed
+        self.tune_on = tune_on
+
+    def _check(self) -> None:
+        if self.tune_on not in MAHALANOBIS_TUNING:
+            raise ValueError(f"{self.name}: tune_on must be one of {MAHALANOBIS_TUNING}, got {self.tune_on!r}")
+
+    @property
+    def needs_validation_set(self) -> bool:
+        self._check()
+        return self.tune_on == "validation"
+
+    def network_key(self, declared: dict | None = None) -> dict:
+        """Every parameter, less the one the tuning does not use: ``fgsm`` when tuned on the validation
+        set, ``tune_on`` itself for the default FGSM tuning (so its key, and its cached fits and outputs,
+        are the ones computed before the parameter existed). A validation-tuned fit is keyed by the
+        validation set's entry as well, by the harness (``needs_validation_set``)."""
+        self._check()
+        key = super().network_key(declared)
+        del key["fgsm" if key["tune_on"] == "validation" else "tune_on"]
+        return key
 
     def layer_names(self, network) -> tuple[str, ...]:
         names = network.backbone.layers if self.layers == BACKBONE_LAYERS else \
@@ -415,9 +466,12 @@ class MahalanobisEnsemble(NetworkMethod):
                              f"names {list(network.backbone.layers) or 'none'}")
         return tuple(resolve_layer(network, name) for name in names)
 
-    def network_fit(self, network, rows, passes) -> dict[str, np.ndarray]:
+    def network_fit(self, network, rows, passes, validation=None) -> dict[str, np.ndarray]:
         from methods.network_passes import layer_features, mahalanobis_confidences  # torch: only when it runs
 
+        if self.needs_validation_set and validation is None:
+            raise ValueError(f"{self.name}: tune_on='validation' tunes the regression on the benchmark's validation "
+                             "OOD set, and none was given (name one under `validation:` in the benchmark file)")
         layers = self.layer_names(network)
         labels = np.asarray(rows.cached("labels"))
         n_classes = rows.cached("logits").shape[1]
@@ -438,19 +492,29 @@ class MahalanobisEnsemble(NetworkMethod):
             stats[layer] = (means, pinv_precision(covariance))
             state[f"means/{layer}"], state[f"precision/{layer}"] = stats[layer]
 
-        def confidences(step, fgsm):
+        def confidences(step, images, chosen, fgsm):
             def compute(start, stop):
-                chosen = held[start:stop]
-                return {"m": mahalanobis_confidences(network, rows.images[chosen], layers, stats, MAHALANOBIS_EPSILONS,
-                                                     fgsm=None if fgsm is None else (labels[chosen], fgsm))}
-            return passes(step, n_held, ("m",), compute)["m"]
+                part = chosen[start:stop]
+                return {"m": mahalanobis_confidences(network, images[part], layers, stats, MAHALANOBIS_EPSILONS,
+                                                     fgsm=None if fgsm is None else (labels[part], fgsm))}
+            return passes(step, len(chosen), ("m",), compute)["m"]
 
-        id_confidences = confidences("holdout-id", None)
-        fgsm_confidences = confidences("holdout-fgsm", self.fgsm)
-        chosen = fit_ensemble(id_confidences, fgsm_confidences)
+        id_confidences = confidences("holdout-id", rows.images, held, None)
+        if self.tune_on == "validation":
+            n_ood = min(n_held, len(validation.images))
+            if n_ood < 10:
+                raise ValueError(f"{self.name}: the validation OOD set has {len(validation.images)} images; tuning "
+                                 "on it needs at least 10")
+            tuned = {"validation_rows": np.sort(
+                np.random.default_rng([self.seed, 1]).permutation(len(validation.images))[:n_ood])}
+            ood_confidences = confidences("validation-ood", validation.images, tuned["validation_rows"], None)
+        else:
+            tuned = {}
+            ood_confidences = confidences("holdout-fgsm", rows.images, held, self.fgsm)
+        chosen = fit_ensemble(id_confidences, ood_confidences)
         return {**state, "epsilon": np.array([MAHALANOBIS_EPSILONS[chosen["epsilon_index"]]]),
                 "epsilons": np.array(MAHALANOBIS_EPSILONS), "selection_fpr95": chosen["selection_fpr95"],
-                "coef": chosen["coef"], "intercept": np.array([chosen["intercept"]]), "holdout_rows": held}
+                "coef": chosen["coef"], "intercept": np.array([chosen["intercept"]]), "holdout_rows": held, **tuned}
 
     def load_state(self, state) -> "MahalanobisEnsemble":
         self.state_ = state

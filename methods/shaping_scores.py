@@ -90,9 +90,10 @@ def _ash_top(features: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, in
     return x, keep, k
 
 
-def ash_p(features: np.ndarray, p: float = 65.0) -> np.ndarray:
+def ash_p(features: np.ndarray, p: float = 60.0) -> np.ndarray:
     """ASH-P (Djurisic et al. 2023, "Extremely simple activation shaping"): per sample keep the top-k
-    values, k = n - round(n p / 100), and set the rest to 0. k = 0 gives all zeros."""
+    values, k = n - round(n p / 100), and set the rest to 0. k = 0 gives all zeros. Default p = 60,
+    the paper's ASH-P@60 (ImageNet)."""
     x, keep, _ = _ash_top(features, p)
     return np.where(keep, x, 0.0)
 
@@ -228,8 +229,8 @@ class _Shaping(Method):
 class ReAct(_Shaping):
     """ReAct: clip features at c (p-th percentile of the fit split's features), S = LSE_1(W min(v,c) + b).
 
-    ``source`` records which ID split the benchmark passes to ``fit`` ("train", the harness default,
-    or "val", as in the official code); the method itself only validates it.
+    ``source``: the ID split c is estimated on: "train" (the ID fit split, the harness default) or
+    "val" (the benchmark's ID validation split, as the official code estimates it on ImageNet val).
     """
 
     name = "react"
@@ -238,6 +239,10 @@ class ReAct(_Shaping):
     def __init__(self, p: float = 90.0, source: str = "train"):
         self.p = p
         self.source = source
+
+    @property
+    def fits_on(self) -> str:
+        return "val" if self.source == "val" else "fit"
 
     def fit(self, split) -> "ReAct":
         check_percentile(self.name, "p", self.p)
@@ -322,6 +327,9 @@ class ASHP(_ASH):
 
     name = "ash_p"
     variant = "p"
+
+    def __init__(self, p: float = 60.0):  # the paper's ASH-P@60 (ASH-B@65, ASH-S@90)
+        self.p = p
 
 
 @register

@@ -28,10 +28,11 @@ from tests.conftest import files, only_a_record_was_added, oodbench
 METHODS = tuple(sorted(REGISTERED_METHODS))  # the digits benchmark runs every registered method
 NETWORK_METHODS = tuple(m for m in METHODS if "network" in REGISTERED_METHODS[m].reads)
 NETWORK_FITTED = tuple(m for m in NETWORK_METHODS if REGISTERED_METHODS[m].fits_through_network)
-# head, 6 entries (ID train and test, 3 test OOD sets, the validation set), every method's scores on
-# the 5 scored sets, each network method's derived entry of each scored set, and the state of those
-# fitted through the network
-H5_FILES = 1 + 6 + 5 * len(METHODS) + 5 * len(NETWORK_METHODS) + len(NETWORK_FITTED)
+# head, 7 entries (ID fit, validation and test, 3 test OOD sets, the validation OOD set), every
+# method's scores on the 6 scored sets (all but the fit split), each network method's derived entry
+# of each scored set, and the state of those fitted through the network
+SCORED = 6
+H5_FILES = 1 + 7 + SCORED * len(METHODS) + SCORED * len(NETWORK_METHODS) + len(NETWORK_FITTED)
 OTHER_FILES = 2  # the trained weights and the warm run's resolution record
 OOD_SETS = ("digits-6to9", "photo-patches", "gaussian")
 EXTRACT_FIRST = "run `oodbench extract digits` first"
@@ -115,7 +116,7 @@ def test_score_with_a_parameter_computes_new_cached_scores(cache_copy, tmp_path,
     assert forwards == []
     assert out.lstrip().startswith("energy(T=2) on digits ")
     new_files = score_files(cache_copy, "energy") - default_files
-    assert len(new_files) == 1 + len(OOD_SETS) + 1  # ID test, each test OOD set, the validation set
+    assert len(new_files) == SCORED  # ID test, each test OOD set, the validation OOD set, the ID validation split
     default_by_entry = {h5_meta(p)["entry"]: p for p in default_files}
     for path in new_files:
         meta = h5_meta(path)
@@ -224,7 +225,7 @@ def test_leaderboard_rerenders_from_cached_scores(warm, cache_copy, tmp_path, ca
 
 def test_leaderboard_with_missing_scores_names_the_score_command(cache_copy, tmp_path, capsys, forwards):
     code, out, err = oodbench(capsys, "cache", "rm", "*/scores/msp.*", "--cache-dir", cache_copy)
-    assert code == 0 and out.startswith("removed 5 files")
+    assert code == 0 and out.startswith(f"removed {SCORED} files")
     code, _, err = oodbench(capsys, "leaderboard", "digits", "--cache-dir", cache_copy, "--out", tmp_path / "out",
                             "--quiet")
     assert code == 2
@@ -248,12 +249,12 @@ def test_cache_ls_lists_every_file(cache_copy, capsys):
     assert lines[0] == f"cache {cache_copy}: {H5_FILES + OTHER_FILES} files"
     assert sorted(line.split()[-1] for line in lines[1:]) == sorted(h5_files + weights + records)
     kinds = [line.split()[0] for line in lines[1:]]
-    assert kinds.count("features") == 6 and kinds.count("head") == 1 and kinds.count("scores") == 5 * len(METHODS)
-    assert kinds.count("derived") == 5 * len(NETWORK_METHODS) + len(NETWORK_FITTED)
+    assert kinds.count("features") == 7 and kinds.count("head") == 1 and kinds.count("scores") == SCORED * len(METHODS)
+    assert kinds.count("derived") == SCORED * len(NETWORK_METHODS) + len(NETWORK_FITTED)
     assert kinds.count("weights") == 1 and kinds.count("record") == 1
     code, out, _ = oodbench(capsys, "cache", "ls", "*/scores/energy.*", "--cache-dir", cache_copy)
     assert code == 0
-    assert out.splitlines()[0] == f"cache {cache_copy}: 5 files"
+    assert out.splitlines()[0] == f"cache {cache_copy}: {SCORED} files"
 
 
 def test_cache_verify_detects_a_flipped_byte(cache_copy, capsys):
@@ -376,7 +377,7 @@ def _validation_is_a_test_set(config):
 
 @pytest.mark.parametrize("mutate, messages", [
     (_unknown_key, ["missing keys [], unknown keys ['bogus']; allowed: ['backbones', 'convention', 'description', "
-                    "'extraction', 'id', 'methods', 'name', 'ood', 'seeds', 'validation']"]),
+                    "'extraction', 'fpr_rule', 'id', 'methods', 'name', 'ood', 'seeds', 'validation']"]),
     (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits",
                         "gaussian, hopper-patches, imagenet"]),
     (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),

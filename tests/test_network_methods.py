@@ -14,6 +14,7 @@ from torch import nn
 from extract.backbones import Backbone, Preprocessing
 from extract.extraction import partial_folder
 from extract.network import PENULTIMATE, EntryRows, Network, derive, derive_state, network_tail
+from extract.store import read_meta
 from harness.config import MethodRef, load_benchmark
 from harness.evaluation import Evaluation
 from harness.pipeline import BenchmarkRun
@@ -248,6 +249,107 @@ def test_the_ensemble_picks_the_epsilon_whose_regression_separates_best_and_scor
                                -reference.predict_proba(id_conf[100:, :, 1])[:, 1], rtol=1e-10)
 
 
+def correlated_confidences(rng, n, centre, scale=(5.0, 7.0)) -> np.ndarray:
+    """Two layers' confidences (n, 2, 1 epsilon) correlated as cnn28's block1 and block2 are (r = 0.6)."""
+    z = rng.normal(size=n)
+    m1 = centre[0] + scale[0] * (0.6 * z + 0.8 * rng.normal(size=n))
+    return np.stack([m1, centre[1] + scale[1] * z], axis=1)[:, :, None]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_an_ensemble_tuned_on_fgsm_copies_can_weight_a_layer_with_the_wrong_sign_and_rank_noise_as_id():
+    """Issue 17, item 11, built by hand: cnn28's FGSM copies lower block2's confidence much more than
+    block1's (held-out medians -12.5 -> -23.2 and -4.9 -> -8.6), and the two are correlated. Each
+    layer alone gets a negative weight on P(OOD), but jointly block1's turns positive (a suppressor:
+    given block2, a relatively high block1 confidence marks an FGSM copy). The regression then
+    extrapolates to noise, whose block1 confidence is two orders of magnitude lower (bernoulli -740,
+    gaussian -260 against about -5 for ID), and ranks it above every ID sample: AUROC 0. The original
+    code's regression (LogisticRegressionCV, the same split) is what ``fit_ensemble`` fits (the test
+    above). Tuned on a validation OOD set of noise instead, the noise ranks below every ID sample."""
+    rng = np.random.default_rng(0)
+    id_conf = correlated_confidences(rng, 1000, (-6.0, -14.0))
+    fgsm_conf = correlated_confidences(rng, 1000, (-9.0, -24.0))
+    for layer in range(2):  # alone, a lower confidence means more OOD
+        assert fit_ensemble(id_conf[:, [layer]], fgsm_conf[:, [layer]])["coef"][0] < 0
+    fgsm = fit_ensemble(id_conf, fgsm_conf)
+    assert fgsm["coef"][0] > 0 > fgsm["coef"][1]
+    noise = np.array([[-740.0, -90.0], [-260.0, -69.0]])  # cnn28's median bernoulli and gaussian confidences
+    id_scores = ensemble_score(id_conf[:, :, 0], fgsm["coef"], fgsm["intercept"])
+    assert (ensemble_score(noise, fgsm["coef"], fgsm["intercept"]) > id_scores.max()).all()
+
+    validation = correlated_confidences(rng, 1000, (-160.0, -66.0), (40.0, 10.0))  # cnn28's uniform noise
+    tuned = fit_ensemble(id_conf, validation)
+    id_scores = ensemble_score(id_conf[:, :, 0], tuned["coef"], tuned["intercept"])
+    assert (ensemble_score(noise, tuned["coef"], tuned["intercept"]) < id_scores.min()).all()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_ensemble_splits_id_and_ood_confidences_of_different_sizes_each_in_halves():
+    rng = np.random.default_rng(1)
+    id_conf, ood_conf = rng.normal(size=(40, 2, 1)), rng.normal(-2.0, 1.0, size=(30, 2, 1))
+    chosen = fit_ensemble(id_conf, ood_conf)
+    reference = LogisticRegressionCV(scoring="accuracy").fit(np.r_[id_conf[:20, :, 0], ood_conf[:15, :, 0]],
+                                                             np.r_[np.zeros(20), np.ones(15)])
+    np.testing.assert_allclose(chosen["coef"], reference.coef_[0], rtol=1e-10)
+
+
+def test_mahalanobis_ensemble_tuning_is_a_parameter_keyed_only_where_it_matters():
+    default = make_method("mahalanobis_ens")
+    assert default.tune_on == "fgsm" and not default.needs_validation_set
+    # the default FGSM tuning keeps the key it had before the parameter: its cached fits stay valid
+    assert default.network_key() == {"layers": "backbone", "holdout": 1000, "fgsm": 0.05, "seed": 0,
+                                     "version": default.version}
+    validation = make_method("mahalanobis_ens", tune_on="validation")
+    assert validation.needs_validation_set
+    key = validation.network_key()
+    assert key["tune_on"] == "validation" and "fgsm" not in key  # the FGSM step size plays no part
+    assert validation.network_key() == make_method("mahalanobis_ens", tune_on="validation", fgsm=0.1).network_key()
+    with pytest.raises(ValueError, match="tune_on must be one of"):
+        make_method("mahalanobis_ens", tune_on="test").network_key()
+    # the fitted state and the outputs are keyed by the validation entry too; the FGSM fit's are not
+    fit, val, other = (SimpleNamespace(data_key=k) for k in ("fit0", "val0", "val1"))
+    assert default.fit_key(None, val) == default.network_key() and default.output_key(fit, None, val) == \
+        default.output_key(fit)
+    assert validation.fit_key(None, val)["validation"] == "val0"
+    assert validation.output_key(fit, None, val) != validation.output_key(fit, None, other)
+    with pytest.raises(ValueError, match="its fit needs that set's entry"):
+        validation.output_key(fit)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_mahalanobis_ensemble_tuned_on_a_validation_set_fits_held_out_id_against_its_images(monkeypatch):
+    """tune_on='validation': the regression and epsilon are fitted on held-out ID images against
+    seeded images of the validation OOD set (no FGSM copies are made); the state records which."""
+    import methods.network_passes as passes_module
+
+    backbone = tiny_backbone()
+    network = Network(backbone, CPU, 16)
+    fit_images, labels = images(60, seed=1), np.arange(60) % 3
+    rows = SimpleNamespace(images=fit_images, cached={"labels": labels, "logits": np.zeros((60, 3))}.get)
+    noise = images(30, seed=7) // 2  # a validation OOD set of 30 darker images (not separable at once: a quick fit)
+    validation = SimpleNamespace(images=noise)
+    in_one_piece = lambda step, n, names, compute: compute(0, n)  # noqa: E731
+    method = make_method("mahalanobis_ens", layers="stem,body", holdout=20, tune_on="validation")
+    with pytest.raises(ValueError, match="tunes the regression on the benchmark's validation OOD set"):
+        method.network_fit(network, rows, in_one_piece)
+
+    def no_fgsm(*args, **kwargs):
+        raise AssertionError("an ensemble tuned on the validation set makes no FGSM copies")
+    monkeypatch.setattr(passes_module, "fgsm_inputs", no_fgsm)
+    state = method.network_fit(network, rows, in_one_piece, validation=validation)
+    held, tuned = state["holdout_rows"], state["validation_rows"]
+    assert len(held) == 20 and len(tuned) == 20 and len(set(tuned)) == 20 and tuned.max() < 30
+    stats = {layer: (state[f"means/{layer}"], state[f"precision/{layer}"]) for layer in ("stem", "body")}
+    epsilons = tuple(state["epsilons"])
+    expected = fit_ensemble(passes_module.mahalanobis_confidences(network, fit_images[held], ("stem", "body"), stats,
+                                                                  epsilons),
+                            passes_module.mahalanobis_confidences(network, noise[tuned], ("stem", "body"), stats,
+                                                                  epsilons))
+    np.testing.assert_allclose(state["coef"], expected["coef"], rtol=1e-10)
+    np.testing.assert_array_equal(state["selection_fpr95"], expected["selection_fpr95"])
+    assert state["epsilon"][0] == epsilons[expected["epsilon_index"]]
+
+
 # ---------------------------------------------------------------- through the harness, on the trained digits-net
 
 @pytest.fixture
@@ -315,7 +417,7 @@ def test_network_methods_run_the_network_once_and_sweeps_rerun_only_the_tail(dig
     run, evaluation, backbone, entries = digits
     full_passes = lambda: forwards.count("DigitsNet")  # noqa: E731
     tail_passes = lambda: forwards.count("GraphModule")  # noqa: E731
-    scored = ("digits-test", "digits-6to9", "photo-patches", "gaussian", "uniform")  # test sets + validation
+    scored = ("digits-test", "digits-6to9", "photo-patches", "gaussian", "uniform", "digits-val")  # + selection sets
     batches = sum(-(-len(entries[label]) // run.benchmark.batch_size) for label in scored)
 
     def scores(name, **params):
@@ -472,3 +574,17 @@ def test_a_network_method_scores_its_derived_entry_the_same_shuffled_or_cut(name
     order = rng.permutation(n)
     assert_batch_invariant(whole[order], score(order))
     assert_batch_invariant(whole, [score(slice(0, 5)), score(slice(5, 1500)), score(slice(1500, None))])
+
+
+def test_the_mahalanobis_ensemble_tuned_on_the_validation_set_runs_through_the_harness(cache_copy, tmp_path):
+    """tune_on=validation through a benchmark run: the fit learns on the ID fit split and the
+    validation OOD set's images, is keyed by that set's entry, and scores every set."""
+    import oodbench as ob
+
+    bench = ob.Bench("digits", cache_dir=cache_copy, out_dir=tmp_path, progress=False)
+    metrics = bench.score("mahalanobis_ens", tune_on="validation")
+    assert len(metrics) == 3 and metrics["auroc"].between(0, 1).all()
+    [fit_state] = [p for p in cache_copy.glob("*/derived/digits.train-fit.mahalanobis_ens-fit.*.h5")
+                   if "validation" in read_meta(p)["network_key"]]
+    assert read_meta(fit_state)["network_key"]["validation"] == bench.splits().validation.data_key
+    assert "fgsm" not in read_meta(fit_state)["network_key"]

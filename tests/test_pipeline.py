@@ -106,7 +106,7 @@ def test_leaderboard_auroc_rederives_from_cached_logits(warm):
     # ID accuracy comes from the logits each method uses: the backbone's own for most, the
     # shaped ones for ReAct/DICE/ASH (their predict), fitted on the cached ID train entry.
     accuracy = np.mean(id_logits.argmax(axis=1) == id_labels)
-    fit_entry = CachedSplit(only(warm.cache.glob("*/digits.train.*.h5")))
+    fit_entry = CachedSplit(only(warm.cache.glob("*/digits.train-fit.*.h5")))
     test_entry = CachedSplit(only(warm.cache.glob("*/digits.test.*.h5")))
     for method in METHODS:
         instance = make_method(method)
@@ -155,9 +155,9 @@ def test_cached_scores_are_the_method_math_and_cache_only_mode_never_computes(wa
     evaluation = Evaluation(resolution, run.store, tmp_path)
     [backbone] = resolution.backbones
     entries = evaluation.open_entries(backbone)
-    assert set(entries) == {"digits-train", "digits-test", *OOD_SETS, "uniform"}
+    assert set(entries) == {"digits-train", "digits-val", "digits-test", *OOD_SETS, "uniform"}
     scored = evaluation.scores(backbone, MethodRef("energy"), entries, compute=False)
-    assert set(scored) == {"digits-test", *OOD_SETS, "uniform"}
+    assert set(scored) == {"digits-test", *OOD_SETS, "uniform", "digits-val"}
     for label, result in scored.items():
         logits = entries[label].logits.astype(np.float64)
         np.testing.assert_allclose(result.scores, logsumexp(logits, axis=1), rtol=1e-12)

@@ -60,7 +60,7 @@ def test_example_plugin_scores_sweeps_and_runs_through_the_cli(cache_copy, tmp_p
     assert code == 0, err
     assert forwards == []  # from the cache alone
     assert printed.lstrip().startswith("cosine_means(top=2) on digits")
-    fit_features, fit_labels = h5_arrays(cache_copy, "digits.train", "features", "labels")
+    fit_features, fit_labels = h5_arrays(cache_copy, "digits.train-fit", "features", "labels")
     [id_features] = h5_arrays(cache_copy, "digits.test", "features")
     [ood_features] = h5_arrays(cache_copy, "digits.ood", "features")
     expected = roc_auc_score(np.r_[np.ones(len(id_features)), np.zeros(len(ood_features))],
@@ -110,7 +110,7 @@ def test_editing_a_plugin_rescores_it_and_nothing_else(cache_copy, tmp_path, cap
             "--out", tmp_path / "out", "--quiet")
     assert oodbench(capsys, *argv)[0] == 0
     energy, first = score_files(cache_copy, "energy"), score_files(cache_copy, "shifted_energy")
-    assert len(first) == 5  # ID test, three test OOD sets, the validation set
+    assert len(first) == 6  # ID test, three test OOD sets, the validation OOD set, the ID validation split
     assert oodbench(capsys, *argv)[0] == 0  # unchanged: read back
     assert score_files(cache_copy, "shifted_energy") == first
 
@@ -118,7 +118,7 @@ def test_editing_a_plugin_rescores_it_and_nothing_else(cache_copy, tmp_path, cap
     monkeypatch.delitem(__import__("sys").modules, "edited_plugin")
     assert oodbench(capsys, *argv)[0] == 0
     after = score_files(cache_copy, "shifted_energy")
-    assert len(after) == 10 and set(first) < set(after)  # new files beside the old ones
+    assert len(after) == 12 and set(first) < set(after)  # new files beside the old ones
     assert score_files(cache_copy, "energy") == energy  # nothing else was re-scored
     new = sorted(set(after) - set(first))
     old = next(p for p in first if read_meta(p)["entry"] == read_meta(new[0])["entry"])
@@ -339,7 +339,7 @@ def test_a_network_plugin_uses_the_derived_entries_like_the_builtins(cache_copy,
     assert code == 0, err
     assert forwards  # its own pass ran through the network...
     derived = sorted(cache_copy.glob("*/derived/*.flipped_energy.*.h5"))
-    assert len(derived) == 5  # ID test, three test OOD sets, the validation set
+    assert len(derived) == 6  # ID test, three test OOD sets, the validation OOD set, the ID validation split
     # ...and its numbers are those of the flipped images through the trained network, by hand
     [weights] = cache_copy.glob("weights/*.pt")
     model = digits_net()
@@ -362,4 +362,4 @@ def test_a_network_plugin_uses_the_derived_entries_like_the_builtins(cache_copy,
     (plugins / "flip_plugin.py").write_text(NETWORK_PLUGIN.format(shift=" * 2"))  # another pass
     monkeypatch.delitem(sys.modules, "flip_plugin")
     assert oodbench(capsys, *argv)[0] == 0
-    assert forwards and len(list(cache_copy.glob("*/derived/*.flipped_energy.*.h5"))) == 10
+    assert forwards and len(list(cache_copy.glob("*/derived/*.flipped_energy.*.h5"))) == 12

@@ -53,7 +53,7 @@ def test_registered_with_defaults_and_grids():
     assert METHODS["react"].defaults() == {"p": 90.0, "source": "train"}
     assert METHODS["dice"].defaults() == {"p": 90.0}
     assert METHODS["dice_react"].defaults() == {"p": 10.0, "react_p": 90.0}
-    assert METHODS["ash_p"].defaults() == {"p": 65.0}
+    assert METHODS["ash_p"].defaults() == {"p": 60.0}  # the ASH paper: ASH-P@60, ASH-B@65, ASH-S@90
     assert METHODS["ash_b"].defaults() == {"p": 65.0}
     assert METHODS["ash_s"].defaults() == {"p": 90.0}
     assert METHODS["ash_rand"].defaults() == {"p": 65.0, "seed": 0}
@@ -106,6 +106,19 @@ def test_ash_keep_count_half_to_even():
     assert ash_keep_count(2048, 90.0) == 205
     assert ash_keep_count(10, 100.0) == 0
     assert ash_keep_count(10, 0.0) == 10
+
+
+def test_ash_p_defaults_to_the_papers_p_60():
+    """ASH-P@60, as the ASH paper's ImageNet table: on 20 values p = 60 keeps k = 20 - 12 = 8, where
+    the former default 65 kept 20 - round(13) = 7; p = 65 is now a non-default setting with its label."""
+    x = np.arange(1.0, 21.0)[None, ::-1].copy()
+    expected = np.where(x > 12.0, x, 0.0)  # the top 8: 13 ... 20
+    np.testing.assert_array_equal(ash_p(x), expected)
+    split = fake_split(x, np.eye(20), np.zeros(20))
+    method = make_method("ash_p")
+    assert method.p == 60.0 and method.label() == "ash_p" and make_method("ash_p", p=65.0).label() == "ash_p(p=65)"
+    np.testing.assert_allclose(method.score_samples(split), logsumexp(expected, axis=1))
+    assert (ash_keep_count(20, 60.0), ash_keep_count(20, 65.0)) == (8, 7)
 
 
 def test_ash_p25_keeps_eight():

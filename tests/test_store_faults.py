@@ -162,7 +162,7 @@ def readonly_cache(tmpfs, tmp_path):
     rel = {name: str(p.relative_to(root)) for name, p in zip(("id-fit", "id-test", "ood-0"), [fit, *tests])}
     backbone = ResolvedBackbone("synthetic", 0, key, {}, rel)
     resolution = Resolution("synthetic", "", "id", (0,), (MethodRef("energy"),), "id-fit", "id-test",
-                            {"ood-0": ""}, None, [], [backbone])
+                            {"ood-0": ""}, None, [], [backbone], "id-val")
     evaluation = Evaluation(resolution, store, tmp_path / "out")
     cached = evaluation.scores(backbone, MethodRef("energy", {"T": 1.0}), evaluation.open_entries(backbone))
     corrupt = root / key / "broken.test.x.h5"
