@@ -339,6 +339,32 @@ class CachedSplit:
         return int(self.meta["n"])
 
 
+class SplitRows:
+    """Rows ``rows`` of a cache entry, read like the entry (``logits``, ``features``, ``labels``,
+    ``head``, ``activations(layer)``): a method's own fit subset (a benchmark file's ``fit:``).
+    ``data_key`` is the entry's keyed with ``spec``, so scores fitted on it are cached apart."""
+
+    def __init__(self, entry: CachedSplit, rows: np.ndarray, spec: dict):
+        self.entry, self.rows, self.spec = entry, np.asarray(rows), dict(spec)
+        self.meta = {**entry.meta, "n": len(self.rows)}
+        self.name = f"{entry.name} ({len(self.rows)} of {len(entry)} rows, {spec})"
+
+    logits = property(lambda self: self.entry.logits[self.rows])
+    features = property(lambda self: self.entry.features[self.rows])
+    labels = property(lambda self: self.entry.labels[self.rows])
+    head = property(lambda self: self.entry.head)
+
+    def activations(self, layer: str) -> np.ndarray:
+        return self.entry.activations(layer)[self.rows]
+
+    @property
+    def data_key(self) -> str:
+        return content_key("rows", self.entry.data_key, self.spec)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class FeatureStore:
     """The cache root: paths, heads, entries, scores and maintenance (ls / verify / rm)."""
 

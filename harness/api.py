@@ -27,7 +27,7 @@ import pandas as pd
 from extract.datasets import default_data_root
 from extract.store import CachedSplit, CacheMissing, FeatureStore
 from harness.config import BackboneConfig, Benchmark, MethodRef, benchmark_path, load_benchmark, parse_benchmark
-from harness.evaluation import Evaluation, RunSummary, Scored, ScoringGrid, tidy_metric_rows
+from harness.evaluation import Evaluation, RunSummary, Scored, ScoringGrid, fit_rows, tidy_metric_rows
 from harness.resolution import Resolution, RunOptions, load_record
 from methods.base import (
     Method,
@@ -90,6 +90,7 @@ class Splits:
     validation: CachedSplit | None = None
     val: CachedSplit | None = None  # the ID validation split
     fpr_rule: str = "canonical"
+    fit_subsets: dict = dataclasses.field(default_factory=dict)  # method name -> its own fit rows
 
 
 class Bench:
@@ -268,7 +269,7 @@ class Bench:
                       entries[resolution.id_fit], entries[resolution.id_test],
                       {label: entries[label] for label in resolution.ood_labels}, dict(resolution.ood_groups),
                       entries[resolution.validation] if resolution.validation else None,
-                      entries[resolution.id_val], resolution.fpr_rule)
+                      entries[resolution.id_val], resolution.fpr_rule, dict(resolution.fit_subsets))
 
 
 # ---------------------------------------------------------------------- one-line entry points
@@ -298,7 +299,7 @@ def score(method, splits: Splits) -> pd.DataFrame:
     if "network" in instance.reads:
         raise ValueError(f"{instance.name} computes its outputs through the network; score it with "
                          "Bench(...).score(method), which runs its network pass and caches it")
-    fit = splits.val if instance.fits_on == "val" else splits.fit
+    fit = fit_rows(splits.val if instance.fits_on == "val" else splits.fit, splits.fit_subsets.get(instance.name))
     with blamed_on(instance, f"fit on {fit.name}"):
         fitted = instance.fit(SplitView(fit, instance, fitting=True))
     scored = {}

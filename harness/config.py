@@ -103,6 +103,7 @@ class Benchmark:
     test_params: dict = field(default_factory=dict)
     val: IDValidation = field(default_factory=lambda: IDValidation())
     fpr_rule: str = "canonical"  # results.metrics.FPR_RULES
+    fit_subsets: dict = field(default_factory=dict)  # method name -> {n or fraction, seed}: its own fit rows
 
     @property
     def id_fit(self) -> DatasetRef:
@@ -231,7 +232,8 @@ PREPROCESSING_LIMITS = {"input_size": ">= 1", "channels": (1, 3), "std": "> 0", 
 # The keys of a benchmark file, of its `id`, `extraction` and backbone entries, and of a dataset reference.
 BENCHMARK_KEYS = {"name": str, "description": str, "id": dict, "ood": list | dict, "validation": str | dict | None,
                   "seeds": object, "convention": str, "fpr_rule": str, "methods": list | None, "backbones": list,
-                  "extraction": dict}
+                  "extraction": dict, "fit": dict}
+FIT_SUBSET_KEYS = {"n": int, "fraction": float, "seed": int}
 ID_KEYS = {"dataset": str, "fit_split": str, "test_split": str, "num_classes": int, "fit_params": dict | None,
            "test_params": dict | None, "val": dict}
 ID_VAL_KEYS = {"split": str, "params": dict, "fraction": float, "seed": int}
@@ -266,6 +268,26 @@ def _same_data(a: DatasetRef, b: DatasetRef) -> bool:
     """Whether two references name the same images: dataset, split and parameters (defaults filled in)."""
     defaults = DATASETS[a.dataset].defaults
     return (a.dataset, a.split) == (b.dataset, b.split) and {**defaults, **a.params} == {**defaults, **b.params}
+
+
+def _fit_subsets(where: str, mapping: dict) -> dict[str, dict]:
+    """The ``fit:`` mapping: a method name -> a seeded random subset of the ID fit split that
+    method fits on, ``{n: rows}`` or ``{fraction: f}``, with ``seed`` (default 0); e.g. ViM on
+    200,000 ImageNet training images, KNN on 1% of them."""
+    subsets = {}
+    for name, spec in mapping.items():
+        method = METHODS.get(name)
+        if method is None:
+            raise BenchmarkError(f"{where}: {name!r} is not a method name; registered methods: {', '.join(METHODS)}")
+        if "network" in method.reads:
+            raise BenchmarkError(f"{where}: {name} fits through the network on the fit split's images; a fit "
+                                 "subset applies to the methods that fit on cached arrays")
+        config = _checked(f"{where} {name}", spec, FIT_SUBSET_KEYS, limits={"n": ">= 1", "fraction": "(0, 1]",
+                                                                            "seed": ">= 0"})
+        if ("n" in config) == ("fraction" in config):
+            raise BenchmarkError(f"{where} {name}: give either 'n' (rows) or 'fraction' (of the fit split)")
+        subsets[name] = {"seed": 0, **config}
+    return subsets
 
 
 def _id_validation(where: str, mapping, id_test: DatasetRef, id_fit: DatasetRef) -> IDValidation:
@@ -478,7 +500,7 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
         batch_size=extraction.get("batch_size", 256),
         layers=tuple(extraction.get("layers", ())), activations_dtype=extraction.get("activations_dtype", "float32"),
         source=source, fit_params=fit_ref.params, test_params=id_ref.params, val=val,
-        fpr_rule=data.get("fpr_rule", "canonical"))
+        fpr_rule=data.get("fpr_rule", "canonical"), fit_subsets=_fit_subsets(f"{source}: fit", data.get("fit", {})))
 
 
 def available_benchmarks() -> list[str]:

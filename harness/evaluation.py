@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from extract.store import (
     CachedSplit,
     CacheMissing,
     FeatureStore,
+    SplitRows,
     content_key,
     read_verified,
     write_h5_atomic,
@@ -74,6 +76,18 @@ class CellResult:
     histogram: dict[str, np.ndarray]  # scores on the ID test set and every OOD set, for the plot
     left_out: str | None  # why the method was left out of this backbone (non-finite outputs), else None
     timings: dict[str, float]
+
+
+def fit_rows(entry: CachedSplit, subset: dict | None) -> CachedSplit | SplitRows:
+    """``entry``, or the seeded random rows of it that ``subset`` ({n or fraction, seed}; a
+    benchmark file's ``fit:``) asks for, in their order in the entry."""
+    if not subset:
+        return entry
+    n = subset["n"] if "n" in subset else math.ceil(subset["fraction"] * len(entry))
+    if n > len(entry):
+        raise ValueError(f"the fit subset {subset} asks for {n} rows; the fit split {entry.name} has {len(entry)}")
+    rows = np.sort(np.random.default_rng(subset["seed"]).choice(len(entry), n, replace=False))
+    return SplitRows(entry, rows, subset)
 
 
 def method_label(reference, params: dict) -> str:
@@ -220,7 +234,8 @@ class Evaluation:
         """
         res = self.resolution
         method = make_method(method_ref.name, **method_ref.params)
-        fit_entry = entries[res.id_val if method.fits_on == "val" else res.id_fit]
+        fit_entry = fit_rows(entries[res.id_val if method.fits_on == "val" else res.id_fit],
+                             res.fit_subsets.get(method.name))
         started = time.perf_counter()
         fitted: Method | None = None
         result = {}

@@ -330,4 +330,4 @@ class BenchmarkRun:
         return Resolution(bench.name, bench.description, bench.convention, self.seeds, bench.methods,
                           bench.id_fit.label, bench.id_test.label,
                           {ref.label: ref.group for ref in bench.ood if ref.label in sets}, validation,
-                          self.skipped, backbones, bench.id_val.label, bench.fpr_rule)
+                          self.skipped, backbones, bench.id_val.label, bench.fpr_rule, bench.fit_subsets)

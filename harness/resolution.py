@@ -25,7 +25,7 @@ import importlib.metadata
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -77,6 +77,7 @@ class Resolution:
     backbones: list[ResolvedBackbone]
     id_val: str  # the ID validation split's label (sweeps select on it against ``validation``)
     fpr_rule: str = "canonical"
+    fit_subsets: dict = field(default_factory=dict)  # method name -> its own fit rows (harness.config)
 
     @property
     def ood_labels(self) -> list[str]:

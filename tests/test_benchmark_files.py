@@ -191,7 +191,6 @@ def test_imagenet_benchmark_file_runs_on_fixtures_in_the_real_formats(tmp_path, 
                               for k, v in model.state_dict().items()})
         else:
             torch.save(model.state_dict(), path)
-    config["id"]["fit_params"]["n"] = 2
     config["validation"]["params"]["n"] = 2
     bench = write_yaml(tmp_path / "imagenet.yaml", config)
     common = (bench, "--data-root", data, "--cache-dir", tmp_path / "cache", "--quiet", "--workers", "0")

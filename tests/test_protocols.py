@@ -132,3 +132,48 @@ def test_a_benchmark_file_can_select_the_cal_metric_fpr_rule(cache_copy, tmp_pat
     config["fpr_rule"] = "nearest"
     with pytest.raises(BenchmarkError, match="fpr_rule"):
         parse_benchmark(config, "bench.yaml")
+
+
+# ---------------------------------------------------------------- a method's own fit subset
+
+def test_a_method_fits_on_its_own_seeded_subset_of_the_fit_split(cache_copy, tmp_path):
+    config = digits_config()
+    config["fit"] = {"knn": {"fraction": 0.5, "seed": 1}, "vim": {"n": 200}}
+    config["methods"] = ["knn", "vim", "energy"]
+    bench = ob.Bench(config, cache_dir=cache_copy, out_dir=tmp_path, progress=False)
+    metrics = bench.run(write=False).set_index(["method", "ood_set"])
+    splits = bench.splits()
+    assert splits.fit_subsets == {"knn": {"seed": 1, "fraction": 0.5}, "vim": {"seed": 0, "n": 200}}
+    rows = np.sort(np.random.default_rng(1).choice(len(splits.fit), int(np.ceil(0.5 * len(splits.fit))),
+                                                   replace=False))
+    by_hand = ob.make_method("knn").fit(type("Fit", (), {"features": splits.fit.features[rows]})())
+    expected = ob.ood_metrics(by_hand.score_samples(splits.test), by_hand.score_samples(splits.ood["gaussian"]))
+    assert metrics.loc[("knn", "gaussian"), "auroc"] == pytest.approx(expected["auroc"], abs=1e-12)
+    whole = ob.score("knn", ob.open_splits("digits", cache_dir=cache_copy)).set_index("ood_set")
+    assert metrics.loc[("knn", "gaussian"), "auroc"] != pytest.approx(whole.loc["gaussian", "auroc"], abs=1e-9)
+    in_memory = ob.score("knn", splits).set_index("ood_set")  # the same subset through the API
+    assert in_memory.loc["gaussian", "auroc"] == pytest.approx(expected["auroc"], abs=1e-12)
+    energy = ob.score("energy", splits).set_index("ood_set")  # methods without a subset fit as before
+    assert metrics.loc[("energy", "gaussian"), "auroc"] == pytest.approx(energy.loc["gaussian", "auroc"], abs=1e-12)
+
+
+@pytest.mark.parametrize("fit, message", [
+    ({"nope": {"n": 3}}, "'nope' is not a method name"),
+    ({"knn": {"n": 3, "fraction": 0.5}}, "give either 'n' (rows) or 'fraction'"),
+    ({"knn": {}}, "give either 'n' (rows) or 'fraction'"),
+    ({"knn": {"fraction": 0}}, "fraction"),
+    ({"odin": {"n": 10}}, "a fit subset applies to the methods that fit on cached arrays"),
+])
+def test_fit_subsets_are_checked_when_the_file_is_read(fit, message):
+    config = digits_config()
+    config["fit"] = fit
+    with pytest.raises(BenchmarkError, match="fit") as error:
+        parse_benchmark(config, "bench.yaml")
+    assert message in str(error.value)
+
+
+def test_a_fit_subset_larger_than_the_fit_split_is_one_error(cache_copy, tmp_path):
+    config = digits_config()
+    config["fit"] = {"knn": {"n": 10**6}}
+    with pytest.raises(ValueError, match="asks for 1000000 rows; the fit split digits/train-fit has"):
+        ob.Bench(config, cache_dir=cache_copy, out_dir=tmp_path, progress=False).score("knn")
