@@ -11,6 +11,7 @@ Weights come from a training recipe (``extract.training``) or a user checkpoint 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
@@ -258,11 +259,12 @@ for _depth in (20, 32, 44, 56):
 
 def _standard_init(model: nn.Module) -> None:
     """The initialisation of the public DenseNet and Wide ResNet code: conv weights N(0, 2/(k*k*out)),
-    batch norm weight 1 and bias 0, linear bias 0 (training from scratch only; a checkpoint overwrites it)."""
+    batch norm weight 1 and bias 0 (an affine one), linear bias 0 (training from scratch only; a
+    checkpoint overwrites it)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
@@ -272,14 +274,15 @@ def _standard_init(model: nn.Module) -> None:
 class BottleneckBlock(nn.Module):
     """A DenseNet-BC layer: BN -> ReLU -> conv1x1 (4k channels) -> BN -> ReLU -> conv3x3 (k channels),
     dropout after each conv when ``drop_rate`` > 0 (train mode only); the k new channels are
-    concatenated to the input. Key names follow the public CIFAR ``densenet.py`` (ODIN, energy_ood)."""
+    concatenated to the input. Key names follow the public CIFAR ``densenet.py`` (ODIN, energy_ood).
+    ``bn_affine`` = False: batch norms without weight and bias (the UM code's NonAffineBatchNorm)."""
 
-    def __init__(self, in_planes: int, growth_rate: int, drop_rate: float = 0.0):
+    def __init__(self, in_planes: int, growth_rate: int, drop_rate: float = 0.0, bn_affine: bool = True):
         super().__init__()
         inter_planes = 4 * growth_rate
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = nn.BatchNorm2d(in_planes, affine=bn_affine)
         self.conv1 = nn.Conv2d(in_planes, inter_planes, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(inter_planes)
+        self.bn2 = nn.BatchNorm2d(inter_planes, affine=bn_affine)
         self.conv2 = nn.Conv2d(inter_planes, growth_rate, 3, padding=1, bias=False)
         self.drop_rate = drop_rate
 
@@ -293,9 +296,9 @@ class TransitionBlock(nn.Module):
     """A DenseNet transition: BN -> ReLU -> conv1x1 (compression) -> (dropout, as the public code) ->
     2x2 average pooling."""
 
-    def __init__(self, in_planes: int, out_planes: int, drop_rate: float = 0.0):
+    def __init__(self, in_planes: int, out_planes: int, drop_rate: float = 0.0, bn_affine: bool = True):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = nn.BatchNorm2d(in_planes, affine=bn_affine)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 1, bias=False)
         self.drop_rate = drop_rate
 
@@ -307,9 +310,9 @@ class TransitionBlock(nn.Module):
 class DenseBlock(nn.Module):
     """``n`` bottleneck layers in ``layer`` (an ``nn.Sequential``), each adding ``growth_rate`` channels."""
 
-    def __init__(self, n: int, in_planes: int, growth_rate: int, drop_rate: float = 0.0):
+    def __init__(self, n: int, in_planes: int, growth_rate: int, drop_rate: float = 0.0, bn_affine: bool = True):
         super().__init__()
-        self.layer = nn.Sequential(*(BottleneckBlock(in_planes + i * growth_rate, growth_rate, drop_rate)
+        self.layer = nn.Sequential(*(BottleneckBlock(in_planes + i * growth_rate, growth_rate, drop_rate, bn_affine)
                                      for i in range(n)))
 
     def forward(self, x):
@@ -321,27 +324,29 @@ class DenseNetBC(nn.Module):
     (depth - 4) / 6 bottleneck layers with growth rate k, a compressing transition (x ``reduction``,
     2x2 average pooling) after the first two, then BN (``bn1``) -> ReLU (``relu``) -> global average
     pooling -> ``fc``. Depth 100, k = 12: 24 -> 216 -> 108 -> 300 -> 150 -> 342 channels, a 342-d
-    feature. Module names follow the public CIFAR ``densenet.py`` (DenseNet3 of ODIN / energy_ood)."""
+    feature. Module names follow the public CIFAR ``densenet.py`` (DenseNet3 of ODIN / energy_ood).
+    ``drop_rate``: dropout after every conv of the blocks and transitions (train mode only);
+    ``bn_affine`` = False: every batch norm without weight and bias (the UM code's DenseNet)."""
 
     def __init__(self, depth: int = 100, growth_rate: int = 12, reduction: float = 0.5, num_classes: int = 10,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, bn_affine: bool = True):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"a DenseNet-BC has depth 6n + 4 (40, 100, 190, ...), got {depth}")
         n = (depth - 4) // 6
         planes = 2 * growth_rate
         self.conv1 = nn.Conv2d(3, planes, 3, padding=1, bias=False)
-        self.block1 = DenseBlock(n, planes, growth_rate, drop_rate)
+        self.block1 = DenseBlock(n, planes, growth_rate, drop_rate, bn_affine)
         planes += n * growth_rate
-        self.trans1 = TransitionBlock(planes, int(planes * reduction), drop_rate)
+        self.trans1 = TransitionBlock(planes, int(planes * reduction), drop_rate, bn_affine)
         planes = int(planes * reduction)
-        self.block2 = DenseBlock(n, planes, growth_rate, drop_rate)
+        self.block2 = DenseBlock(n, planes, growth_rate, drop_rate, bn_affine)
         planes += n * growth_rate
-        self.trans2 = TransitionBlock(planes, int(planes * reduction), drop_rate)
+        self.trans2 = TransitionBlock(planes, int(planes * reduction), drop_rate, bn_affine)
         planes = int(planes * reduction)
-        self.block3 = DenseBlock(n, planes, growth_rate, drop_rate)
+        self.block3 = DenseBlock(n, planes, growth_rate, drop_rate, bn_affine)
         planes += n * growth_rate
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = nn.BatchNorm2d(planes, affine=bn_affine)
         self.relu = nn.ReLU()  # not in place: a hook on bn1 keeps its own output
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(planes, num_classes)
@@ -363,8 +368,23 @@ CIFAR_NORM = Preprocessing(input_size=32, channels=3, mean=(0.4914, 0.4822, 0.44
                    layers=("conv1", "trans1", "trans2", "relu"), shaping_layer="bn1",
                    description="DenseNet-BC-100, k=12 (Huang et al. 2017), 342-d GAP feature; shaping at the "
                                "final BN (bn1) before its ReLU")
-def densenet_bc_100(num_classes: int = 10, drop_rate: float = 0.0) -> nn.Module:
-    return DenseNetBC(depth=100, growth_rate=12, reduction=0.5, num_classes=num_classes, drop_rate=drop_rate)
+def densenet_bc_100(num_classes: int = 10, drop_rate: float = 0.0, bn_affine: bool = True) -> nn.Module:
+    return DenseNetBC(depth=100, growth_rate=12, reduction=0.5, num_classes=num_classes, drop_rate=drop_rate,
+                      bn_affine=bn_affine)
+
+
+# the UM code's CIFAR normalisation (Hendrycks'), which its DenseNet applies inside its forward
+UM_NORM = Preprocessing(input_size=32, channels=3, mean=(125.3 / 255, 123.0 / 255, 113.9 / 255),
+                        std=(63.0 / 255, 62.1 / 255, 66.7 / 255))
+
+
+@register_backbone("densenet-bc-100-um", preprocessing=UM_NORM, head="fc",
+                   layers=("conv1", "trans1", "trans2", "relu"), shaping_layer="bn1",
+                   description="DenseNet-BC-100 of the Unleashing Mask code (models/densenet.py with "
+                               "NonAffineBatchNorm, droprate 0.3, Hendrycks' normalisation): 342-d GAP feature, "
+                               "batch norms without weight and bias, dropout 0.3 in train mode")
+def densenet_bc_100_um(num_classes: int = 10, drop_rate: float = 0.3, bn_affine: bool = False) -> nn.Module:
+    return densenet_bc_100(num_classes, drop_rate, bn_affine)
 
 
 class WideBasicBlock(nn.Module):
@@ -554,22 +574,66 @@ IMAGENET_NORM = Preprocessing(input_size=224, channels=3, mean=(0.485, 0.456, 0.
                               resize_to=256)
 
 
-# shaping_layer: layer4's output, the last bottleneck's ReLU(sum), the (N, 2048, 7, 7) map before the average
-# pooling (non-negative). The sum before that ReLU has no module of its own: torchvision's Bottleneck runs one
-# ``relu`` module three times.
+class BottleneckWithMerge(nn.Module):
+    """torchvision's ResNet ``Bottleneck`` (conv1x1 -> BN -> ReLU -> conv3x3 (stride s) -> BN -> ReLU -> conv1x1
+    -> BN, plus the input or ``downsample`` of it, then ReLU) with the sum before its final ReLU passed through
+    ``merge``, an identity module, so a hook can read or shape it (torchvision's block runs one ``relu`` module
+    three times and has no module for the sum). That sum is where the official ASH code shapes a ResNet's last
+    block (its Bottleneck with ``use_ash``: ``out += identity``, ASH, ReLU).
+
+    Built from a torchvision block, whose modules it takes over: the same parameters, state-dict keys (in the
+    same order) and outputs. The final ReLU is not in place, so a captured ``merge`` output stays the signed sum.
+    It prints as torchvision's Bottleneck, ``merge`` left out (no parameters, no computation): ``repr(model)`` is
+    part of ``Backbone.key``, so the cache keys of ResNet-50 entries stay those of torchvision's model."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name, module in block.named_children():
+            self.add_module(name, module)
+        self.downsample = block.downsample  # None (a plain attribute, as in torchvision) or its registered module
+        self.stride = block.stride
+        self.merge = nn.Identity()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.merge(out + identity))
+
+    def _get_name(self) -> str:
+        return "Bottleneck"
+
+    def __repr__(self) -> str:
+        shown = copy.copy(self)  # a shallow copy without ``merge``: torchvision's own repr of the block
+        shown._modules = {name: module for name, module in self._modules.items() if name != "merge"}
+        return nn.Module.__repr__(shown)
+
+
+# shaping_layer: the last bottleneck's sum before its final ReLU (``layer4.2.merge``, (N, 2048, 7, 7), signed), the
+# official ASH code's in-block placement (its Bottleneck with use_ash; switched off in every commit of that code,
+# whose ImageNet results shape the pooled 2048-d feature instead: the cache-only ash_* methods, or ash_layer with
+# layer=penultimate). layer4's output is that sum after the ReLU, unchanged.
 @register_backbone("resnet50", preprocessing=IMAGENET_NORM, head="fc",
-                   layers=("layer1", "layer2", "layer3", "layer4"), shaping_layer="layer4",
+                   layers=("layer1", "layer2", "layer3", "layer4"), shaping_layer="layer4.2.merge",
                    description="ResNet-50 (He et al. 2016; torchvision, v1 weights resnet50-19c8e357.pth, 76.13% "
-                               "top-1), 2048-d GAP feature; shaping at layer4's output (after its ReLU)")
+                               "top-1), 2048-d GAP feature; shaping at the last bottleneck's sum before its ReLU "
+                               "(layer4.2.merge)")
 def resnet50(num_classes: int = 1000) -> nn.Module:
     from torchvision import models
 
-    return models.resnet50(weights=None, num_classes=num_classes)
+    model = models.resnet50(weights=None, num_classes=num_classes)
+    model.layer4[-1] = BottleneckWithMerge(model.layer4[-1])
+    return model
 
 
 # layers: the ends of the 24-, 32- and 96-channel stages (strides 4, 8, 16; linear bottlenecks, so signed) and
 # the final 1280-channel map. shaping_layer: features.18, the last 1x1 conv block (320 -> 1280, BN, ReLU6), so
 # values lie in [0, 6]; torchvision's forward only average-pools it into the head (no further activation).
+# The official ASH code shapes MobileNetV2 only at the pooled 1280-d feature before the classifier (ash_* or
+# ash_layer with layer=penultimate); it has no in-block placement here. features.18 is the counterpart of the
+# ResNet one, but after the ReLU6, not before it: a ReLU6 after the shaping would clip ASH-S's and ASH-B's
+# rescaled values at 6.
 @register_backbone("mobilenet-v2", preprocessing=IMAGENET_NORM, head="classifier.1",
                    layers=("features.3", "features.6", "features.13", "features.18"), shaping_layer="features.18",
                    description="MobileNetV2 (Sandler et al. 2018; torchvision, weights mobilenet_v2-b0353104.pth), "
@@ -620,7 +684,10 @@ class DenseNet121(nn.Module):
         return remap_densenet_keys(state)
 
 
-# shaping_layer: the final batch norm's output, before the ReLU and pooling (signed), as for densenet-bc-100
+# shaping_layer: the final batch norm's output, before the ReLU and pooling (signed), as for densenet-bc-100: the
+# counterpart of the ResNet placement (the last map before the final ReLU). The official ASH code
+# (densenet_imagenet.py) shapes DenseNet-121 only at the pooled 1024-d feature after that ReLU (ASH-S@99; ash_* or
+# ash_layer with layer=penultimate).
 @register_backbone("densenet121", preprocessing=IMAGENET_NORM, head="classifier",
                    layers=("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5"),
                    shaping_layer="features.norm5",
@@ -760,7 +827,8 @@ BIT_NORM = Preprocessing(input_size=480, channels=3, mean=(0.5, 0.5, 0.5), std=(
 
 # shaping_layer: before_head.gn, the final GroupNorm's output before its ReLU (signed), as the WRN's bn1 in
 # the same pre-activation layout. Not body.block4: GN(c * h) = GN(h) for any per-sample c > 0, so ASH-S's and
-# ASH-B's rescaling there would be divided out again.
+# ASH-B's rescaling there would be divided out again. The official ASH code has no BiT model; this is the
+# counterpart of its ResNet placement (the last map before the final ReLU).
 # layers: the root (conv, pad, max pool) and the four stages, GradNorm's five Mahalanobis layers (its
 # ResNetV2.intermediate_forward 'all'; METHODS.md 1.5(a)), what mahalanobis_ens's layers='backbone' stands for.
 @register_backbone("bit-s-r101x1", preprocessing=BIT_NORM, head="head.conv",

@@ -36,7 +36,8 @@ def mask_count_changed(keep: float) -> bool:
 @dataclass(frozen=True)
 class FineTuneRecipe(Recipe):
     """A benchmark file's ``finetune:`` mapping (besides ``from``): the optimisation of ``Recipe``
-    (defaults: SGD, lr 0.01, cosine, weight decay 1e-4, as the UM/OE fine-tuning configs) and
+    (defaults: SGD, lr 0.01, cosine, weight decay 1e-4, as the UM/OE fine-tuning configs; ``nesterov``,
+    ``schedule_step`` and ``crop_padding`` as there, the UM code's choices set by the UM benchmark files) and
 
     - ``objective``: ce (plain cross-entropy), oe (lambda = ``oe_weight``), energy (``energy_weight``,
       ``m_in``, ``m_out``), doe (``methods.finetuning.DiversifiedOutlierExposure``; ``doe_warmup``

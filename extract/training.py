@@ -29,13 +29,27 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 # The UM paper's four schedules (constant, cosine, linear, multi-step) and one-cycle.
 SCHEDULES = ("constant", "cosine", "linear", "multistep", "onecycle")
 AUGMENTATIONS = ("none", "flip", "crop")
+# How often the schedule moves: every batch (the harness's default), or once at the start of every
+# epoch, lr_e = schedule(e / epochs) (the UM code's cosine_lr, called once per epoch in main.py).
+SCHEDULE_STEPS = ("batch", "epoch")
+# What a random crop's 4-pixel border holds: 'mean', zeros of the normalised input (the
+# normalisation's mean colour; the harness's default), or 'black', pixel value 0 before the
+# normalisation (torchvision's RandomCrop(32, padding=4) on the image before ToTensor/Normalize, as
+# the UM, OE and energy_ood data pipelines).
+CROP_PADDINGS = ("mean", "black")
 
 
 @dataclass(frozen=True)
 class Recipe:
     """How to train a backbone (a benchmark file's ``train:`` mapping). ``milestones`` (fractions of
     the run) and ``gamma`` shape the multi-step schedule; ``snapshot_every`` = N > 0 keeps the
-    weights and metrics of every N-th epoch (and the last) for the per-epoch report."""
+    weights and metrics of every N-th epoch (and the last) for the per-epoch report.
+
+    Named options whose defaults keep the harness's earlier behaviour (and weights keys), and whose
+    other value is the UM code's (``benchmarks/cifar*-um.yaml`` set them): ``nesterov`` (SGD with
+    Nesterov momentum; the UM code's default is plain momentum), ``schedule_step`` (``batch``: the
+    schedule moves every step; ``epoch``: once per epoch) and ``crop_padding`` (``mean`` or ``black``,
+    see ``CROP_PADDINGS``)."""
 
     epochs: int
     optimizer: str = "adam"
@@ -48,6 +62,9 @@ class Recipe:
     milestones: tuple[float, ...] = (0.5, 0.75)
     gamma: float = 0.1
     snapshot_every: int = 0
+    nesterov: bool = True
+    schedule_step: str = "batch"
+    crop_padding: str = "mean"
 
     # What each field accepts beyond its annotated type: a range ('>= 1', '> 0', '(0, 1]'; for a
     # list, of every item) or a tuple of choices. harness.config checks a benchmark file's `train:`
@@ -56,7 +73,8 @@ class Recipe:
     # milestones). Not annotated: no field.
     LIMITS = {"epochs": ">= 1", "lr": "> 0", "momentum": ">= 0", "weight_decay": ">= 0", "batch_size": ">= 1",
               "milestones": "(0, 1)", "gamma": "(0, 1]", "snapshot_every": ">= 0", "optimizer": OPTIMIZERS,
-              "schedule": SCHEDULES, "augmentation": AUGMENTATIONS}
+              "schedule": SCHEDULES, "augmentation": AUGMENTATIONS, "schedule_step": SCHEDULE_STEPS,
+              "crop_padding": CROP_PADDINGS}
 
     DESCRIPTION = "training recipe"  # how errors name it
 
@@ -83,19 +101,27 @@ class Recipe:
     def identity(self) -> dict:
         """What keys the trained weights: every field that changes them - the multi-step shape only
         for that schedule - and ``snapshot_every`` when snapshots are kept, so asking for snapshots
-        trains a run that has them (to the same weights) instead of finding one without."""
+        trains a run that has them (to the same weights) instead of finding one without. The options
+        added by issue 17 (``nesterov``, ``schedule_step``, ``crop_padding``) only where they differ
+        from their defaults and change the run, so every earlier recipe keeps its key."""
         fields = asdict(self)
         if not self.snapshot_every:
             del fields["snapshot_every"]
         if self.schedule != "multistep":
             del fields["milestones"], fields["gamma"]
+        if self.nesterov or self.optimizer != "sgd" or self.momentum == 0:
+            del fields["nesterov"]
+        if self.schedule_step == "batch" or self.schedule == "constant":
+            del fields["schedule_step"]
+        if self.crop_padding == "mean" or self.augmentation != "crop":
+            del fields["crop_padding"]
         return fields
 
 
 def _optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
-                               nesterov=recipe.momentum > 0)
+                               nesterov=recipe.nesterov and recipe.momentum > 0)
     optimizer = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
     return optimizer(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
@@ -120,15 +146,42 @@ def learning_rate(recipe: Recipe, step: int, total_steps: int) -> float:
     return recipe.lr / 1e4 + 0.5 * (recipe.lr - recipe.lr / 1e4) * (1 + math.cos(math.pi * down))
 
 
-def augment(batch: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips ('flip'), or flips plus 4-pixel padded random crops ('crop')."""
+def step_learning_rate(recipe: Recipe, epoch: int, index: int, steps_per_epoch: int) -> float:
+    """The learning rate of step ``index`` of epoch ``epoch`` (both from 0): ``learning_rate`` at
+    progress (epoch * steps_per_epoch + index) / (epochs * steps_per_epoch) when the schedule steps
+    per batch, at epoch / epochs for every step of the epoch when it steps per epoch (the UM code:
+    cosine lr_e = 0.5 (1 + cos(pi e / E)) lr0)."""
+    if recipe.schedule_step == "epoch":
+        return learning_rate(recipe, epoch, recipe.epochs)
+    return learning_rate(recipe, epoch * steps_per_epoch + index, recipe.epochs * steps_per_epoch)
+
+
+def padding_fill(recipe: Recipe, preprocessing) -> torch.Tensor | None:
+    """The per-channel value, in network-input units, of the border a crop of ``recipe`` pads with:
+    (0 - mean) / std of ``preprocessing`` (a ``Preprocessing``) for black padding, None (zeros: the
+    mean colour) otherwise. Normalisation is per pixel, so padding the normalised image with it is
+    exactly padding the [0, 1] image with 0 and normalising afterwards."""
+    if recipe.augmentation != "crop" or recipe.crop_padding != "black":
+        return None
+    return preprocessing.normalise(torch.zeros(preprocessing.channels, 1, 1)).flatten()
+
+
+def augment(batch: torch.Tensor, kind: str, generator: torch.Generator,
+            fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Random horizontal flips ('flip'), or flips plus 4-pixel padded random crops ('crop'); the
+    padding is ``fill`` per channel (``padding_fill``), or zeros without one."""
     if kind == "none":
         return batch
     flip = torch.rand(len(batch), generator=generator) < 0.5
     batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
     if kind == "crop":
         size = batch.shape[-1]
-        padded = F.pad(batch, (4, 4, 4, 4))
+        if fill is None:
+            padded = F.pad(batch, (4, 4, 4, 4))
+        else:
+            n, channels, height, width = batch.shape
+            padded = fill.to(batch.dtype).view(1, channels, 1, 1).expand(n, channels, height + 8, width + 8).clone()
+            padded[..., 4:-4, 4:-4] = batch
         offsets = torch.randint(0, 9, (len(batch), 2), generator=generator)
         batch = torch.stack([padded[i, :, dy:dy + size, dx:dx + size] for i, (dy, dx) in enumerate(offsets.tolist())])
     return batch
@@ -193,7 +246,8 @@ def cached_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
 def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torch.Tensor, labels: torch.Tensor, *,
                  seed: int, final: Path, describe: str, step=None, test=None, outliers: torch.Tensor | None = None,
                  outlier_batch_size: int = 0, before_epoch=None, record: dict | None = None, export=None,
-                 device: str = "cpu", progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+                 fill: torch.Tensor | None = None, device: str = "cpu",
+                 progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Train ``model``'s ``trainable`` parameters by ``recipe`` and save the result to ``final``.
 
     Each step draws the next ``recipe.batch_size`` rows of a permutation seeded with (seed, epoch),
@@ -207,7 +261,12 @@ def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torc
     ``snapshot_folder(final)``.
     The record (``record`` plus recipe, seed, history of train loss/accuracy and test loss/accuracy,
     snapshot files) is saved with the weights, which are ``export(model)`` (default: its state dict).
+    ``fill`` is the crops' padding of the ``inputs`` (and ``outliers``), ``padding_fill(recipe,
+    preprocessing)``; a recipe that pads with black needs it.
     """
+    if recipe.augmentation == "crop" and recipe.crop_padding == "black" and fill is None:
+        raise ValueError(f"{describe}: the recipe pads its crops with black; pass fill = padding_fill(recipe, "
+                         "preprocessing), the normalised value of black")
     final.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(final):  # two processes (e.g. extraction shards) train one set of weights once
         saved = cached_weights(final)  # trained by another process while this one waited
@@ -216,7 +275,7 @@ def train_epochs(model: torch.nn.Module, trainable, recipe: Recipe, inputs: torc
         return _train_epochs(model, trainable, recipe, inputs, labels, seed=seed, final=final, describe=describe,
                              step=step or gradient_step(cross_entropy_loss), test=test, outliers=outliers,
                              outlier_batch_size=outlier_batch_size, before_epoch=before_epoch, record=record,
-                             export=export or cpu_state, device=device, progress=progress)
+                             export=export or cpu_state, fill=fill, device=device, progress=progress)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -226,7 +285,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def _train_epochs(model, trainable, recipe, inputs, labels, *, seed, final, describe, step, test, outliers,
-                  outlier_batch_size, before_epoch, record, export, device, progress):
+                  outlier_batch_size, before_epoch, record, export, fill, device, progress):
     resume = final.with_name(final.stem + ".resume.pt")
     model = model.to(device)
     optimizer = _optimizer(recipe, trainable)
@@ -238,7 +297,6 @@ def _train_epochs(model, trainable, recipe, inputs, labels, *, seed, final, desc
         history, first_epoch = state["history"], state["epoch"]
         log.info("resuming %s at epoch %d", describe, first_epoch + 1)
     steps_per_epoch = math.ceil(len(inputs) / recipe.batch_size)
-    total_steps = recipe.epochs * steps_per_epoch
     snapshots = snapshot_folder(final)
     for epoch in range(first_epoch, recipe.epochs):
         generator = epoch_generator(seed, epoch)
@@ -254,15 +312,15 @@ def _train_epochs(model, trainable, recipe, inputs, labels, *, seed, final, desc
                    disable=None if progress else True, leave=False)
         for index in bar:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(recipe, epoch * steps_per_epoch + index, total_steps)
+                group["lr"] = step_learning_rate(recipe, epoch, index, steps_per_epoch)
             rows = order[index * recipe.batch_size:(index + 1) * recipe.batch_size]
-            batch = augment(inputs[rows], recipe.augmentation, generator).to(device)
+            batch = augment(inputs[rows], recipe.augmentation, generator, fill).to(device)
             target = labels[rows].to(device)
             extra = None
             if outlier_order is not None:  # cycle through the outliers' permutation
                 picks = outlier_order[torch.arange(index * outlier_batch_size, (index + 1) * outlier_batch_size)
                                       % len(outlier_order)]
-                extra = augment(outliers[picks], recipe.augmentation, generator).to(device)
+                extra = augment(outliers[picks], recipe.augmentation, generator, fill).to(device)
             loss, logits = step(model, optimizer, batch, target, extra)
             running += loss * len(rows)
             correct += (logits.argmax(1) == target).sum().item()
@@ -326,4 +384,5 @@ def train_backbone(spec: BackboneSpec, recipe: Recipe, train_set: ImageSet, *, n
     test = test_tensors(spec.preprocessing, test_set, device)
     return train_epochs(model, model.parameters(), recipe, spec.preprocessing(train_set.images), labels, seed=seed,
                         final=final, describe=f"train {spec.name} seed {seed}", test=test,
-                        record={"train_set": train_set.fingerprint()}, device=device, progress=progress)
+                        record={"train_set": train_set.fingerprint()}, fill=padding_fill(recipe, spec.preprocessing),
+                        device=device, progress=progress)

@@ -25,7 +25,16 @@ from extract.backbones import Backbone
 from extract.datasets import ImageSet
 from extract.extraction import capture_outputs
 from extract.finetuning import FineTuneRecipe, finetune_path
-from extract.training import augment, cached_weights, class_labels, cpu_state, gradient_step, test_tensors, train_epochs
+from extract.training import (
+    augment,
+    cached_weights,
+    class_labels,
+    cpu_state,
+    gradient_step,
+    padding_fill,
+    test_tensors,
+    train_epochs,
+)
 from methods.training_objectives import (
     DOE_GAMMAS,
     POEM_SIGMA,
@@ -258,11 +267,14 @@ def poem_selection(model: PosteriorSampling, epoch: int, generator: torch.Genera
     return chosen
 
 
-def _zeta_batches(inputs: torch.Tensor, labels: torch.Tensor, augmentation: str, seed: int, device: str):
+def _zeta_batches(inputs: torch.Tensor, labels: torch.Tensor, augmentation: str, seed: int, device: str,
+                  fill: torch.Tensor | None = None):
+    """The training set in batches of ``ZETA_BATCH`` with the recipe's augmentation (and crop padding
+    ``fill``), as the UM code's estimate_loss runs over its augmented train loader."""
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(inputs), ZETA_BATCH):
         rows = slice(start, start + ZETA_BATCH)
-        yield augment(inputs[rows], augmentation, generator).to(device), labels[rows].to(device)
+        yield augment(inputs[rows], augmentation, generator, fill).to(device), labels[rows].to(device)
 
 
 def finetune_backbone(name: str, base: Backbone, recipe: FineTuneRecipe, train_set: ImageSet, *, num_classes: int,
@@ -285,6 +297,7 @@ def finetune_backbone(name: str, base: Backbone, recipe: FineTuneRecipe, train_s
                          f"{outlier_set.name if outlier_set is not None else None} do not go together")
     preprocess = base.preprocessing
     inputs, labels = preprocess(train_set.images), class_labels(train_set, num_classes)
+    fill = padding_fill(recipe, preprocess)  # the crops' border: black or the mean colour (recipe.crop_padding)
     model = copy.deepcopy(base.model).to(device)
     record = {"base": base.key, "base_name": base.name, "train_set": train_set.fingerprint(),
               "outlier_set": outlier_set.fingerprint() if outlier_set is not None else None, "label": recipe.label}
@@ -293,7 +306,7 @@ def finetune_backbone(name: str, base: Backbone, recipe: FineTuneRecipe, train_s
         zeta = recipe.zeta
         if zeta is None:
             zeta = estimate_zeta(model, recipe.delta, seed, _zeta_batches(inputs, labels, recipe.augmentation, seed,
-                                                                          device))
+                                                                          device, fill))
             log.info("%s: zeta = %.4f (mean CE of the frozen model with %.1f%% of every layer kept, seed %d)",
                      name, zeta, 100 * recipe.delta, seed)
         record.update({"zeta": zeta, "zeta_estimated": recipe.zeta is None, "delta": recipe.delta})
@@ -337,4 +350,4 @@ def finetune_backbone(name: str, base: Backbone, recipe: FineTuneRecipe, train_s
                         describe=f"fine-tune {name} ({recipe.label}) seed {seed}", step=step,
                         test=test_tensors(preprocess, test_set, device), outliers=outliers,
                         outlier_batch_size=recipe.outlier_batch_size, before_epoch=before_epoch, record=record,
-                        export=export, device=device, progress=progress)
+                        export=export, fill=fill, device=device, progress=progress)

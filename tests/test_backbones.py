@@ -10,6 +10,7 @@ from extract.backbones import (
     CifarResNet,
     Preprocessing,
     checkpoint_backbone,
+    densenet_bc_100,
     get_backbone_spec,
     import_factory,
     read_state_dict,
@@ -55,7 +56,8 @@ def test_registry_layers_exist_and_head_is_linear():
         assert all(layer in modules for layer in (*spec.layers, spec.shaping_layer))
     with pytest.raises(ValueError, match="unknown backbone architecture 'nope'; registered: bit-s-r101x1, "
                                          "cifar-resnet18, cifar-resnet20, cifar-resnet32, cifar-resnet44, "
-                                         "cifar-resnet56, cnn28, densenet-bc-100, densenet121, digits-net, "
+                                         "cifar-resnet56, cnn28, densenet-bc-100, densenet-bc-100-um, "
+                                         "densenet121, digits-net, "
                                          "mnist-convnet-oe, mobilenet-v2, resnet50, wrn-40-2, wrn-40-4"):
         get_backbone_spec("nope")
 
@@ -246,14 +248,15 @@ def test_real_cifar_resnet_checkpoints_classify_lossless_cifar10(shared_data):
 
 # Parameter counts by hand: a conv k x k from a to b channels (no bias) has k*k*a*b weights, a batch norm
 # over c channels 2c (weight, bias), a linear head D -> 10 has 10*D + 10.
-def densenet_bc_100_parameters():
+def densenet_bc_100_parameters(bn=2):
     # bottleneck layer on c input channels, k = 12: BN(c) + conv1x1 c -> 48 + BN(48) + conv3x3 48 -> 12
-    # = 2c + 48c + 96 + 5184 = 50c + 5280; a dense block of 16 layers from c0 sums c = 16*c0 + 12*(0+...+15)
-    block = lambda c0: 50 * (16 * c0 + 12 * 120) + 16 * 5280  # noqa: E731
-    transition = lambda c: 2 * c + c * (c // 2)  # noqa: E731  BN(c) + conv1x1 c -> c/2
+    # = 2c + 48c + 96 + 5184 = 50c + 5280; a dense block of 16 layers from c0 sums c = 16*c0 + 12*(0+...+15).
+    # bn: parameters per batch-norm channel, 2 (weight, bias), or 0 without them (the UM code's DenseNet).
+    block = lambda c0: (48 + bn) * (16 * c0 + 12 * 120) + 16 * (5184 + 48 * bn)  # noqa: E731
+    transition = lambda c: bn * c + c * (c // 2)  # noqa: E731  BN(c) + conv1x1 c -> c/2
     # conv1 3 -> 24; blocks from 24 (-> 216), 108 (-> 300), 150 (-> 342); final BN(342); fc 342 -> 10
     return (9 * 3 * 24 + block(24) + transition(216) + block(108) + transition(300) + block(150)
-            + 2 * 342 + 342 * 10 + 10)
+            + bn * 342 + 342 * 10 + 10)
 
 
 def wrn_40_parameters(k):
@@ -276,6 +279,10 @@ CIFAR_ARCHITECTURES = {
     "densenet-bc-100": (densenet_bc_100_parameters(), 769_162, 342,
                         {"conv1": (24, 32, 32), "trans1": (108, 16, 16), "trans2": (150, 8, 8), "relu": (342, 8, 8),
                          "bn1": (342, 8, 8)}),
+    # the published count less the 23,988 weights and biases of its 99 batch norms
+    "densenet-bc-100-um": (densenet_bc_100_parameters(bn=0), 769_162 - 23_988, 342,
+                           {"conv1": (24, 32, 32), "trans1": (108, 16, 16), "trans2": (150, 8, 8),
+                            "relu": (342, 8, 8), "bn1": (342, 8, 8)}),
     "wrn-40-2": (wrn_40_parameters(2), 2_243_546, 128,
                  {"block1": (32, 32, 32), "block2": (64, 16, 16), "block3": (128, 8, 8), "bn1": (128, 8, 8)}),
     "wrn-40-4": (wrn_40_parameters(4), 8_949_210, 256,
@@ -392,6 +399,11 @@ PUBLIC_KEYS = {
                         "block1.layer.0.conv1.weight": (48, 24, 1, 1), "block1.layer.15.conv2.weight": (12, 48, 3, 3),
                         "trans1.bn1.running_var": (216,), "trans1.conv1.weight": (108, 216, 1, 1),
                         "block3.layer.15.bn2.bias": (48,), "bn1.weight": (342,), "fc.weight": (10, 342)},
+    # the UM code's checkpoints (densenet_cifar{10,100}_{best,last}.state): NonAffineBatchNorm keeps only statistics
+    "densenet-bc-100-um": {"conv1.weight": (24, 3, 3, 3), "block1.layer.0.bn1.running_mean": (24,),
+                           "block1.layer.0.conv1.weight": (48, 24, 1, 1), "block1.layer.0.bn2.running_var": (48,),
+                           "trans1.bn1.running_var": (216,), "trans1.conv1.weight": (108, 216, 1, 1),
+                           "bn1.running_mean": (342,), "fc.weight": (10, 342), "fc.bias": (10,)},
     "wrn-40-2": {"conv1.weight": (16, 3, 3, 3), "block1.layer.0.bn1.weight": (16,),
                  "block1.layer.0.convShortcut.weight": (32, 16, 1, 1), "block3.layer.5.conv2.weight": (128, 128, 3, 3),
                  "block3.layer.0.convShortcut.weight": (128, 64, 1, 1), "bn1.running_mean": (128,), "fc.bias": (10,)},
@@ -414,3 +426,35 @@ def test_cifar_architectures_load_public_checkpoint_layout(tmp_path, arch):
                 "epoch": 100}, path)
     loaded = registered_backbone(get_backbone_spec(arch), read_state_dict(path), arch, 10)
     assert loaded.key == random_backbone(arch, seed=4).key
+
+
+def test_um_densenet_has_the_um_codes_dropout_batch_norm_and_normalisation():
+    """Issue 17, item 8: the UM code's DenseNet (models/densenet.py, built with configs/smallscale's
+    droprate 0.3 and bn_type NonAffineBatchNorm, utils/bn_type.py: BatchNorm2d(dim, affine=False))."""
+    spec = get_backbone_spec("densenet-bc-100-um")
+    model = spec.build()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 99  # 3 blocks x 16 layers x 2, two transitions, the final one
+    assert all(not m.affine and m.weight is None and m.bias is None and m.track_running_stats for m in norms)
+    assert {m.drop_rate for m in model.modules() if hasattr(m, "drop_rate")} == {0.3}
+    # the normaliser main.py puts inside the UM model (Hendrycks' constants)
+    assert spec.preprocessing == Preprocessing(32, 3, (125.3 / 255, 123.0 / 255, 113.9 / 255),
+                                               (63.0 / 255, 62.1 / 255, 66.7 / 255))
+    # the default densenet-bc-100 is as before: affine batch norms, no dropout
+    plain = get_backbone_spec("densenet-bc-100").build()
+    assert all(m.affine for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
+    assert {m.drop_rate for m in plain.modules() if hasattr(m, "drop_rate")} == {0.0}
+    # dropout acts in train mode only
+    x = spec.preprocessing(cifar_images())
+    um = random_backbone("densenet-bc-100-um").model
+    with torch.no_grad():
+        torch.manual_seed(0)
+        assert not torch.equal(um.train()(x), um(x))
+        assert torch.equal(um.eval()(x), um(x))
+        # in eval mode a batch norm without weights is an affine one with weight 1 and bias 0
+        affine = densenet_bc_100(bn_affine=True)
+        state = {**um.state_dict(), **{f"{name}.{p}": torch.full((m.num_features,), float(p == "weight"))
+                                        for name, m in affine.named_modules() if isinstance(m, nn.BatchNorm2d)
+                                        for p in ("weight", "bias")}}
+        affine.load_state_dict(state)
+        torch.testing.assert_close(affine.eval()(x), um(x))

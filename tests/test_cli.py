@@ -377,7 +377,7 @@ def _validation_is_a_test_set(config):
 
 @pytest.mark.parametrize("mutate, messages", [
     (_unknown_key, ["missing keys [], unknown keys ['bogus']; allowed: ['backbones', 'convention', 'description', "
-                    "'extraction', 'fpr_rule', 'id', 'methods', 'name', 'ood', 'seeds', 'validation']"]),
+                    "'extraction', 'fit', 'fpr_rule', 'id', 'methods', 'name', 'ood', 'seeds', 'validation']"]),
     (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits",
                         "gaussian, hopper-patches, imagenet"]),
     (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),
@@ -385,8 +385,8 @@ def _validation_is_a_test_set(config):
     (_unknown_dataset_param, ["dataset 'gaussian' has no parameters ['sigma']", "'n': 10000"]),
     (_unknown_backbone_arch, ["backbones #1 (digits-net): unknown backbone architecture 'resnet-nope'; registered: "
                               "bit-s-r101x1, cifar-resnet18, cifar-resnet20, cifar-resnet32, cifar-resnet44, "
-                              "cifar-resnet56, cnn28, densenet-bc-100, densenet121, digits-net, mnist-convnet-oe, "
-                              "mobilenet-v2, resnet50, wrn-40-2, wrn-40-4"]),
+                              "cifar-resnet56, cnn28, densenet-bc-100, densenet-bc-100-um, densenet121, digits-net, "
+                              "mnist-convnet-oe, mobilenet-v2, resnet50, wrn-40-2, wrn-40-4"]),
     (_validation_is_a_test_set, ["the validation OOD set 'gaussian' must be disjoint from the ID set and every "
                                  "test OOD set (digits, gaussian, photo-patches)"]),
 ])

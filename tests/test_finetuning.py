@@ -263,6 +263,53 @@ def test_outlier_exposure_with_um_trains_on_the_outliers_and_lowers_their_confid
     assert record["history"][-1]["test_acc"] > 0.8
 
 
+def test_um_fine_tuning_follows_the_um_codes_momentum_schedule_and_crop_padding(digits_backbone, tmp_path,
+                                                                                monkeypatch):
+    """Issue 17, item 8: a fine-tuning recipe with the UM code's choices - plain momentum, the cosine
+    set once per epoch, crops padded with black - gets them in training and in zeta's estimate (the
+    UM code's estimate_loss runs over the augmented train loader)."""
+    base, train, test = digits_backbone
+    calls = {"zeta": [], "train": [], "lr": [], "nesterov": []}
+
+    def recording(where, original):
+        def augment(batch, kind, generator, fill=None):
+            calls[where].append(fill)
+            return original(batch, kind, generator, fill)
+        return augment
+
+    def recorded_lr(recipe, epoch, index, steps_per_epoch, original=training.step_learning_rate):
+        calls["lr"].append((epoch, original(recipe, epoch, index, steps_per_epoch)))
+        return calls["lr"][-1][1]
+
+    def recorded_optimizer(recipe, params, original=training._optimizer):
+        optimizer = original(recipe, params)
+        calls["nesterov"].append(optimizer.defaults["nesterov"])
+        return optimizer
+
+    monkeypatch.setattr(finetuning, "augment", recording("zeta", finetuning.augment))
+    monkeypatch.setattr(training, "augment", recording("train", training.augment))
+    monkeypatch.setattr(training, "step_learning_rate", recorded_lr)
+    monkeypatch.setattr(training, "_optimizer", recorded_optimizer)
+    recipe = FineTuneRecipe(epochs=2, lr=0.1, batch_size=256, forget="um", delta=0.9, augmentation="crop",
+                            nesterov=False, schedule_step="epoch", crop_padding="black")
+    _, record = finetune_backbone("digits-net+um", base, recipe, train, num_classes=6, seed=0,
+                                  weights_dir=tmp_path, progress=False)
+    black = torch.tensor([(0 - 0.3) / 0.4])  # digits-net's normalisation of a black pixel
+    assert calls["zeta"] and all(torch.allclose(fill, black) for fill in calls["zeta"])
+    assert calls["train"] and all(torch.allclose(fill, black) for fill in calls["train"])
+    assert calls["nesterov"] == [False]
+    steps = len(calls["lr"]) // 2  # 0.5 (1 + cos(pi e / 2)) 0.1 for every step of epoch e
+    assert [epoch for epoch, _ in calls["lr"]] == [0] * steps + [1] * steps and steps > 1
+    assert [lr for _, lr in calls["lr"]] == pytest.approx([0.1] * steps + [0.05] * steps)
+    assert record["recipe"]["crop_padding"] == "black"
+    # the defaults are the earlier fine-tuning: Nesterov, per batch, padded with the mean colour, and the
+    # same weights key (the identity of a recipe from before the options)
+    assert FineTuneRecipe(epochs=2, forget="um", augmentation="crop").identity() == {
+        "epochs": 2, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0001, "batch_size": 128,
+        "schedule": "cosine", "augmentation": "crop", "objective": "ce", "forget": "um", "delta": 0.975,
+        "zeta": None, "outliers": ""}
+    assert {"nesterov", "schedule_step", "crop_padding"} <= set(recipe.identity())
+
 def test_fine_tuning_recipes_are_validated():
     with pytest.raises(ValueError, match="objective 'oe' needs 'outliers'"):
         FineTuneRecipe(epochs=1, objective="oe")

@@ -3,6 +3,7 @@
 No pretrained weights are needed: checkpoints are written from random weights, and the networks run on
 64x64 inputs (the published counts and key names do not depend on the input size)."""
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from torchvision import models, transforms
 from extract.backbones import (
     BIT_NORM,
     IMAGENET_NORM,
+    Backbone,
     Preprocessing,
     ResNetV2,
     StdConv2d,
@@ -131,10 +133,10 @@ def small_input(backbone):
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))
 def test_torchvision_checkpoint_loads_with_the_same_keys_and_logits(name, references, tmp_path):
-    """Keys, logits and the harness's captures; the shaping layer: ResNet-50's layer4 is after a ReLU (>= 0),
-    MobileNetV2's features.18 after a ReLU6 (in [0, 6]), DenseNet-121's norm5 the batch norm before the
-    ReLU, signed, also as captured (torchvision's own forward applies that ReLU in place, which would
-    rewrite a hooked output)."""
+    """Keys, logits and the harness's captures; the shaping layer: ResNet-50's layer4.2.merge is the last
+    bottleneck's sum before its ReLU (signed; layer4 is its ReLU), MobileNetV2's features.18 after a ReLU6
+    (in [0, 6]), DenseNet-121's norm5 the batch norm before the ReLU, signed, also as captured (torchvision's
+    own forwards apply those ReLUs in place, which would rewrite a hooked output)."""
     reference = references(name)
     path = tmp_path / f"{name}.pth"
     torch.save(reference.state_dict(), path)
@@ -142,7 +144,8 @@ def test_torchvision_checkpoint_loads_with_the_same_keys_and_logits(name, refere
     backbone = small_input(registered_backbone(spec, read_state_dict(path), name, 1000))
     assert list(backbone.model.state_dict()) == list(reference.state_dict())
     images = np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
-    rows = forward_rows(backbone, images, (spec.shaping_layer,), batch_size=2, device=torch.device("cpu"))
+    layers = (spec.shaping_layer, "layer4") if name == "resnet50" else (spec.shaping_layer,)
+    rows = forward_rows(backbone, images, layers, batch_size=2, device=torch.device("cpu"))
     with torch.no_grad():
         expected = reference(backbone.preprocessing(images))
     np.testing.assert_allclose(rows["logits"], expected.numpy(), rtol=0, atol=1e-5)
@@ -151,10 +154,12 @@ def test_torchvision_checkpoint_loads_with_the_same_keys_and_logits(name, refere
     np.testing.assert_allclose(rows["logits"], rows["features"] @ weight.T + bias, rtol=1e-4, atol=1e-4)
     shaped = rows[spec.shaping_layer]
     assert shaped.shape == (2, FEATURE_DIMS[name], 2, 2)
-    if name == "densenet121":
-        assert shaped.min() < 0 < shaped.max()
+    if name == "mobilenet-v2":
+        assert shaped.min() == 0 and shaped.max() <= 6
     else:
-        assert shaped.min() == 0 and shaped.max() <= (6 if name == "mobilenet-v2" else np.inf)
+        assert shaped.min() < 0 < shaped.max()
+    if name == "resnet50":
+        np.testing.assert_array_equal(rows["layer4"], np.maximum(shaped, 0))
 
 
 def test_densenet121_checkpoint_with_the_old_key_names_loads(references, tmp_path):
@@ -169,6 +174,142 @@ def test_densenet121_checkpoint_with_the_old_key_names_loads(references, tmp_pat
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(backbone.model(x), reference(x), rtol=0, atol=1e-5)
+
+
+CPU = torch.device("cpu")
+
+
+def test_resnet50_exposes_the_last_sum_with_torchvisions_keys_outputs_repr_and_cache_key(references):
+    """The last bottleneck routes its sum through ``layer4.2.merge`` (an identity before the final ReLU) and
+    is otherwise torchvision's: same state-dict keys in the same order (the torch-hub file loads strictly),
+    bit-identical outputs, and the same repr, so the backbone's cache key is the plain torchvision model's
+    (cached ResNet-50 entries are not re-keyed). ``ash_layer`` run from cached merge activations (the
+    network's tail) gives the logits of the full pass with the hook."""
+    reference = references("resnet50")
+    spec = get_backbone_spec("resnet50")
+    backbone = registered_backbone(spec, reference.state_dict(), "resnet50", 1000)
+    model = backbone.model
+    assert spec.shaping_layer == "layer4.2.merge"
+    assert isinstance(dict(model.named_modules())["layer4.2.merge"], nn.Identity)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    torchvision_model = models.resnet50(weights=None, num_classes=1000)
+    torchvision_model.load_state_dict(reference.state_dict())
+    assert repr(model) == repr(torchvision_model) and "merge" not in repr(model)
+    plain = Backbone("resnet50", torchvision_model, spec.preprocessing, spec.head, spec.layers,
+                     {"registry": "resnet50", "num_classes": 1000}, shaping_layer="layer4")
+    assert backbone.key == plain.key
+    small_input(backbone)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    merge = forward_rows(backbone, images, ("layer4.2.merge",), batch_size=2, device=CPU)["layer4.2.merge"]
+    network = Network(backbone, CPU, batch_size=2)
+    assert network.tail("layer4.2.merge") is not None
+    ash = make_method("ash_layer", variant="s", p=90.0)
+    hooked = ash.network_outputs(network, SimpleNamespace(images=images, activations=lambda layer: None))
+    cached = SimpleNamespace(images=images, activations=lambda layer: merge if layer == "layer4.2.merge" else None)
+    tail = ash.network_outputs(network, cached)
+    np.testing.assert_allclose(tail["logits"], hooked["logits"], rtol=1e-5, atol=1e-5 * np.abs(hooked["logits"]).max())
+
+
+def official_ash(x: torch.Tensor, variant: str, p: float) -> torch.Tensor:
+    """ASH as the official code (andrijazz/ash, ash.py: ash_p, ash_b, ash_s) computes it on a 4-D tensor, without
+    its in-place writes: per sample, k = n - int(np.round(n p / 100)) of the n = C*H*W values are kept by
+    torch.topk, the rest set to 0; ASH-P keeps them, ASH-B sets them to s1 / k, ASH-S scales them by
+    exp(s1 / s2) (s1 the sum of all n values, s2 that of the kept ones). The k-th and (k+1)-th values must
+    differ, so that which values are kept does not depend on how ties are broken."""
+    assert x.dim() == 4
+    flat = x.reshape(len(x), -1)
+    n = flat.shape[1]
+    k = n - int(np.round(n * p / 100.0))
+    ordered = flat.sort(dim=1, descending=True).values
+    assert (ordered[:, k - 1] > ordered[:, k]).all()
+    s1 = flat.sum(dim=1, keepdim=True)
+    values, indices = torch.topk(flat, k, dim=1)
+    if variant == "b":
+        values = (s1 / k).expand(-1, k)
+    kept = torch.zeros_like(flat).scatter(1, indices, values)
+    if variant == "s":
+        kept = kept * torch.exp(s1 / kept.sum(dim=1, keepdim=True))
+    return kept.reshape(x.shape)
+
+
+def resnet50_body(model, x):
+    return model.layer4(model.layer3(model.layer2(model.layer1(model.maxpool(F.relu(model.bn1(model.conv1(x))))))))
+
+
+def resnet50_ash_in_the_last_block(model, x, ash):
+    """The official ASH ResNet-50 (models/resnet_imagenet.py) with ``use_ash`` in the last Bottleneck: out = bn3
+    branch; out += identity; ASH(out); ReLU; then average pooling and fc (its identity block has no downsample)."""
+    h = model.layer4[:2](model.layer3(model.layer2(model.layer1(model.maxpool(F.relu(model.bn1(model.conv1(x))))))))
+    last = model.layer4[2]
+    out = F.relu(last.bn2(last.conv2(F.relu(last.bn1(last.conv1(h))))))
+    out = F.relu(ash(last.bn3(last.conv3(out)) + h))
+    return model.fc(torch.flatten(model.avgpool(out), 1))
+
+
+def bit_pre_activation(model, x):
+    return model.before_head.gn(model.body(model.root(x)))
+
+
+BY_HAND = {  # (backbone, ash_layer's layer): a forward of the model's own modules with ASH written in
+    # the official code's placements: in ResNet-50's last bottleneck (use_ash, switched off in that code), and
+    # after the average pooling (what its ImageNet results use: resnet_imagenet.py, mobilenetv2.py and
+    # densenet_imagenet.py apply ASH to the pooled (N, C, 1, 1) tensor before flatten and the classifier)
+    ("resnet50", "last_block"): resnet50_ash_in_the_last_block,
+    ("resnet50", "penultimate"):
+        lambda m, x, ash: m.fc(torch.flatten(ash(m.avgpool(resnet50_body(m, x))), 1)),
+    ("mobilenet-v2", "penultimate"):
+        lambda m, x, ash: m.classifier(torch.flatten(ash(F.adaptive_avg_pool2d(m.features(x), (1, 1))), 1)),
+    ("densenet121", "penultimate"):
+        lambda m, x, ash: m.classifier(torch.flatten(ash(F.adaptive_avg_pool2d(F.relu(m.features(x)), (1, 1))), 1)),
+    # the harness's counterparts where the official code has no in-block placement (MobileNetV2, DenseNet-121)
+    # or no model (BiT): after MobileNetV2's last ReLU6, before DenseNet-121's and BiT's final ReLU
+    ("mobilenet-v2", "last_block"):
+        lambda m, x, ash: m.classifier(torch.flatten(F.adaptive_avg_pool2d(ash(m.features(x)), (1, 1)), 1)),
+    ("densenet121", "last_block"):
+        lambda m, x, ash: m.classifier(torch.flatten(F.adaptive_avg_pool2d(F.relu(ash(m.features(x))), (1, 1)), 1)),
+    ("bit-s-r101x1", "last_block"):
+        lambda m, x, ash: m.head.conv(F.adaptive_avg_pool2d(F.relu(ash(bit_pre_activation(m, x))), 1))[..., 0, 0],
+    ("bit-s-r101x1", "penultimate"):
+        lambda m, x, ash: m.head.conv(ash(F.adaptive_avg_pool2d(F.relu(bit_pre_activation(m, x)), 1)))[..., 0, 0],
+}
+# the official configs' percentiles: ASH-S@90 (ResNet-50, MobileNetV2), ASH-S@99 (DenseNet-121); the paper's
+# ASH-P@60 and ASH-B@65 in ResNet-50's last block, where a signed sum makes ASH-B and ASH-S differ from ASH after
+# the block's ReLU
+ASH_CASES = [("resnet50", "last_block", "s", 90.0), ("resnet50", "last_block", "b", 65.0),
+             ("resnet50", "last_block", "p", 60.0), ("resnet50", "penultimate", "s", 90.0),
+             ("mobilenet-v2", "penultimate", "s", 90.0), ("densenet121", "penultimate", "s", 99.0),
+             ("mobilenet-v2", "last_block", "s", 90.0), ("densenet121", "last_block", "s", 99.0),
+             ("bit-s-r101x1", "last_block", "s", 90.0), ("bit-s-r101x1", "penultimate", "s", 90.0)]
+
+
+@pytest.mark.parametrize("name, layer, variant, p", ASH_CASES)
+def test_ash_layer_equals_a_hand_written_forward_with_ash_at_its_place(name, layer, variant, p, references,
+                                                                         request):
+    """``ash_layer`` through the harness's ``Network`` (a hook on the declared shaping layer for last_block, on
+    the head's input for penultimate) against the model's modules run by hand with ``official_ash`` inserted."""
+    if name == "bit-s-r101x1":
+        backbone = request.getfixturevalue("bit")
+        model = backbone.model
+    else:
+        model = references(name)  # torchvision's own model: the hand-written forwards use its modules
+        backbone = small_input(registered_backbone(get_backbone_spec(name), model.state_dict(), name, 1000))
+    images = np.random.default_rng(2).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    network = Network(backbone, CPU, batch_size=2)
+    rows = SimpleNamespace(images=images, activations=lambda layer: None)
+    outputs = make_method("ash_layer", variant=variant, p=p, layer=layer).network_outputs(network, rows)
+    with torch.no_grad():
+        expected = BY_HAND[name, layer](model, backbone.preprocessing(images),
+                                        lambda a: official_ash(a, variant, p)).double().numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(outputs["logits"], expected, rtol=1e-4, atol=1e-5 * scale)
+    if name == "resnet50" and layer == "last_block" and variant != "p":
+        # ASH after the block's ReLU (layer4's output, the old shaping layer) is another method: s1 lacks the
+        # negative part of the sum. ASH-P is the same there whenever a sample has k positive values.
+        after_relu = make_method("ash_layer", variant=variant, p=p, layer="layer4").network_outputs(network, rows)
+        assert np.abs(after_relu["logits"] - expected).max() > 1e-2 * scale
 
 
 def test_std_conv2d_standardises_each_filter():
