@@ -451,8 +451,9 @@ def test_ctrl_c_during_training_prints_one_line(tmp_path):
     the next run resumes from (resuming itself: tests/test_training.py) kept and sound."""
     cache = tmp_path / "cache"
     argv = [sys.executable, "-m", "harness", "run", "digits", "--cache-dir", str(cache), "--out", str(tmp_path / "out")]
-    # SIGINT as a terminal gives it: an ignored SIGINT is inherited, and Python then installs no
-    # KeyboardInterrupt handler (in the full suite, something earlier leaves it ignored)
+    # SIGINT as a terminal gives it: a suite started in the background (`make test &` in a shell
+    # without job control) runs with SIGINT ignored, children inherit that, and Python then
+    # installs no KeyboardInterrupt handler
     process = subprocess.Popen(argv, cwd=PACKAGE_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
