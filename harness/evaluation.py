@@ -240,11 +240,11 @@ class Evaluation:
         fitted: Method | None = None
         result = {}
         through_network = "network" in method.reads
+        code = {"code": method.code_key()} if method.code_key() else {}  # plugins: keyed by their source
         for label in (res.id_test, *res.ood_labels, *([res.validation, res.id_val] if res.validation else [])):
             entry = entries[label]
             data_key = entry.derived_key(method.name, self.output_key(backbone, method, fit_entry, entries)) \
                 if through_network else entry.data_key
-            code = {"code": method.code_key()} if method.code_key() else {}  # plugins: keyed by their source
             key = content_key("scores", method.name, {**method.get_params(), **code}, method.version,
                               fit_entry.data_key, data_key)
             path = self.store.scores_path(backbone.key, method.name, key)

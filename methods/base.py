@@ -22,6 +22,7 @@ entry-point group). ``method_class`` resolves references; ``make_method`` instan
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -44,6 +45,23 @@ BLOCK_ROWS = 1024  # rows per block of rowwise_apply, the shaping passes and Mah
 # and "network" (the method computes its own outputs through the network: ``NetworkMethod``).
 READABLE = ("logits", "features", "head", "labels", "activations", "network")
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_.+-]*")
+
+
+@functools.cache
+def _code_digest(cls: type) -> str:
+    """``Method.code_key`` of a plugin class: read and hashed once, not per set scored."""
+    digest = hashlib.sha256()
+    for klass in cls.__mro__:
+        if klass is object or getattr(klass, "__module__", "").partition(".")[0] == BUILTIN_PACKAGE:
+            continue
+        try:
+            digest.update(inspect.getsource(sys.modules[klass.__module__]).encode())
+            digest.update(inspect.getsource(klass).encode())
+        except (OSError, TypeError, KeyError):
+            for attribute, value in sorted(vars(klass).items()):
+                code = getattr(inspect.unwrap(value) if callable(value) else value, "__code__", None)
+                digest.update(attribute.encode() + (marshal.dumps(code) if code else repr(value).encode()))
+    return digest.hexdigest()[:16]
 
 
 class Method:
@@ -106,21 +124,9 @@ class Method:
     def code_key(cls) -> str:
         """A digest of a plugin's code: the source of every module defining a class of its MRO
         outside this package (the bytecode of their functions where the source cannot be read,
-        e.g. a class typed into a REPL). Empty for the built-ins, which are keyed by ``version``."""
-        if cls.is_builtin():
-            return ""
-        digest = hashlib.sha256()
-        for klass in cls.__mro__:
-            if klass is object or getattr(klass, "__module__", "").partition(".")[0] == BUILTIN_PACKAGE:
-                continue
-            try:
-                digest.update(inspect.getsource(sys.modules[klass.__module__]).encode())
-                digest.update(inspect.getsource(klass).encode())
-            except (OSError, TypeError, KeyError):
-                for attribute, value in sorted(vars(klass).items()):
-                    code = getattr(inspect.unwrap(value) if callable(value) else value, "__code__", None)
-                    digest.update(attribute.encode() + (marshal.dumps(code) if code else repr(value).encode()))
-        return digest.hexdigest()[:16]
+        e.g. a class typed into a REPL). Empty for the built-ins, which are keyed by ``version``.
+        Computed once per class object (an edited plugin is imported again as a new class)."""
+        return "" if cls.is_builtin() else _code_digest(cls)
 
     def get_params(self, deep: bool = True) -> dict:
         """The hyperparameters as a dict (scikit-learn's ``get_params``; ``deep`` is accepted for

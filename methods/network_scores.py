@@ -64,8 +64,9 @@ class NetworkMethod(Method):
         parameter ('last_block', 'backbone') is keyed by the modules it stands for, so a backbone
         that declares other layers never reuses outputs computed at the old ones."""
         key = {**self.get_params(), "version": self.version}
-        if self.code_key():  # a plugin: its outputs are keyed by its source too
-            key["code"] = self.code_key()
+        code = self.code_key()
+        if code:  # a plugin: its outputs are keyed by its source too
+            key["code"] = code
         declared = declared or {}
         if key.get("layer") == LAST_BLOCK and declared.get("shaping_layer"):
             key["layer"] = declared["shaping_layer"]
