@@ -42,11 +42,14 @@ benchmark: data
 	$(BIN)/oodbench run fashion-mnist --out $(OUT)
 	@echo "leaderboard: $(OUT)/fashion-mnist/cnn28/leaderboard.{md,csv,tex}, report: $(OUT)/fashion-mnist/report.md"
 
+# pytest-xdist workers: one per core, at most 4 (tests/conftest.py gives each its share of threads)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # ruff (its rules are in pyproject.toml); make test runs it first
 lint: install

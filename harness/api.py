@@ -3,6 +3,7 @@
     import oodbench as ob
 
     metrics = ob.run("fashion-mnist")                       # the tidy table of metrics.csv
+    tests = ob.Bench("fashion-mnist").compare(["energy", "msp"])   # paired tests, every OOD set
     metrics = ob.run("fashion-mnist", methods=["energy", "mypkg.scores:MyScore"])
     metrics = ob.evaluate_model(model, "fashion-mnist", head="fc")   # an nn.Module, no YAML
     splits = ob.open_splits("fashion-mnist")                # cached arrays: splits.test.features ...
@@ -26,8 +27,18 @@ import pandas as pd
 
 from extract.datasets import default_data_root
 from extract.store import CachedSplit, CacheMissing, FeatureStore
-from harness.config import BackboneConfig, Benchmark, MethodRef, benchmark_path, load_benchmark, parse_benchmark
-from harness.evaluation import Evaluation, RunSummary, Scored, ScoringGrid, fit_rows, tidy_metric_rows
+from harness.config import (
+    BackboneConfig,
+    Benchmark,
+    Intervals,
+    MethodRef,
+    benchmark_intervals,
+    benchmark_path,
+    load_benchmark,
+    parse_benchmark,
+    parse_intervals,
+)
+from harness.evaluation import Evaluation, RunSummary, Scored, ScoringGrid, fit_rows, method_label, tidy_metric_rows
 from harness.resolution import Resolution, RunOptions, load_record
 from methods.base import (
     Method,
@@ -101,13 +112,15 @@ class Bench:
     final linear layer), ``preprocessing`` (a mapping: input_size, channels, mean, std, optional
     resize_to; default: the benchmark's first registry backbone's) and optional ``layers`` to
     cache activations of; its entries are keyed by a hash of its weights, so the cache works as
-    for any backbone. The other options are the CLI's.
+    for any backbone. ``level`` and ``resamples`` override the benchmark's ``intervals:`` (the
+    leaderboard's bootstrap intervals). The other options are the CLI's.
     """
 
     def __init__(self, benchmark, *, model=None, head: str = "", preprocessing: dict | None = None,
                  layers: tuple[str, ...] = (), model_name: str = MODEL_NAME, cache_dir=None, out_dir="out",
                  data_root=None, device: str = "auto", seeds=None, download: bool = False, progress: bool = True,
-                 workers: int = 0, amp: bool = False, summary: RunSummary | None = None):
+                 workers: int = 0, amp: bool = False, summary: RunSummary | None = None, level: float | None = None,
+                 resamples: int | None = None):
         if not isinstance(benchmark, (str, Path, dict)):
             raise ValueError("a benchmark is a packaged name, a YAML path or a mapping, "
                              f"got {type(benchmark).__name__}")
@@ -117,6 +130,8 @@ class Bench:
                                   seeds=tuple(seeds) if seeds else None, download=download, progress=progress,
                                   workers=workers, amp=amp)
         self.summary = summary or RunSummary()
+        self._intervals = {k: v for k, v in (("level", level), ("resamples", resamples)) if v is not None}
+        parse_intervals(self._intervals, "Bench options")  # a bad level or count fails before any work
         self.leaderboards: dict[str, Leaderboard] = {}
         self._model = (model, head, preprocessing, tuple(layers), model_name) if model is not None else None
         self._benchmark: Benchmark | None = None
@@ -170,6 +185,12 @@ class Bench:
         architecture = {"module": f"{type(model).__module__}.{type(model).__qualname__}"}
         return {name: Backbone(name, model, prepared, head, layers, architecture, {"in_memory": True})}
 
+    @property
+    def intervals(self) -> Intervals:
+        """The leaderboard's bootstrap intervals: the benchmark's ``intervals:`` with this Bench's
+        ``level`` and ``resamples`` over it (read from the file alone: no torch)."""
+        return dataclasses.replace(benchmark_intervals(self.source), **self._intervals)
+
     def benchmark_file(self) -> Path | None:
         """The benchmark's file, whose record lets scoring skip resolving; None for a mapping or a model."""
         return benchmark_path(self.source) if isinstance(self.source, (str, Path)) and self._model is None else None
@@ -208,11 +229,34 @@ class Bench:
 
     def _evaluate(self, methods, compute: bool, grid: ScoringGrid, write: bool) -> pd.DataFrame:
         refs = tuple(method_ref(m) for m in methods) if methods else None
+        intervals = self.intervals
         evaluation = self.evaluation(compute=compute)
-        metrics = evaluation.evaluate(refs, compute_scores=compute, grid=grid, plot=write)
+        metrics = evaluation.evaluate(refs, compute_scores=compute, grid=grid, plot=write,
+                                      resamples=intervals.resamples if write else 0)
         if write:
-            self.leaderboards = evaluation.write_leaderboards(metrics)
+            self.leaderboards = evaluation.write_leaderboards(metrics, intervals.level)
         return metrics
+
+    def compare(self, methods, *, jobs: int = 1, backend: str = "loky", scheduler: str = "") -> pd.DataFrame:
+        """Two methods tested against each other on the same test samples, per backbone
+        (``results.leaderboard.Leaderboard.compare``): one row per (backbone, column, metric) - every
+        OOD set, the averages over sets and the ID accuracy - with both values, the difference
+        (first - second) with its interval at the benchmark's level, the two-sided p-value and the
+        test (DeLong's for a set's AUROC, a paired bootstrap otherwise). Scores come from the cache,
+        computed from the cached features where missing, as ``score`` does."""
+        refs = tuple(method_ref(m) for m in methods)
+        labels = [method_label(ref.name, ref.params) for ref in refs]
+        if len(labels) != 2 or labels[0] == labels[1]:
+            raise ValueError(f"compare takes two different methods, got {', '.join(labels) or 'none'}")
+        intervals = self.intervals
+        evaluation = self.evaluation(compute=False)
+        metrics = evaluation.evaluate(refs, compute_scores=True, plot=False, grid=ScoringGrid(backend, jobs, scheduler),
+                                      resamples=intervals.resamples)
+        tables = []
+        for backbone, frame in metrics.groupby("backbone", sort=False):
+            table = evaluation.leaderboard(frame, frame, intervals.level).compare(*labels)
+            tables.append(table.assign(backbone=backbone)[["backbone", *table.columns]])
+        return pd.concat(tables, ignore_index=True)
 
     def extract(self, shard: tuple[int, int] | None = None) -> Resolution | list[str]:
         """Train and extract what is missing. With ``shard`` (i, n): only that shard of every entry;

@@ -6,6 +6,7 @@
     oodbench sweep BENCHMARK --method NAME [--grid k=v1,v2 ...]  a hyperparameter grid from the cache,
                                       selected on the benchmark's validation OOD set
     oodbench leaderboard BENCHMARK    re-render the leaderboard from cached scores
+    oodbench compare BENCHMARK --methods A,B   paired tests of two methods on every OOD set
     oodbench epochs BENCHMARK --backbone NAME [--methods energy,msp]   OOD metrics of every training snapshot
     oodbench cache ls | verify | rm   inspect, check or delete cache files
     oodbench fetch DATASET            download a dataset with torchvision (needs internet)
@@ -27,11 +28,11 @@ from extract.cachefiles import nearest_existing
 from extract.datasets import DATASETS, DatasetUnavailable, fetch_dataset
 from extract.store import CacheCorrupt, CacheMissing, FeatureStore, verify_file
 from harness.api import CACHE_ENV, Bench, default_cache_dir
-from harness.config import BenchmarkError, available_benchmarks, check_seeds
+from harness.config import BenchmarkError, available_benchmarks, check_seeds, parse_intervals
 from harness.evaluation import BACKENDS, RunSummary, ScoringGrid
 from harness.resolution import Resolution
 from methods import METHODS, make_method, parameter_grid
-from methods.base import installed_plugins
+from methods.base import installed_plugins, usable_cpus
 from results.leaderboard import METRICS
 
 # Nothing imported above loads torch (3 s): `score` and `leaderboard` from a recorded resolution
@@ -43,20 +44,28 @@ USER_ERRORS = (BenchmarkError, CacheMissing, CacheCorrupt, DatasetUnavailable, V
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: a container's or a Slurm job's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def _seeds(text: str) -> tuple[int, ...]:
     try:
         return check_seeds([int(s) for s in text.split(",")], "--seeds")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err) if isinstance(err, BenchmarkError) else
                                          f"--seeds takes comma-separated integers, got {text!r}") from None
+
+
+def _interval_option(key: str, kind: type):
+    """The argparse type of ``--level`` (float) or ``--resamples`` (int), checked as a benchmark
+    file's ``intervals:`` is."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{key} takes {'a number' if kind is float else 'an integer'}, "
+                                             f"got {text!r}") from None
+        try:
+            return getattr(parse_intervals({key: value}, f"--{key}"), key)
+        except BenchmarkError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
 
 
 def _workers(text: str) -> int:
@@ -153,11 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default loky; dask and ray reach a cluster with --scheduler)")
     grid.add_argument("--scheduler", default="", metavar="ADDRESS", help="the Dask scheduler (tcp://host:8786) or "
                       "Ray cluster (host:6379) address; without one dask starts a local cluster")
+    intervals = argparse.ArgumentParser(add_help=False)
+    intervals.add_argument("--level", type=_interval_option("level", float), default=None,
+                           help="level of the bootstrap intervals; 1 - level is the level of the tests (default: the "
+                                "benchmark's intervals: level, else 0.95)")
+    intervals.add_argument("--resamples", type=_interval_option("resamples", int), default=None,
+                           help="bootstrap resamples of the test sets, at least 100 (default: the benchmark's "
+                                "intervals: resamples, else 1000)")
     parser = argparse.ArgumentParser(prog="oodbench", description="OOD detection benchmark harness with an HDF5 "
                                      "feature cache.")
     _global_options(parser, after_command=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", parents=[bench, grid],
+    run = commands.add_parser("run", parents=[bench, grid, intervals],
                               help="extract what is missing, score, write the leaderboard")
     run.add_argument("--methods", default=None, help="comma-separated method names (default: the benchmark's)")
     extract = commands.add_parser("extract", parents=[bench], help="train and extract only")
@@ -174,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace or add one axis of the registry's grid (repeatable)")
     sweep.add_argument("--criterion", default="auroc", choices=tuple(METRICS),
                        help="validation metric to select by (default auroc; fpr95 is minimised)")
-    commands.add_parser("leaderboard", parents=[bench, grid], help="re-render the leaderboard from cached scores")
+    commands.add_parser("leaderboard", parents=[bench, grid, intervals],
+                        help="re-render the leaderboard from cached scores")
+    compare = commands.add_parser("compare", parents=[bench, grid, intervals],
+                                  help="paired tests of two methods on every OOD set (scores from the cache, "
+                                       "computed from cached features where missing)")
+    compare.add_argument("--methods", required=True, metavar="A,B", help="the two methods, comma-separated")
     epochs = commands.add_parser("epochs", parents=[bench], help="OOD metrics against the training epoch: every "
                                  "snapshot of a backbone extracted and scored (its recipe needs snapshot_every)")
     epochs.add_argument("--backbone", required=True, help="the benchmark's backbone whose snapshots to score")
@@ -208,7 +229,8 @@ def _bench(args) -> Bench:
     return Bench(args.benchmark, cache_dir=folder_option(args.cache_dir or default_cache_dir(), "--cache-dir"),
                  out_dir=folder_option(args.out, "--out"), data_root=args.data_root, device=args.device,
                  seeds=args.seeds, download=args.download, progress=not args.quiet,
-                 workers=_capped(args.workers, "--workers"), amp=args.amp)
+                 workers=_capped(args.workers, "--workers"), amp=args.amp, level=getattr(args, "level", None),
+                 resamples=getattr(args, "resamples", None))
 
 
 def _grid(args) -> dict:
@@ -296,6 +318,29 @@ def cmd_sweep(args) -> int:
               f"{100 * row[val]:.2f}) -> test FPR@95 {100 * row['test_fpr95']:.2f}, "
               f"AUROC {100 * row['test_auroc']:.2f}")
     _print_summary(bench.summary, resolution, started)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Two methods' paired tests on every OOD set, the averages and the ID accuracy, per backbone."""
+    started = time.perf_counter()
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    for name in methods:
+        make_method(name)  # a bad name fails before any work
+    bench = _bench(args)
+    table = bench.compare(methods, **_grid(args))
+    first, second = table.columns[3:5]
+    level = bench.intervals.level
+    for backbone, rows in table.groupby("backbone", sort=False):
+        print(f"\n{first} vs {second} on {bench.resolution.benchmark} ({backbone}, {bench.resolution.convention}, "
+              f"values in %): difference {first} - {second} with its {level:.0%} interval, two-sided p-value")
+        shown = rows.drop(columns="backbone").copy()
+        shown["metric"] = shown["metric"].map({**METRICS, "acc": "ID acc"})
+        for column in (first, second, "difference", "lo", "hi"):
+            shown[column] = (100 * shown[column]).round(2)
+        shown["p"] = shown["p"].map(lambda p: f"{p:.2g}")
+        print(shown.to_string(index=False))
+    _print_summary(bench.summary, bench.resolution, started)
     return 0
 
 
@@ -410,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     handlers = {"run": cmd_run, "extract": cmd_extract, "score": cmd_score, "sweep": cmd_sweep,
-                "leaderboard": lambda a: cmd_run(a, compute=False), "epochs": cmd_epochs, "cache": cmd_cache,
+                "leaderboard": lambda a: cmd_run(a, compute=False), "compare": cmd_compare, "epochs": cmd_epochs,
+                "cache": cmd_cache,
                 "list": cmd_list,
                 "fetch": lambda a: fetch_dataset(a.dataset, a.data_root) or 0}
     try:

@@ -3,10 +3,11 @@
 A benchmark names its ID dataset (fit and test splits, class count), its OOD sets grouped
 near/far, the validation OOD set that sweeps select hyperparameters on, the seeds, the metric
 convention, the methods (default: every registered one), the backbones (a registry
-architecture with a training recipe, or ``module:factory`` + checkpoint) and what extraction
-caches. Every unknown key or name is an error that lists the valid ones, and every value is checked
-for its type and range when the file is read (``_typed``; recipes by their fields' annotations and
-``LIMITS``), so a wrong one stops the run at once with the file and the key.
+architecture with a training recipe, or ``module:factory`` + checkpoint), what extraction
+caches and the level and resample count of the leaderboard's bootstrap intervals. Every
+unknown key or name is an error that lists the valid ones, and every value is checked for its type
+and range when the file is read (``_typed``; recipes by their fields' annotations and ``LIMITS``),
+so a wrong one stops the run at once with the file and the key.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import yaml
 from extract.datasets import DATASETS
 from methods import METHODS, make_method
 from results.metrics import CONVENTIONS, FPR_RULES
+from results.uncertainty import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 
 if TYPE_CHECKING:
     from extract.finetuning import FineTuneRecipe
@@ -66,6 +68,16 @@ class IDValidation:
 
 
 @dataclass(frozen=True)
+class Intervals:
+    """The uncertainty every leaderboard value carries (``results.uncertainty``): percentile bootstrap
+    intervals of ``level`` from ``resamples`` seeded resamples of the test sets, and the tests
+    against the best of each column at ``1 - level`` (a benchmark file's ``intervals:``)."""
+
+    level: float = DEFAULT_LEVEL
+    resamples: int = DEFAULT_RESAMPLES
+
+
+@dataclass(frozen=True)
 class BackboneConfig:
     name: str
     arch: str = ""
@@ -104,6 +116,7 @@ class Benchmark:
     val: IDValidation = field(default_factory=lambda: IDValidation())
     fpr_rule: str = "canonical"  # results.metrics.FPR_RULES
     fit_subsets: dict = field(default_factory=dict)  # method name -> {n or fraction, seed}: its own fit rows
+    intervals: Intervals = field(default_factory=Intervals)
 
     @property
     def id_fit(self) -> DatasetRef:
@@ -232,7 +245,7 @@ PREPROCESSING_LIMITS = {"input_size": ">= 1", "channels": (1, 3), "std": "> 0", 
 # The keys of a benchmark file, of its `id`, `extraction` and backbone entries, and of a dataset reference.
 BENCHMARK_KEYS = {"name": str, "description": str, "id": dict, "ood": list | dict, "validation": str | dict | None,
                   "seeds": object, "convention": str, "fpr_rule": str, "methods": list | None, "backbones": list,
-                  "extraction": dict, "fit": dict}
+                  "extraction": dict, "fit": dict, "intervals": dict}
 FIT_SUBSET_KEYS = {"n": int, "fraction": float, "seed": int}
 ID_KEYS = {"dataset": str, "fit_split": str, "test_split": str, "num_classes": int, "fit_params": dict | None,
            "test_params": dict | None, "val": dict}
@@ -241,6 +254,10 @@ EXTRACTION_KEYS = {"batch_size": int, "layers": tuple[str, ...], "activations_dt
 BACKBONE_KEYS = {"name": str, "arch": str, "train": dict, "factory": str, "checkpoint": str, "kwargs": dict,
                  "head": str, "layers": tuple[str, ...], "preprocessing": dict, "shaping_layer": str, "finetune": dict}
 DATASET_REF_KEYS = {"dataset": str, "split": str, "params": dict, "name": str}
+# A percentile interval's bounds are order statistics of the resamples: with fewer than 100 there
+# are none to speak of beyond the bounds of a 95% interval.
+INTERVALS_KEYS = {"level": float, "resamples": int}
+INTERVALS_LIMITS = {"level": "(0, 1)", "resamples": ">= 100"}
 
 
 def _dataset_ref(where: str, item, group: str, params_key: str = "params") -> DatasetRef:
@@ -288,6 +305,24 @@ def _fit_subsets(where: str, mapping: dict) -> dict[str, dict]:
             raise BenchmarkError(f"{where} {name}: give either 'n' (rows) or 'fraction' (of the fit split)")
         subsets[name] = {"seed": 0, **config}
     return subsets
+
+
+def parse_intervals(mapping, where: str) -> Intervals:
+    """The ``intervals:`` mapping of a benchmark file, ``{level, resamples}`` (default
+    {level: 0.95, resamples: 1000}); the command line's ``--level`` and ``--resamples`` are checked
+    the same way. A level outside (0, 1) or fewer than 100 resamples is a ``BenchmarkError``."""
+    return Intervals(**_checked(where, mapping, INTERVALS_KEYS, limits=INTERVALS_LIMITS))
+
+
+def benchmark_intervals(benchmark) -> Intervals:
+    """The intervals of a benchmark (a packaged name, a YAML path or a mapping), read from its file
+    alone: the other keys are checked when the benchmark is loaded, which imports torch."""
+    if isinstance(benchmark, dict):
+        data, where = benchmark, "<mapping>"
+    else:
+        path = benchmark_path(benchmark)
+        data, where = _read_yaml(path), str(path)
+    return parse_intervals((data if isinstance(data, dict) else {}).get("intervals", {}), f"{where}: intervals")
 
 
 def _id_validation(where: str, mapping, id_test: DatasetRef, id_fit: DatasetRef) -> IDValidation:
@@ -500,7 +535,8 @@ def parse_benchmark(data: dict, source: str = "<mapping>") -> Benchmark:
         batch_size=extraction.get("batch_size", 256),
         layers=tuple(extraction.get("layers", ())), activations_dtype=extraction.get("activations_dtype", "float32"),
         source=source, fit_params=fit_ref.params, test_params=id_ref.params, val=val,
-        fpr_rule=data.get("fpr_rule", "canonical"), fit_subsets=_fit_subsets(f"{source}: fit", data.get("fit", {})))
+        fpr_rule=data.get("fpr_rule", "canonical"), fit_subsets=_fit_subsets(f"{source}: fit", data.get("fit", {})),
+        intervals=parse_intervals(data.get("intervals", {}), f"{source}: intervals"))
 
 
 def available_benchmarks() -> list[str]:
@@ -521,9 +557,13 @@ def benchmark_path(name_or_path: str | Path) -> Path:
 def load_benchmark(name_or_path: str | Path) -> Benchmark:
     """Load a packaged benchmark by name (e.g. 'fashion-mnist') or any YAML file by path."""
     path = benchmark_path(name_or_path)
+    return parse_benchmark(_read_yaml(path), source=str(path))
+
+
+def _read_yaml(path: Path):
+    """The content of a YAML file; invalid YAML is a ``BenchmarkError`` naming the file."""
     with open(path) as handle:
         try:
-            data = yaml.safe_load(handle)
+            return yaml.safe_load(handle)
         except yaml.YAMLError as err:
             raise BenchmarkError(f"{path}: not valid YAML ({err})") from err
-    return parse_benchmark(data, source=str(path))

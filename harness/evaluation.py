@@ -8,6 +8,7 @@ cache alone. Scores are cached per (method, parameters, fit entry, scored entry)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -44,6 +45,7 @@ from methods.base import (
 from results.leaderboard import LOWER_IS_BETTER, METRICS, Leaderboard, build_leaderboard
 from results.metrics import accuracy, ood_metrics
 from results.reproduction import load_published, reproduction_frame, write_reproduction
+from results.uncertainty import CODE_DIGEST, DEFAULT_LEVEL, MethodSamples, method_samples
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ class CellResult:
     histogram: dict[str, np.ndarray]  # scores on the ID test set and every OOD set, for the plot
     left_out: str | None  # why the method was left out of this backbone (non-finite outputs), else None
     timings: dict[str, float]
+    samples: MethodSamples | None = None  # its resampled results, when the run asks for intervals
 
 
 def fit_rows(entry: CachedSplit, subset: dict | None) -> CachedSplit | SplitRows:
@@ -178,15 +181,36 @@ def worker_evaluation(run: str, resolution: Resolution, store_root: Path) -> Eva
 
 
 def score_cell_in_worker(run: str, resolution: Resolution, store_root: Path, backbone: ResolvedBackbone,
-                         method_ref: MethodRef, compute_scores: bool) -> CellResult:
+                         method_ref: MethodRef, compute_scores: bool, resamples: int = 0) -> CellResult:
     """``Evaluation.score_cell`` in a grid worker (cache-only methods)."""
-    return worker_evaluation(run, resolution, store_root).score_cell(backbone, method_ref, compute_scores)
+    return worker_evaluation(run, resolution, store_root).score_cell(backbone, method_ref, compute_scores, resamples)
 
 
 def sweep_row_in_worker(run: str, resolution: Resolution, store_root: Path, backbone: ResolvedBackbone,
                         method_ref: MethodRef, criterion: str) -> dict:
     """``Evaluation.sweep_row`` in a grid worker (every sweep point reads the cache only)."""
     return worker_evaluation(run, resolution, store_root).sweep_row(backbone, method_ref, criterion)
+
+
+def cache_sweep_scores_in_worker(run: str, resolution: Resolution, store_root: Path, backbone: ResolvedBackbone,
+                                 method: str, points: list[dict]) -> None:
+    """``Evaluation.cache_sweep_scores`` in a grid worker."""
+    worker_evaluation(run, resolution, store_root).cache_sweep_scores(backbone, method, points)
+
+
+def sweep_groups(method: str, points: list[dict]) -> list[list[dict]]:
+    """The settings of a sweep that one computation scores together: two or more that differ only in
+    the method's ``sweep_axis`` (KNN's k: one search for the largest k serves every k). Cache-only
+    methods only (a network method's scores are keyed by its derived entries)."""
+    first = make_method(method, **points[0]) if points else None
+    axis = getattr(first, "sweep_axis", None)
+    if axis is None or "network" in first.reads:
+        return []
+    groups: dict[str, list[dict]] = {}
+    for params in points:
+        others = {k: v for k, v in make_method(method, **params).get_params().items() if k != axis}
+        groups.setdefault(repr(sorted(others.items())), []).append(params)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 class Evaluation:
@@ -202,6 +226,7 @@ class Evaluation:
         self.summary = summary or RunSummary()
         self.network = network
         self._entries: dict[str, dict[str, CachedSplit]] = {}  # the last backbone's open entries
+        self.samples: dict[tuple[str, int, str], MethodSamples] = {}  # (backbone, seed, method): resampled results
 
     def current_entries(self, backbone: ResolvedBackbone) -> dict[str, CachedSplit]:
         """``open_entries`` of ``backbone``, kept open while the cells of one backbone follow each
@@ -234,20 +259,16 @@ class Evaluation:
         """
         res = self.resolution
         method = make_method(method_ref.name, **method_ref.params)
-        fit_entry = fit_rows(entries[res.id_val if method.fits_on == "val" else res.id_fit],
-                             res.fit_subsets.get(method.name))
+        fit_entry = self.fit_entry(method, entries)
         started = time.perf_counter()
         fitted: Method | None = None
         result = {}
         through_network = "network" in method.reads
-        code = {"code": method.code_key()} if method.code_key() else {}  # plugins: keyed by their source
-        for label in (res.id_test, *res.ood_labels, *([res.validation, res.id_val] if res.validation else [])):
+        for label in self.score_labels():
             entry = entries[label]
             data_key = entry.derived_key(method.name, self.output_key(backbone, method, fit_entry, entries)) \
                 if through_network else entry.data_key
-            key = content_key("scores", method.name, {**method.get_params(), **code}, method.version,
-                              fit_entry.data_key, data_key)
-            path = self.store.scores_path(backbone.key, method.name, key)
+            path = self.score_path(backbone, method, fit_entry, data_key)
             try:
                 if path.exists():
                     result[label] = Scored(read_verified(path, "scores"), read_verified(path, "predictions"))
@@ -267,17 +288,46 @@ class Evaluation:
                     fitted = method.fit(SplitView(fit_entry, method, fitting=True))
             with blamed_on(method, f"score_samples/predict on {label}"):
                 scored = Scored(*checked_outputs(method, entry, *fitted.score_and_predict(SplitView(entry, method))))
-            bad = ~np.isfinite(scored.scores)
-            if bad.any():  # never cached: a NaN score has no rank
-                raise NonFiniteOutputs(f"{method.label()} gave {bad.sum()} NaN or infinite scores of {len(bad)} on "
-                                       f"{label} through {backbone.name} (first row {np.flatnonzero(bad)[0]})")
-            self._cache_scores(path, {"scores": scored.scores, "predictions": scored.predictions},
-                               {"kind": "scores", "method": method.name, "params": method.get_params(),
-                                "backbone_name": backbone.name, "fit": fit_entry.data_key, "entry": entry.data_key,
-                                "what": f"{method.label()} on {label}", "n": len(scored.scores)})
+            self._keep_scores(path, method, backbone, label, fit_entry, entry, scored)
             result[label] = scored
         self.summary.add_time("score", time.perf_counter() - started)
         return result
+
+    def score_labels(self) -> tuple[str, ...]:
+        """The entries a method scores: the ID test set, the test OOD sets, and the validation OOD
+        set with the ID validation split where the benchmark names one."""
+        res = self.resolution
+        return (res.id_test, *res.ood_labels, *([res.validation, res.id_val] if res.validation else []))
+
+    def fit_entry(self, method: Method, entries: dict[str, CachedSplit]) -> CachedSplit | SplitRows:
+        """What ``method`` is fit on: the ID fit (or validation) entry, or the rows of it the benchmark's
+        ``fit:`` subset names."""
+        res = self.resolution
+        return fit_rows(entries[res.id_val if method.fits_on == "val" else res.id_fit],
+                        res.fit_subsets.get(method.name))
+
+    def score_path(self, backbone: ResolvedBackbone, method: Method, fit_entry: CachedSplit | SplitRows,
+                   data_key: str) -> Path:
+        """Where the scores of ``method`` on the entry with ``data_key`` are cached: keyed by the method,
+        all its parameters and its version (a plugin's source too), the fit entry and the scored
+        entry. The one key of a score, however it was computed (``scores``, ``cache_sweep_scores``)."""
+        code = {"code": method.code_key()} if method.code_key() else {}  # plugins: keyed by their source
+        key = content_key("scores", method.name, {**method.get_params(), **code}, method.version,
+                          fit_entry.data_key, data_key)
+        return self.store.scores_path(backbone.key, method.name, key)
+
+    def _keep_scores(self, path: Path, method: Method, backbone: ResolvedBackbone, label: str,
+                     fit_entry: CachedSplit | SplitRows, entry: CachedSplit, scored: Scored) -> None:
+        """Cache ``scored`` at ``path``; NaN or infinite scores are an error instead, never cached (a
+        NaN score has no rank)."""
+        bad = ~np.isfinite(scored.scores)
+        if bad.any():
+            raise NonFiniteOutputs(f"{method.label()} gave {bad.sum()} NaN or infinite scores of {len(bad)} on "
+                                   f"{label} through {backbone.name} (first row {np.flatnonzero(bad)[0]})")
+        self._cache_scores(path, {"scores": scored.scores, "predictions": scored.predictions},
+                           {"kind": "scores", "method": method.name, "params": method.get_params(),
+                            "backbone_name": backbone.name, "fit": fit_entry.data_key, "entry": entry.data_key,
+                            "what": f"{method.label()} on {label}", "n": len(scored.scores)})
 
     def _cache_scores(self, path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Write a scores file. On a cache this process may read but not write (read-only file system,
@@ -353,9 +403,10 @@ class Evaluation:
                                 {label: scored[label] for label in res.ood_groups}, res.fpr_rule)
 
     def evaluate(self, methods: tuple[MethodRef, ...] | None = None, compute_scores: bool = True,
-                 plot: bool = True, grid: ScoringGrid | None = None) -> pd.DataFrame:
+                 plot: bool = True, grid: ScoringGrid | None = None, resamples: int = 0) -> pd.DataFrame:
         """Tidy metrics for every (seed, backbone, method, OOD set); with ``plot``, score histograms of
-        the first seed per backbone.
+        the first seed per backbone; with ``resamples``, every cell's results on that many bootstrap
+        resamples of the test sets in ``self.samples`` (``results.uncertainty.method_samples``).
 
         The (backbone, method) cells of cache-only methods run through joblib (``grid``: its backend
         and worker count; default one in-process worker); network methods run here, in this
@@ -368,11 +419,11 @@ class Evaluation:
         rest = [(b, m) for b, m in cells if not through_network[m]]
         started, run = time.perf_counter(), uuid.uuid4().hex
         results = dict(zip(rest, grid.run(score_cell_in_worker, [
-            (run, res, self.store.root, res.backbones[b], methods[m], compute_scores) for b, m in rest])))
+            (run, res, self.store.root, res.backbones[b], methods[m], compute_scores, resamples) for b, m in rest])))
         if rest and grid.jobs != 1:
             self.summary.add_time(f"score grid ({grid.backend}, {grid.jobs} jobs)", time.perf_counter() - started)
         # then the network methods, in this process: the costly passes come after every cheap check
-        results.update({(b, m): self.score_cell(res.backbones[b], methods[m], compute_scores)
+        results.update({(b, m): self.score_cell(res.backbones[b], methods[m], compute_scores, resamples)
                         for b, m in cells if through_network[m]})
         rows = []
         for b, backbone in enumerate(res.backbones):
@@ -386,6 +437,8 @@ class Evaluation:
                     log.warning(result.left_out)
                     continue
                 rows += result.rows
+                if result.samples is not None:
+                    self.samples[backbone.name, backbone.seed, result.rows[-1]["method"]] = result.samples
                 if backbone.seed == res.seeds[0]:
                     histograms[result.rows[-1]["method"]] = result.histogram
             if plot and histograms:
@@ -399,9 +452,11 @@ class Evaluation:
         frame.attrs["convention"] = res.convention
         return frame
 
-    def score_cell(self, backbone: ResolvedBackbone, method_ref: MethodRef, compute_scores: bool) -> CellResult:
-        """One (backbone, method) cell of the grid: its metric rows and score histogram, or the line
-        saying why it was left out; with the time it took per stage."""
+    def score_cell(self, backbone: ResolvedBackbone, method_ref: MethodRef, compute_scores: bool,
+                   resamples: int = 0) -> CellResult:
+        """One (backbone, method) cell of the grid: its metric rows, score histogram and (with
+        ``resamples``) resampled results, or the line saying why it was left out; with the time it
+        took per stage."""
         summary, self.summary = self.summary, RunSummary()
         try:
             entries = self.current_entries(backbone)
@@ -411,12 +466,45 @@ class Evaluation:
                 label = method_label(method_ref.name, method_ref.params)
                 return CellResult([], {}, f"left out {label} on {backbone.name} seed {backbone.seed}: {err}",
                                   self.summary.timings)
-            histogram = {"ID": scored[self.resolution.id_test].scores,
-                         **{k: scored[k].scores for k in self.resolution.ood_labels}}
+            res = self.resolution
+            histogram = {"ID": scored[res.id_test].scores, **{k: scored[k].scores for k in res.ood_labels}}
+            samples = self.resampled(backbone, method_ref, scored, entries, resamples) if resamples else None
             return CellResult(self.metric_rows(backbone, method_ref, scored, entries), histogram, None,
-                              self.summary.timings)
+                              self.summary.timings, samples)
         finally:
             self.summary = summary
+
+    def resampled(self, backbone: ResolvedBackbone, method_ref: MethodRef, scored: dict[str, Scored],
+                  entries: dict[str, CachedSplit], resamples: int) -> MethodSamples:
+        """One cell's results on ``resamples`` bootstrap resamples of the test sets
+        (``results.uncertainty.method_samples``), cached beside its scores: keyed by the content of
+        the ID test and OOD scores and of the ID predictions' correctness, the set names, the
+        resample count, the convention and FPR rule, and the code that computes them."""
+        started = time.perf_counter()
+        res = self.resolution
+        method = make_method(method_ref.name, **method_ref.params)
+        id_scores = scored[res.id_test].scores
+        correct = scored[res.id_test].predictions == entries[res.id_test].labels
+        ood = {label: scored[label].scores for label in res.ood_labels}
+        contents = [(str(a.dtype), hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest())
+                    for a in (id_scores, correct, *ood.values())]
+        key = content_key("intervals", contents, res.id_test, list(ood), resamples, res.convention, res.fpr_rule,
+                          CODE_DIGEST)
+        path = self.store.scores_path(backbone.key, f"{method.name}-intervals", key)
+        try:
+            if path.exists():
+                arrays = {name: read_verified(path, name) for name in ("replicates", "accuracy", "v10", "v01")}
+                samples = MethodSamples.from_arrays(arrays, {label: len(s) for label, s in ood.items()})
+                self.summary.add_time("intervals", time.perf_counter() - started)
+                return samples
+        except CacheCorrupt as err:
+            log.warning("recomputing intervals: %s", err)
+        samples = method_samples(id_scores, correct, ood, res.id_test, resamples, res.convention, res.fpr_rule)
+        self._cache_scores(path, samples.arrays(), {"kind": "intervals", "method": method.name,
+                                                    "backbone_name": backbone.name, "resamples": resamples,
+                                                    "what": f"{method.label()} on {resamples} resamples"})
+        self.summary.add_time("intervals", time.perf_counter() - started)
+        return samples
 
     def sweep(self, method: str, points: list[dict], criterion: str = "auroc",
               grid: ScoringGrid | None = None) -> pd.DataFrame:
@@ -429,6 +517,8 @@ class Evaluation:
         the best validation value, the first in grid order on ties. The test sets play no part in
         the choice. The (backbone, setting) points run through joblib (``grid``, as ``evaluate``'s
         cache-only cells): a sweep reads the cache only, network methods' derived entries included.
+        Settings one computation serves (``sweep_groups``: KNN's k) are scored together first, one
+        (backbone, group) per grid task, into the score cache where the rows then find them.
         """
         res, grid = self.resolution, grid or ScoringGrid()
         if criterion not in METRICS:
@@ -438,6 +528,10 @@ class Evaluation:
             raise ValueError(f"benchmark {res.benchmark} has no validation OOD set to select on"
                              + (f" ({reason})" if reason else "; name one under `validation:` in its file"))
         started, run = time.perf_counter(), uuid.uuid4().hex
+        shared = [(run, res, self.store.root, backbone, method, group)
+                  for backbone in res.backbones for group in sweep_groups(method, points)]
+        if shared:
+            grid.run(cache_sweep_scores_in_worker, shared)
         rows = grid.run(sweep_row_in_worker, [
             (run, res, self.store.root, backbone, MethodRef(method, params), criterion)
             for backbone in res.backbones for params in points])
@@ -451,6 +545,38 @@ class Evaluation:
         frame = pd.DataFrame(rows)
         frame.attrs.update(convention=res.convention, validation=res.validation, criterion=criterion)
         return frame
+
+    def cache_sweep_scores(self, backbone: ResolvedBackbone, name: str, points: list[dict]) -> None:
+        """Cache the scores of sweep settings of method ``name`` that differ only in its ``sweep_axis``
+        from one computation: one fresh instance, fit with the largest value of the axis, scores every
+        setting on each entry (its ``score_samples_sweep``). Each setting's scores go where ``scores``
+        looks for them (``score_path``: that setting's own parameters, the method's version, the fit
+        entry and the scored entry), so no setting's scores are ever found under another's key.
+        Settings already cached are not scored again."""
+        methods = [make_method(name, **params) for params in points]
+        axis = methods[0].sweep_axis
+        widest = max(methods, key=lambda method: getattr(method, axis))
+        entries = self.current_entries(backbone)
+        fit_entry = self.fit_entry(widest, entries)
+        started = time.perf_counter()
+        fitted: Method | None = None
+        for label in self.score_labels():
+            entry = entries[label]
+            paths = [self.score_path(backbone, method, fit_entry, entry.data_key) for method in methods]
+            missing = [(method, path) for method, path in zip(methods, paths) if not path.exists()]
+            if not missing:
+                continue
+            if fitted is None:
+                with blamed_on(widest, f"fit on {self.resolution.id_fit}"):
+                    fitted = widest.fit(SplitView(fit_entry, widest, fitting=True))
+            view = SplitView(entry, fitted)
+            with blamed_on(fitted, f"score_samples_sweep/predict on {label}"):
+                swept = fitted.score_samples_sweep(view, [getattr(method, axis) for method, _ in missing])
+                predictions = fitted.predict(view)
+            for (method, path), scores in zip(missing, swept):
+                scored = Scored(*checked_outputs(method, entry, scores, predictions))
+                self._keep_scores(path, method, backbone, label, fit_entry, entry, scored)
+        self.summary.add_time("score", time.perf_counter() - started)
 
     def sweep_row(self, backbone: ResolvedBackbone, method_ref: MethodRef, criterion: str) -> dict:
         """One setting of a sweep on one backbone: its parameters, the validation ``criterion`` and
@@ -474,8 +600,9 @@ class Evaluation:
         path = self.out_root / self.resolution.benchmark
         return path / backbone_name if backbone_name else path
 
-    def write_leaderboards(self, metrics: pd.DataFrame) -> dict[str, Leaderboard]:
-        """One leaderboard per backbone (CSV, LaTeX, Markdown), the tidy metrics CSV and a report."""
+    def write_leaderboards(self, metrics: pd.DataFrame, level: float = DEFAULT_LEVEL) -> dict[str, Leaderboard]:
+        """One leaderboard per backbone (CSV, LaTeX, Markdown), the tidy metrics CSV and a report;
+        with the ``level`` intervals and the tests against the best where ``evaluate`` resampled."""
         boards, sections = {}, []
         out = self.out_dir()
         out.mkdir(parents=True, exist_ok=True)
@@ -485,18 +612,31 @@ class Evaluation:
         for name, frame in metrics.groupby("backbone", sort=False):
             frame = frame.copy()
             frame.attrs["convention"] = self.resolution.convention
-            board = build_leaderboard(frame)
+            board = self.leaderboard(frame, frame, level)
             folder = self.out_dir(name)
             boards[name] = board
             sections.append((name, self._export(board, folder)))
         comparison = self.finetuning_comparison(metrics)
         if comparison is not None:
-            board = build_leaderboard(comparison)
+            board = self.leaderboard(comparison, metrics, level)
             sections.append(("Fine-tuned backbones beside their base", self._export(board, out / "finetuning")))
             boards["finetuning"] = board
         sections += self._write_reproductions(boards)
         self.summary.outputs.append(self._write_report(sections))
         return boards
+
+    def leaderboard(self, frame: pd.DataFrame, original: pd.DataFrame, level: float) -> Leaderboard:
+        """``build_leaderboard(frame)``, with the resampled results of its rows where ``evaluate``
+        made them: the row of ``original`` with the same index names the (backbone, seed, method)
+        a row of ``frame`` comes from (the fine-tuning comparison renames its methods)."""
+        if not self.samples:
+            return build_leaderboard(frame)
+        started = time.perf_counter()
+        samples = {(row.method, row.seed): self.samples[source.backbone, source.seed, source.method]
+                   for row, source in zip(frame.itertuples(), original.loc[frame.index].itertuples())}
+        board = build_leaderboard(frame, samples, level)
+        self.summary.add_time("intervals", time.perf_counter() - started)
+        return board
 
     def _write_reproductions(self, boards: dict[str, Leaderboard]) -> list[tuple[str, Path]]:
         """Every published table of this benchmark (``results.reproduction``) that one of the
@@ -511,10 +651,14 @@ class Evaluation:
         return sections
 
     def _export(self, board: Leaderboard, folder: Path) -> Path:
-        """CSV, LaTeX and Markdown of ``board`` in ``folder``; returns the Markdown file."""
+        """CSV, LaTeX and Markdown of ``board`` in ``folder``, and its tests against the best of each
+        column (``comparisons.csv``) where it has them; returns the Markdown file."""
         markdown = board.to_markdown(folder / "leaderboard.md")
         self.summary.outputs += [board.to_csv(folder / "leaderboard.csv"), board.to_latex(folder / "leaderboard.tex"),
                                  markdown]
+        if board.level is not None:
+            board.comparisons.to_csv(folder / "comparisons.csv", index=False)
+            self.summary.outputs.append(folder / "comparisons.csv")
         return markdown
 
     def finetuning_comparison(self, metrics: pd.DataFrame) -> pd.DataFrame | None:

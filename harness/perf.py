@@ -1,6 +1,6 @@
 """Throughput benchmark (``make perf`` / ``python -m harness.perf``): measured figures, not timed tests.
 
-Four parts (``--parts``, all by default), printed and written as JSON:
+The parts (``--parts``, all by default), printed and written as JSON:
 
 1. ``extraction``: extraction vs a bare forward pass - the same backbone over the same images,
    once as the minimal loop a user would write (preprocess + forward, outputs discarded) and once
@@ -18,12 +18,23 @@ Four parts (``--parts``, all by default), printed and written as JSON:
 4. ``reinference``: the default benchmark (fashion-mnist), every registered method evaluated
    (fit, score, metrics) from the warm cache vs the same evaluation where each method re-runs
    the network over the data it needs, as OpenOOD does.
+5. ``pytorch-ood``: pytorch-ood 0.4.0 against the harness on the same network, data and ten methods,
+   cold (its fit + predict per detector vs extraction into an empty cache plus scoring) and
+   re-scoring one method (``harness.perf_pytorch_ood``).
+6. ``intervals``: the bootstrap intervals and tests of the leaderboards (``results.uncertainty``)
+   from the warm cache: ``oodbench leaderboard`` without them, computing them, and reading them
+   back from the cache, for the default leaderboard (the first backbone) and for all of them.
+7. ``knn``: KNN's faiss search against the float32 GEMM floor of the same products: on the
+   benchmark's warm cache (k = 50, and the registry's sweep over k from one search), and at
+   ImageNet shape (the ``scale`` part's synthetic cache, ``--scale-fraction``; k = 1000) exact and
+   approximate (IVF), with the approximate search's AUROC and FPR@95 against exact.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +46,7 @@ from extract.store import CachedSplit, FeatureStore, content_key, write_h5_atomi
 from methods import CACHE_ONLY_METHODS, Method, make_method
 from results.metrics import accuracy, ood_metrics
 
-PARTS = ("extraction", "network", "scale", "reinference")
+PARTS = ("extraction", "network", "scale", "reinference", "pytorch-ood", "intervals", "knn")
 
 
 def interleaved_best(repeats: int, **functions) -> dict[str, float]:
@@ -393,6 +404,154 @@ def measure_reinference(benchmark_name: str, options) -> dict:
             "reinference_over_cache": rerun_total / cache_total}
 
 
+# ---------------------------------------------------------------- 6. intervals and tests of the leaderboards
+
+def measure_intervals(benchmark_name: str, options) -> dict:
+    """What the intervals and tests add to re-rendering a benchmark's leaderboards from the warm
+    cache (``oodbench leaderboard``: cached scores read, leaderboards written), for its first
+    backbone's leaderboard (the default one) and for all of them: that stage without them, with
+    them computed (a first run: the cached resampled results of those backbones are removed
+    first) and with them read back from the cache (every later run), in wall and CPU seconds (the
+    wall time of a shared machine follows its load), with the run's own 'intervals' stage."""
+    import dataclasses
+
+    from harness.api import Bench
+    from harness.evaluation import Evaluation
+
+    bench = Bench(benchmark_name, cache_dir=options.cache_dir, out_dir=options.out_dir, data_root=options.data_root,
+                  progress=False)
+    intervals, resolution = bench.intervals, bench.resolve(compute=False)
+    bench.evaluation(compute=False).evaluate(plot=False)  # scores what the cache lacks, untimed
+    store = FeatureStore(options.cache_dir)
+    result = {"benchmark": benchmark_name, "level": intervals.level, "resamples": intervals.resamples}
+    for scope, backbones in (("default", resolution.backbones[:1]), ("every", resolution.backbones)):
+        for backbone in backbones:
+            for path in (store.root / backbone.key / "scores").glob("*-intervals.*.h5"):
+                path.unlink()
+        figures = {}
+        for run, resamples in (("without", 0), ("computed", intervals.resamples), ("cached", intervals.resamples)):
+            with tempfile.TemporaryDirectory() as out:
+                evaluation = Evaluation(dataclasses.replace(resolution, backbones=backbones), store, Path(out))
+                wall, cpu = time.perf_counter(), time.process_time()
+                metrics = evaluation.evaluate(compute_scores=False, plot=False, resamples=resamples)
+                evaluation.write_leaderboards(metrics, intervals.level)
+                figures[run] = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
+                                "intervals_stage_s": evaluation.summary.timings.get("intervals", 0.0)}
+        names = [b.name for b in backbones]
+        cells = len(backbones) * len(resolution.methods) * len(resolution.ood_labels)
+        result[scope] = {"backbones": names, "cells": cells, **figures}
+        for run in ("computed", "cached"):
+            added = {unit: figures[run][unit] - figures["without"][unit] for unit in ("wall_s", "cpu_s")}
+            result[scope][f"added_{run}"] = added
+            print(f"  {scope} leaderboard ({', '.join(names)}; {cells} cells x {intervals.resamples} resamples), "
+                  f"intervals and tests {run}: their stage {figures[run]['intervals_stage_s']:.1f} s; the leaderboard "
+                  f"stage {added['wall_s']:+.1f} s wall, {added['cpu_s']:+.1f} s CPU", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- 7. KNN's search against the float32 GEMM floor
+
+def gemm_floor_seconds(bank: np.ndarray, queries: list[np.ndarray]) -> float:
+    """Seconds numpy's BLAS takes for the float32 products of every query row with every bank row, in
+    faiss's tiles (4,096 queries by 1,024 bank rows), results discarded: what an exact search
+    computes before it finds a single neighbour."""
+    started = time.perf_counter()
+    for query in queries:
+        for start in range(0, len(query), 4096):
+            for first in range(0, len(bank), 1024):
+                query[start:start + 4096] @ bank[first:first + 1024].T
+    return time.perf_counter() - started
+
+
+def normalised_features(split) -> np.ndarray:
+    """A split's features as KNN searches them (float32, L2-normalised); reading them here also
+    loads them, so the timings that follow are the search, not the disk."""
+    from methods.distance_scores import l2_normalise
+
+    return l2_normalise(np.asarray(split.features, dtype=np.float32))
+
+
+def measure_knn_benchmark(benchmark_name: str, options) -> dict:
+    """KNN on the warm cache of ``benchmark_name``, every backbone and every entry ``oodbench score``
+    scores: k = 50 (fit, then score), the registry's sweep over k (one fit with the largest k, one
+    search per entry for every k), and the float32 GEMM floor of those searches; each timed once,
+    with the machine's load average beside them (a shared machine's wall times follow its load)."""
+    from harness.api import Bench
+
+    evaluation = Bench(benchmark_name, cache_dir=options.cache_dir, out_dir=options.out_dir,
+                       data_root=options.data_root, progress=False).evaluation(compute=False)
+    ks = make_method("knn").grid["k"]
+    rows, load = [], os.getloadavg()[0]
+    for backbone in evaluation.resolution.backbones:
+        entries = evaluation.open_entries(backbone)
+        fit = evaluation.fit_entry(make_method("knn"), entries)
+        tests = [entries[label] for label in evaluation.score_labels()]
+        floor = gemm_floor_seconds(normalised_features(fit), [normalised_features(t) for t in tests])
+        started = time.perf_counter()
+        single = make_method("knn", k=50).fit(fit)
+        for test in tests:
+            single.score_samples(test)
+        scored = time.perf_counter()
+        widest = make_method("knn", k=max(ks)).fit(fit)
+        for test in tests:
+            widest.score_samples_sweep(test, ks)
+        swept = time.perf_counter()
+        rows.append({"backbone": backbone.name, "bank": len(fit), "queries": sum(len(t) for t in tests),
+                     "gemm_floor_s": floor, "k50_s": scored - started, "sweep_s": swept - scored})
+        print(f"  {backbone.name}: bank {len(fit)}, {rows[-1]['queries']} queries: GEMM floor {floor:.1f} s, "
+              f"knn k=50 {rows[-1]['k50_s']:.1f} s, sweep over k={ks} {rows[-1]['sweep_s']:.1f} s", flush=True)
+    totals = {key: sum(row[key] for row in rows) for key in ("gemm_floor_s", "k50_s", "sweep_s")}
+    print(f"  every backbone: GEMM floor {totals['gemm_floor_s']:.1f} s, knn k=50 {totals['k50_s']:.1f} s, "
+          f"sweep {totals['sweep_s']:.1f} s (load average {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+    return {"benchmark": benchmark_name, "grid": ks, "backbones": rows, **totals,
+            "load_average": [load, os.getloadavg()[0]]}
+
+
+def measure_knn_scale(shape: dict, workdir: Path | None, k: int = 1000) -> dict:
+    """KNN at ImageNet shape (the ``scale`` part's synthetic cache) with the paper's ImageNet k: exact
+    (``index="flat"``) and approximate (``index="ivf"``, KNN's default nprobe) fit and scored on
+    every test entry, against the float32 GEMM floor of the same products, timed just before and
+    just after the exact search (the smaller, less disturbed of the two is the floor); with each
+    one's AUROC and FPR@95 (ID test against each OOD set, averaged) and the approximate one's
+    difference."""
+    from methods.distance_scores import ivf_lists
+
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(dir=workdir) as root:
+        fit_path, test_paths = write_synthetic_cache(Path(root), shape)
+        fit, tests = CachedSplit(fit_path), [CachedSplit(p) for p in test_paths]
+        bank, queries = normalised_features(fit), [normalised_features(t) for t in tests]
+        floors = [gemm_floor_seconds(bank, queries)]
+        result = {"shape": {**shape, "ood": list(shape["ood"])}, "k": k}
+        for index in ("flat", "ivf"):
+            started = time.perf_counter()
+            method = make_method("knn", k=k, index=index).fit(fit)
+            fitted = time.perf_counter()
+            scores = [method.score_samples(test) for test in tests]
+            done = time.perf_counter()
+            if index == "flat":
+                floors.append(gemm_floor_seconds(bank, queries))
+            metrics = [ood_metrics(scores[0], ood) for ood in scores[1:]]
+            result[index] = {"label": method.label(), "fit_s": fitted - started, "score_s": done - fitted,
+                             "total_s": done - started, "auroc": float(np.mean([m["auroc"] for m in metrics])),
+                             "fpr95": float(np.mean([m["fpr95"] for m in metrics]))}
+    floor = min(floors)
+    print(f"  {shape['fit']} bank, {sum(len(t) for t in tests)} queries, {shape['features']}-d: GEMM floor "
+          f"{floor:.1f} s (timed {', '.join(f'{f:.1f}' for f in floors)} s)", flush=True)
+    for index in ("flat", "ivf"):
+        row = result[index]
+        row["over_gemm_floor"] = row["total_s"] / floor
+        print(f"  {row['label']:32s} fit {row['fit_s']:6.1f} s, score {row['score_s']:6.1f} s "
+              f"({row['over_gemm_floor']:.2f}x the GEMM floor), AUROC {100 * row['auroc']:.2f}, "
+              f"FPR@95 {100 * row['fpr95']:.2f}", flush=True)
+    result.update(gemm_floor_s=floor, gemm_floors_s=floors, ivf_lists=ivf_lists(shape["fit"]),
+                  nprobe=make_method("knn").nprobe,
+                  ivf_minus_flat_auroc_points=100 * (result["ivf"]["auroc"] - result["flat"]["auroc"]),
+                  ivf_minus_flat_fpr95_points=100 * (result["ivf"]["fpr95"] - result["flat"]["fpr95"]),
+                  load_average=[load, os.getloadavg()[0]])
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from extract.datasets import default_data_root
     from harness.cli import default_cache_dir
@@ -409,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="scale: where the synthetic cache goes")
     parser.add_argument("--benchmark", default="fashion-mnist",
                         help="reinference: the benchmark (default fashion-mnist)")
+    parser.add_argument("--pytorch-ood-repeats", type=int, default=1,
+                        help="pytorch-ood: interleaved rounds after the warm-up one (best of; default 1)")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("out/perf.json"))
@@ -428,6 +589,21 @@ def main(argv: list[str] | None = None) -> int:
         options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
                              data_root=args.data_root or default_data_root(), device=args.device, progress=False)
         result["reinference"] = measure_reinference(args.benchmark, options)
+    if "pytorch-ood" in parts:
+        from harness.perf_pytorch_ood import measure_pytorch_ood
+
+        options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
+                             data_root=args.data_root or default_data_root(), device=args.device, progress=False)
+        result["pytorch_ood"] = measure_pytorch_ood(options, args.pytorch_ood_repeats, interleaved_best)
+    if "intervals" in parts:
+        options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
+                             data_root=args.data_root or default_data_root(), device=args.device, progress=False)
+        result["intervals"] = measure_intervals(args.benchmark, options)
+    if "knn" in parts:
+        options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
+                             data_root=args.data_root or default_data_root(), device=args.device, progress=False)
+        result["knn"] = {"benchmark": measure_knn_benchmark(args.benchmark, options),
+                         "scale": measure_knn_scale(scaled_shape(args.scale_fraction), args.workdir)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -3,7 +3,9 @@
 Importing this package registers every method in ``METHODS``.
 """
 from methods import (
+    confidence_scores,  # noqa: F401
     distance_scores,  # noqa: F401
+    geometry_scores,  # noqa: F401
     gradient_scores,  # noqa: F401
     logit_scores,  # noqa: F401  (registers msp, maxlogit, energy)
     network_scores,  # noqa: F401  (their network halves import torch only when they run)

@@ -218,6 +218,15 @@ class SplitView:
         return self._split.array(name)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's, taskset's or Slurm job's
+    share of a shared machine); every core where there is no mask (macOS)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator adding a method to ``METHODS`` under ``cls.name`` (built-ins, and plugins
     that want a short name once their module is imported)."""

@@ -1,12 +1,17 @@
 """Scores fit on the ID training features: Mahalanobis, KNN, ViM, Residual and KL-matching.
 
 Each method learns its statistics from the fit split (ID train, true labels) in ``fit`` and scores
-every sample independently in ``score_samples`` (higher = more in-distribution). All math is float64 and
-lives in the pure functions below; the registered classes only validate inputs and store state.
-Exact search everywhere (no faiss): KNN is brute force over the whole bank in bounded row blocks.
+every sample independently in ``score_samples`` (higher = more in-distribution). The math lives in the
+pure functions below, in float64 except KNN's search: faiss's float32 inner products, exact by default
+(``KNN`` states its batch-independence tolerance). The registered classes only validate inputs and
+store state.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+
+import faiss
 import numpy as np
 
 from methods.base import (
@@ -21,11 +26,16 @@ from methods.base import (
     rowwise_apply,
     softmax_rows,
     split_name,
+    usable_cpus,
 )
 
 NORM_EPS = 1e-10   # KNN normaliser, z = v / (||v|| + 1e-10) (spec 1.11)
 KL_EPS = 1e-12     # added to KL-matching templates (spec 1.13)
-KNN_BLOCK_ELEMENTS = 1 << 24  # distance-matrix entries per KNN block (128 MiB of float64)
+KNN_BLOCK_ELEMENTS = 1 << 24  # distance-matrix entries per knn_score block (128 MiB of float64)
+KNN_INDEXES = ("flat", "ivf")  # KNN's faiss indexes: exact, approximate
+KNN_QUERY_ROWS = 1 << 14  # query rows per faiss search: bounds its (rows, k) results (200 MB at k = 1000)
+KNN_BATCH_RTOL = 1e-5  # KNN's batch independence (float32 search): see KNN
+GPU_MAX_K = 2048  # the most neighbours faiss's GPU indexes select
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -141,8 +151,9 @@ def l2_normalise(features: np.ndarray) -> np.ndarray:
 
 
 def knn_score(query: np.ndarray, bank: np.ndarray, k: int, block: int | None = None) -> np.ndarray:
-    """Deep nearest neighbours (Sun et al. 2022): S = -||z - z_(k)||^2, the negative squared L2 distance
-    to the k-th nearest bank vector (faiss IndexFlatL2 convention, spec 21; rank-equal to -d_k).
+    """-||a - b_(k)||^2, the negative squared L2 distance of each query row a to its k-th nearest bank
+    row, exact in float64, for rows of any norm (GROOD's gradients). KNN's own search is faiss's on
+    unit vectors (``kth_similarities``).
 
     Exact brute force: the k-th smallest of ||b||^2 - 2 a.b over the bank (an in-place partition),
     plus ||a||^2, clipped at 0 (adding a row constant and clipping are monotone, so they are applied
@@ -169,6 +180,83 @@ def knn_score(query: np.ndarray, bank: np.ndarray, k: int, block: int | None = N
     return scores
 
 
+def deep_knn_score(kth_similarity: np.ndarray) -> np.ndarray:
+    """Deep nearest neighbours (Sun et al. 2022): S = -||z - z_(k)||^2 = -(2 - 2 z.z_(k)), clipped at 0.
+
+    z_(k) is the k-th nearest normalised ID-train feature. The paper's code scores with the squared
+    L2 distance of faiss's IndexFlatL2 (spec 1.11: rank-equal to -d_k); on unit vectors it is
+    2 - 2 z.z_(k), so an inner-product search (the k-th largest z.b) gives the same neighbour and
+    the same score. A feature vector of zeros stays 0 after normalising, the one row that is not a
+    unit vector: it scores -2 here (inner product 0 with everything), -1 with IndexFlatL2. The clip
+    removes the float32 rounding that can put z.z_(k) a hair above 1 for a duplicate of a bank row.
+    """
+    return -np.maximum(2.0 - 2.0 * np.asarray(kth_similarity, dtype=np.float64), 0.0)
+
+
+@contextlib.contextmanager
+def search_threads():
+    """faiss runs on at most as many OpenMP threads as the CPUs this process may run on (its
+    affinity mask: a container's, taskset's or Slurm job's share of a shared machine) and never
+    more than OMP_NUM_THREADS (joblib's, Dask's and Ray's scoring workers set it to their share
+    of the cores); the previous setting is restored afterwards."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, min(before, usable_cpus())))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def ivf_lists(n: int) -> int:
+    """The k-means lists of an IVF index over n vectors: round(sqrt(n)) (faiss's rule of thumb),
+    at most n // 39 (faiss wants 39 training vectors per list), at least 1."""
+    return max(1, min(round(math.sqrt(n)), n // 39))
+
+
+def knn_index(bank: np.ndarray, index: str, nprobe: int, k: int):
+    """A faiss inner-product index over ``bank`` (unit float32 rows).
+
+    ``flat``: exact (IndexFlatIP), every query against every bank row. ``ivf``: approximate
+    (IndexIVFFlat), the bank split into ``ivf_lists`` k-means lists (seeded: faiss's fixed seed),
+    each query compared with the rows of its ``nprobe`` nearest lists only. On a GPU when faiss
+    has GPU support and sees a CUDA device (faiss-gpu), and k is within its selection limit.
+    """
+    dim = bank.shape[1]
+    if index == "flat":
+        built = faiss.IndexFlatIP(dim)
+    else:
+        built = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, ivf_lists(len(bank)), faiss.METRIC_INNER_PRODUCT)
+        with search_threads():
+            built.train(bank)
+        built.nprobe = nprobe
+    built.add(bank)
+    if faiss.get_num_gpus() > 0 and k <= GPU_MAX_K:
+        return faiss.index_cpu_to_all_gpus(built)
+    return built
+
+
+def kth_similarities(index, query: np.ndarray, ks: list[int]) -> np.ndarray:
+    """(n, len(ks)) float32: the ks[j]-th largest inner product of each query row with the bank.
+
+    One faiss search for the max(ks) largest serves every k: its ks[j]-th is that of a search for
+    ks[j] alone (the same products, and for IVF the same probed lists, whatever the number of
+    neighbours asked for). Queries go KNN_QUERY_ROWS at a time, which bounds the (rows, max(ks))
+    results. An IVF search whose probed lists hold fewer than k rows for a query is an error.
+    """
+    ks = np.asarray(ks)
+    columns = np.empty((len(query), len(ks)), dtype=np.float32)
+    with search_threads():
+        for start in range(0, len(query), KNN_QUERY_ROWS):
+            similarities, neighbours = index.search(query[start:start + KNN_QUERY_ROWS], int(ks.max()))
+            missing = neighbours[:, ks - 1] < 0
+            if missing.any():
+                short = int(missing.any(axis=1).sum())
+                raise ValueError(f"knn: for {short} queries the {index.nprobe} IVF lists searched hold fewer than "
+                                 f"k={int(ks[missing.any(axis=0)].max())} bank samples; raise nprobe or lower k")
+            columns[start:start + KNN_QUERY_ROWS] = similarities[:, ks - 1]
+    return columns
+
+
 def subsample_indices(n: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of a seeded subsample without replacement of round(fraction * n) rows (all if 1)."""
     if not 0 < fraction <= 1:
@@ -182,32 +270,62 @@ def subsample_indices(n: int, fraction: float, seed: int) -> np.ndarray:
 @register
 class KNN(Method):
     """k-th nearest-neighbour distance to normalised ID-train features (CIFAR default k=50;
-    ImageNet k=1000, or fit_fraction=0.01 with k=10)."""
+    ImageNet k=1000, or fit_fraction=0.01 with k=10), searched by faiss in float32.
+
+    ``index``: ``flat`` (default) is exact, the paper's search; ``ivf`` is approximate for banks
+    too large for an exact search, ``nprobe`` of its ``ivf_lists(n)`` lists searched per query
+    (docs/performance.md measures it against exact). ``nprobe`` plays no part in a flat search.
+
+    Batch independence holds to KNN_BATCH_RTOL (1e-5), not the 1e-12 of ``methods.base``: float32
+    inner products round differently with a row's place in faiss's blocked products (and below 20
+    queries faiss does not use BLAS at all), by a few units in their last place. A sample's score
+    in any batching equals its score in the whole split to 1e-5 relative, with a floor of 1e-5
+    times the split's largest |score| (the rounding measured: up to 1.1e-6 of the largest score,
+    at 256 dimensions), so ranks and metrics are unchanged but for near-ties within that.
+    """
 
     name = "knn"
     reads = ("features", "logits")  # logits: its predictions (ID accuracy)
-    version = 4  # 2: the row norm added after the partition; 3: 1024-row products; 4: plain products
+    # 2: the row norm added after the partition; 3: 1024-row products; 4: plain products;
+    # 5: float32 faiss inner-product search
+    version = 5
     grid = {"k": [1, 10, 20, 50, 100, 200, 500, 1000]}
+    sweep_axis = "k"  # settings differing only in k are scored from one search (score_samples_sweep)
 
-    def __init__(self, k: int = 50, fit_fraction: float = 1.0, seed: int = 0):
+    def __init__(self, k: int = 50, fit_fraction: float = 1.0, seed: int = 0, index: str = "flat",
+                 nprobe: int = 16):
         self.k = k
         self.fit_fraction = fit_fraction
         self.seed = seed
+        self.index = index
+        self.nprobe = nprobe
 
     def fit(self, split) -> "KNN":
-        features = finite_features(split)
+        if self.index not in KNN_INDEXES:
+            raise ValueError(f"knn: index must be one of {', '.join(KNN_INDEXES)}, got {self.index!r}")
+        if self.index == "ivf" and not self.nprobe >= 1:
+            raise ValueError(f"knn: nprobe must be >= 1, got {self.nprobe}")
+        features = finite_features(split, dtype=np.float32)
         keep = subsample_indices(len(features), self.fit_fraction, self.seed)
         if not 1 <= self.k <= len(keep):
             raise ValueError(f"knn: k={self.k} but the bank from {split_name(split)} has {len(keep)} samples "
                              f"(fit_fraction={self.fit_fraction}); need 1 <= k <= bank size")
-        self.bank_ = l2_normalise(features[keep])
+        self.index_ = knn_index(l2_normalise(features[keep]), self.index, self.nprobe, self.k)
         return self
 
     def score_samples(self, split) -> np.ndarray:
-        check_fitted(self, "bank_")
-        features = finite_features(split)
-        _check_dim(self.name, split, features, self.bank_.shape[1])
-        return knn_score(l2_normalise(features), self.bank_, self.k)
+        return self.score_samples_sweep(split, [self.k])[0]
+
+    def score_samples_sweep(self, split, ks: list[int]) -> list[np.ndarray]:
+        """``score_samples`` for every k of ``ks`` (each at most the fitted k: fit with the largest)
+        from one search; ``Evaluation.sweep`` scores a sweep over k this way."""
+        check_fitted(self, "index_")
+        if not 1 <= min(ks) <= max(ks) <= self.k:
+            raise ValueError(f"knn: every k must be in [1, {self.k}] (the k it was fit with), got {ks}")
+        query = l2_normalise(finite_features(split, dtype=np.float32))
+        _check_dim(self.name, split, query, self.index_.d)
+        columns = kth_similarities(self.index_, query, ks)
+        return [deep_knn_score(columns[:, j]) for j in range(len(ks))]
 
 
 # ---------------------------------------------------------------- ViM and Residual (spec 1.12)

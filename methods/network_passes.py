@@ -96,22 +96,34 @@ def per_sample_gradnorm(model: nn.Module, x: torch.Tensor, temperature: float, p
 
 def gradnorm_outputs(network: Network, images: np.ndarray, temperature: float, parameter: str) -> dict[str, np.ndarray]:
     """Logits and features of the plain pass and GradNorm by per-sample autograd with respect to
-    ``parameter`` (a parameter name; 'head' is the head's weight)."""
+    ``parameter`` (a parameter name; 'head' is the head's weight). The head's own parameters get
+    their gradient through the head alone, from its input in the plain pass: dL/dW depends on
+    nothing before the head, so the backward through the whole network (the official code's)
+    gives the same gradient at the cost of a second full pass per sample."""
     backbone = network.backbone
     names = dict(network.model.named_parameters())
     parameter = f"{backbone.head}.weight" if parameter == "head" else parameter
     if parameter not in names:
         raise ValueError(f"backbone {backbone.name!r} has no parameter {parameter!r}; use 'head' or one of: "
                          f"{', '.join(names)}")
+    head = dict(network.model.named_modules())[backbone.head]
+    in_head = parameter.startswith(f"{backbone.head}.") and parameter.count(".") == backbone.head.count(".") + 1
+    head_inputs: list[torch.Tensor] = []
+    keep_input = head.register_forward_hook(lambda module, inputs, output: head_inputs.append(inputs[0]))
     outputs: dict[str, list[np.ndarray]] = {}
-    with capture_outputs(network.model, backbone.head, ()) as captured:
-        for rows in network.batches(len(images)):
-            x = backbone.preprocessing(images[rows]).to(network.device)
-            with torch.no_grad():
-                network.model(x)
-            network.collect(captured["features"], outputs)
-            scores = per_sample_gradnorm(network.model, x, temperature, parameter)
-            outputs.setdefault("gradnorm", []).append(scores.double().cpu().numpy())
+    try:
+        with capture_outputs(network.model, backbone.head, ()) as captured:
+            for rows in network.batches(len(images)):
+                x = backbone.preprocessing(images[rows]).to(network.device)
+                head_inputs.clear()
+                with torch.no_grad():
+                    network.model(x)
+                network.collect(captured["features"], outputs)
+                scores = per_sample_gradnorm(head, head_inputs[0], temperature, parameter.rsplit(".", 1)[1]) \
+                    if in_head else per_sample_gradnorm(network.model, x, temperature, parameter)
+                outputs.setdefault("gradnorm", []).append(scores.double().cpu().numpy())
+    finally:
+        keep_input.remove()
     return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 

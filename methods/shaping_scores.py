@@ -1,5 +1,6 @@
 """Feature-shaping scores computed from the cache: ReAct, DICE (and DICE+ReAct), ASH-P/B/S/RAND
-(METHODS.md sections 1.6, 1.7, 1.8).
+(METHODS.md sections 1.6, 1.7, 1.8), SCALE (ASH-S's scaling without pruning) and VRA (a piecewise
+rectification with thresholds at two ID percentiles).
 
 Each method changes the penultimate features v (or the head weights) before the linear head,
 recomputes the logits from the cached head, f' = W' v' + b, and scores S = LSE_1(f'). ``predict``
@@ -16,6 +17,7 @@ from methods.logit_scores import energy
 REACT_GRID = [80.0, 85.0, 90.0, 95.0, 99.0]
 DICE_GRID = [10.0, 30.0, 50.0, 70.0, 90.0]
 ASH_GRID = [60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 99.0]
+SCALE_GRID = [50.0, 55.0, 60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 97.0, 99.0]  # the official sweep
 
 
 # ---------------------------------------------------------------- pure functions
@@ -108,6 +110,16 @@ def ash_b(features: np.ndarray, p: float = 65.0) -> np.ndarray:
     return np.where(keep, s1 / k, 0.0)
 
 
+def _ash_scale(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """ASH-S's and SCALE's factor per row, exp(s1 / s2) (N, 1): s1 = the sum of all n entries, s2 =
+    the sum of the kept top-k entries; s2 == 0 (e.g. an all-zero sample, or k = 0) gives 1."""
+    s1 = x.sum(axis=1, keepdims=True)
+    s2 = np.where(keep, x, 0.0).sum(axis=1, keepdims=True)
+    safe = s2 != 0
+    with np.errstate(over="ignore"):
+        return np.where(safe, np.exp(np.divide(s1, s2, out=np.zeros_like(s1), where=safe)), 1.0)
+
+
 def ash_s(features: np.ndarray, p: float = 90.0) -> np.ndarray:
     """ASH-S (Djurisic et al. 2023): s1 = sum of all n entries before pruning, s2 = sum of the kept
     top-k entries; kept a_i <- a_i * exp(s1 / s2), the rest 0 (the algorithm and code use exp, not the
@@ -115,12 +127,39 @@ def ash_s(features: np.ndarray, p: float = 90.0) -> np.ndarray:
     x, keep, k = _ash_top(features, p)
     if k == 0:
         return np.zeros_like(x)
-    s1 = x.sum(axis=1, keepdims=True)
-    s2 = np.where(keep, x, 0.0).sum(axis=1, keepdims=True)
-    safe = s2 != 0
-    with np.errstate(over="ignore"):
-        scale = np.where(safe, np.exp(np.divide(s1, s2, out=np.zeros_like(s1), where=safe)), 1.0)
-    return np.where(keep, x * scale, 0.0)
+    return np.where(keep, x * _ash_scale(x, keep), 0.0)
+
+
+def scale_shaping(features: np.ndarray, p: float = 85.0) -> np.ndarray:
+    """SCALE (Xu, Chen, Franchi & Yao, "Scaling for Training Time and Post-hoc Out-of-distribution
+    Detection Enhancement", ICLR 2024): ASH-S's factor without its pruning, v <- v * exp(s1 / s2),
+    s1 = sum of all n entries, s2 = sum of the top k = n - round(n p / 100) entries (as in ASH). Every
+    entry is kept. Default p = 85, the official config's. s2 == 0 (an all-zero sample, or p = 100)
+    uses scale 1."""
+    x, keep, _ = _ash_top(features, p)
+    return x * _ash_scale(x, keep)
+
+
+def vra_thresholds(features: np.ndarray, p_low: float, p_high: float,
+                   per_unit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """VRA's thresholds (alpha, beta): the p_low-th and p_high-th percentiles (numpy linear
+    interpolation) of the ID features, per unit over the samples (the official code's
+    torch.quantile(..., dim=0)), or of all entries jointly with ``per_unit=False`` (OpenOOD's)."""
+    x = np.asarray(features, np.float64)
+    low, high = np.percentile(x if per_unit else x.reshape(-1, 1), [p_low, p_high], axis=0)
+    return low, high
+
+
+def vra_rectify(features: np.ndarray, alpha: np.ndarray, beta: np.ndarray, gamma: float = 0.6) -> np.ndarray:
+    """VRA's piecewise rectification (Xu, Lian, Liu & Tao, "VRA: Variational Rectified Activation for
+    Out-of-distribution Detection", NeurIPS 2023; the official code's ``clip2``), elementwise:
+
+        g(z) = 0 if z < alpha;  z + gamma if alpha <= z <= beta;  beta if z > beta.
+
+    It suppresses abnormally low and high activations and raises the middle ones by gamma (gamma = 0:
+    the plain "VRA" of the official README)."""
+    z = np.asarray(features, np.float64)
+    return np.where(z < alpha, 0.0, np.where(z > beta, beta, z + gamma))
 
 
 _GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment, 2^64 / golden ratio
@@ -361,3 +400,54 @@ class ASHRand(_ASH):
     def __init__(self, p: float = 65.0, seed: int = 0):
         self.p = p
         self.seed = seed
+
+
+@register
+class SCALE(_Shaping):
+    """SCALE: every feature scaled by ASH-S's exp(s1 / s2) at percentile p, nothing pruned;
+    S = LSE_1(W scale(v) + b)."""
+
+    name = "scale"
+    grid = {"p": SCALE_GRID}
+
+    def __init__(self, p: float = 85.0):
+        self.p = p
+
+    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        check_percentile(self.name, "p", self.p)
+        return linear_logits(scale_shaping(features, self.p), W, b)
+
+
+@register
+class VRA(_Shaping):
+    """VRA: the piecewise rectification g (0 below alpha, z + gamma between, beta above) of the
+    penultimate feature, S = LSE_1(W g(v) + b); alpha and beta are the ``p_low``-th and ``p_high``-th
+    percentiles of the fit split's features, per unit (the official code) or over all entries
+    (``per_unit=False``, OpenOOD). Defaults: the official CIFAR setting (60, 95, gamma = 0.6)."""
+
+    name = "vra"
+    grid = {"p_low": [50.0, 60.0, 65.0, 70.0], "p_high": [80.0, 85.0, 90.0, 95.0, 99.0],
+            "gamma": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]}  # the paper's search ranges
+
+    def __init__(self, p_low: float = 60.0, p_high: float = 95.0, gamma: float = 0.6, per_unit: bool = True):
+        self.p_low = p_low
+        self.p_high = p_high
+        self.gamma = gamma
+        self.per_unit = per_unit
+
+    def fit(self, split) -> "VRA":
+        check_percentile(self.name, "p_low", self.p_low)
+        check_percentile(self.name, "p_high", self.p_high)
+        if self.p_low > self.p_high:
+            raise ValueError(f"{self.name}: p_low ({self.p_low}) must not exceed p_high ({self.p_high})")
+        if not np.isfinite(self.gamma):
+            raise ValueError(f"{self.name}: gamma must be finite, got {self.gamma}")
+        self.alpha_, self.beta_ = vra_thresholds(finite_features(split), self.p_low, self.p_high, self.per_unit)
+        return self
+
+    def _block_logits(self, features: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
+        check_fitted(self, "alpha_", "beta_")
+        if self.alpha_.shape not in ((1,), (features.shape[1],)):
+            raise ValueError(f"{self.name}: fit on {self.alpha_.shape[0]}-dim features, asked to score "
+                             f"{features.shape[1]}-dim ones")
+        return linear_logits(vra_rectify(features, self.alpha_, self.beta_, self.gamma), W, b)

@@ -1,6 +1,7 @@
 """Shared test fixtures: the development data folder, env isolation, a warm digits run, helpers,
 the batch-independence assertion and small or read-only file systems (tmpfs mounts)."""
 import io
+import os
 import shutil
 import subprocess
 from contextlib import redirect_stderr, redirect_stdout
@@ -14,6 +15,18 @@ import torch
 from harness.cli import main
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n``), each worker gets its share of the cores for
+    torch and the BLAS, so that N workers do not start N x cores threads on a small machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        from threadpoolctl import threadpool_limits
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        threadpool_limits(threads)
 
 
 @pytest.fixture

@@ -30,9 +30,10 @@ NETWORK_METHODS = tuple(m for m in METHODS if "network" in REGISTERED_METHODS[m]
 NETWORK_FITTED = tuple(m for m in NETWORK_METHODS if REGISTERED_METHODS[m].fits_through_network)
 # head, 7 entries (ID fit, validation and test, 3 test OOD sets, the validation OOD set), every
 # method's scores on the 6 scored sets (all but the fit split), each network method's derived entry
-# of each scored set, and the state of those fitted through the network
+# of each scored set, the state of those fitted through the network, and each method's bootstrap
+# resamples (results.uncertainty)
 SCORED = 6
-H5_FILES = 1 + 7 + SCORED * len(METHODS) + SCORED * len(NETWORK_METHODS) + len(NETWORK_FITTED)
+H5_FILES = 1 + 7 + SCORED * len(METHODS) + SCORED * len(NETWORK_METHODS) + len(NETWORK_FITTED) + len(METHODS)
 OTHER_FILES = 2  # the trained weights and the warm run's resolution record
 OOD_SETS = ("digits-6to9", "photo-patches", "gaussian")
 EXTRACT_FIRST = "run `oodbench extract digits` first"
@@ -81,8 +82,11 @@ def test_run_digits_prints_a_table_with_every_method(warm):
     assert sorted(rows) == sorted(METHODS)
     assert all(row[-1] == "1" for row in rows.values())  # seeds column
     board = pd.read_csv(warm.out / "digits/digits-net/leaderboard.csv", index_col="method")
-    for method, row in rows.items():  # second column: avg AUROC in %, two decimals
-        assert float(row[2]) == pytest.approx(100 * board.loc[method, "avg/auroc"], abs=0.006)
+    for method, row in rows.items():  # second column: avg AUROC in %, two decimals, ± half its interval
+        value, half_width = row[2].split("±")
+        assert float(value) == pytest.approx(100 * board.loc[method, "avg/auroc"], abs=0.006)
+        interval = board.loc[method, "avg/auroc_hi"] - board.loc[method, "avg/auroc_lo"]
+        assert float(half_width) == pytest.approx(50 * interval, abs=0.006)
     for name in ("digits/digits-net/leaderboard.csv", "digits/digits-net/leaderboard.tex",
                  "digits/digits-net/leaderboard.md", "digits/digits-net/score_histograms.png",
                  "digits/metrics.csv", "digits/report.md"):
@@ -377,7 +381,8 @@ def _validation_is_a_test_set(config):
 
 @pytest.mark.parametrize("mutate, messages", [
     (_unknown_key, ["missing keys [], unknown keys ['bogus']; allowed: ['backbones', 'convention', 'description', "
-                    "'extraction', 'fit', 'fpr_rule', 'id', 'methods', 'name', 'ood', 'seeds', 'validation']"]),
+                    "'extraction', 'fit', 'fpr_rule', 'id', 'intervals', 'methods', 'name', 'ood', 'seeds', "
+                    "'validation']"]),
     (_unknown_dataset, ["ood far #2: unknown dataset 'gaussiann'; registered: ", "digits",
                         "gaussian, hopper-patches, imagenet"]),
     (_unknown_method, [f"methods #2: unknown method 'nope'; registered methods: {', '.join(METHODS)}"]),

@@ -7,8 +7,19 @@ import pytest
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
+import methods.distance_scores as distance_scores
 from methods import METHODS, make_method
-from methods.distance_scores import kl_matching_score, kl_templates, knn_score, l2_normalise, vim_principal_dim
+from methods.distance_scores import (
+    GPU_MAX_K,
+    KNN_BATCH_RTOL,
+    ivf_lists,
+    kl_matching_score,
+    kl_templates,
+    knn_score,
+    l2_normalise,
+    search_threads,
+    vim_principal_dim,
+)
 from tests.conftest import assert_batch_invariant
 
 DISTANCE_METHODS = ["mahalanobis", "knn", "vim", "residual", "klm"]
@@ -88,13 +99,63 @@ def test_mahalanobis_errors():
 
 # ------------------------------------------------------------------ KNN
 
+def sklearn_knn(fit, test, k):
+    """-d_k^2 by scikit-learn's float64 brute-force search over the normalised features."""
+    search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(l2_normalise(fit.features))
+    distances, _ = search.kneighbors(l2_normalise(test.features))
+    return -distances[:, -1] ** 2
+
+
+def assert_knn_close(scores, reference):
+    """KNN's float32 search against a float64 reference: KNN_BATCH_RTOL relative, with a floor of
+    KNN_BATCH_RTOL times the largest |score| (a distance near 0 keeps the rounding of 2 - 2 z.b)."""
+    np.testing.assert_allclose(scores, reference, rtol=KNN_BATCH_RTOL,
+                               atol=KNN_BATCH_RTOL * np.abs(reference).max())
+
+
 @pytest.mark.parametrize("k", [1, 7, 50])
 def test_knn_matches_sklearn_brute(k):
     fit, test = toy_problem(seed=1)
     scores = make_method("knn", k=k).fit(fit).score_samples(test)
-    search = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(l2_normalise(fit.features))
-    distances, _ = search.kneighbors(l2_normalise(test.features))
-    np.testing.assert_allclose(scores, -distances[:, -1] ** 2, rtol=1e-9)
+    assert scores.dtype == np.float64
+    assert_knn_close(scores, sklearn_knn(fit, test, k))
+
+
+def test_knn_scores_every_k_of_a_sweep_from_one_search_as_each_k_alone():
+    fit, test = toy_problem(seed=11)
+    ks = [1, 7, 50, 300]
+    swept = make_method("knn", k=300).fit(fit).score_samples_sweep(test, ks)
+    for k, scores in zip(ks, swept):
+        np.testing.assert_array_equal(scores, make_method("knn", k=k).fit(fit).score_samples(test))
+        assert_knn_close(scores, sklearn_knn(fit, test, k))
+    with pytest.raises(ValueError, match=r"every k must be in \[1, 50\] \(the k it was fit with\)"):
+        make_method("knn", k=50).fit(fit).score_samples_sweep(test, [10, 100])
+
+
+def test_knn_ivf_is_exact_with_every_list_searched_and_never_closer_with_fewer():
+    fit, test = toy_problem(seed=12, n_fit=2000, n_test=200, dim=16)
+    lists = ivf_lists(2000)
+    assert lists == 45 and ivf_lists(100_000) == 316 and ivf_lists(10) == 1
+    exact = make_method("knn", k=20).fit(fit).score_samples(test)
+    every = make_method("knn", k=20, index="ivf", nprobe=lists).fit(fit).score_samples(test)
+    assert_knn_close(every, exact)
+    few = make_method("knn", k=20, index="ivf", nprobe=2).fit(fit)
+    approximate = few.score_samples(test)
+    assert (approximate <= exact + KNN_BATCH_RTOL).all()  # the k-th of a subset of the bank is never closer
+    assert (approximate < exact - 1e-3).any()  # and here, for some queries, farther
+    swept = few.score_samples_sweep(test, [1, 20])  # the same lists, whatever k: a sweep shares the search
+    np.testing.assert_array_equal(swept[1], approximate)
+    np.testing.assert_array_equal(swept[0], make_method("knn", k=1, index="ivf", nprobe=2).fit(fit).score_samples(test))
+
+
+def test_knn_hand_worked_duplicates_and_zero_vectors():
+    bank = np.array([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])  # unit: (0.6, 0.8), (0, 1), (1, 0)
+    fit = SimpleNamespace(features=bank, logits=bank, name="toy/bank")
+    query = SimpleNamespace(features=np.array([[6.0, 8.0], [0.0, 0.0]]), logits=np.zeros((2, 2)), name="toy/q")
+    # (0.6, 0.8): distances^2 2 - 2 z.b = 0, 2 - 1.6 = 0.4, 2 - 1.2 = 0.8; a zero row is at 2 from everything
+    for k, expected in ((1, [0.0, -2.0]), (2, [-0.4, -2.0]), (3, [-0.8, -2.0])):
+        np.testing.assert_allclose(make_method("knn", k=k).fit(fit).score_samples(query), expected, atol=1e-7)
+    assert make_method("knn", k=1).fit(fit).score_samples(query)[0] <= 0.0  # clipped: never above 0
 
 
 def test_knn_normalisation_and_blocks():
@@ -117,13 +178,16 @@ def test_knn_fit_fraction_is_seeded_and_sized():
     a = make_method("knn", k=5, fit_fraction=0.25, seed=7).fit(fit)
     b = make_method("knn", k=5, fit_fraction=0.25, seed=7).fit(fit)
     c = make_method("knn", k=5, fit_fraction=0.25, seed=8).fit(fit)
-    assert a.bank_.shape == (50, 12)
-    np.testing.assert_array_equal(a.bank_, b.bank_)
-    assert not np.array_equal(a.bank_, c.bank_)
+
+    def bank(method):
+        return method.index_.reconstruct_n(0, method.index_.ntotal)
+    assert bank(a).shape == (50, 12)
+    np.testing.assert_array_equal(bank(a), bank(b))
+    assert not np.array_equal(bank(a), bank(c))
     chosen = np.sort(np.random.default_rng(7).choice(200, size=50, replace=False))
-    np.testing.assert_array_equal(a.bank_, l2_normalise(fit.features[chosen]))
-    assert len(np.unique(a.bank_, axis=0)) == 50  # without replacement
-    assert make_method("knn", k=5).fit(fit).bank_.shape == (200, 12)
+    np.testing.assert_array_equal(bank(a), l2_normalise(fit.features[chosen].astype(np.float32)))
+    assert len(np.unique(bank(a), axis=0)) == 50  # without replacement
+    assert bank(make_method("knn", k=5).fit(fit)).shape == (200, 12)
 
 
 def test_knn_errors():
@@ -138,6 +202,42 @@ def test_knn_errors():
     narrow.features = test.features[:, :3]
     with pytest.raises(ValueError, match="3-dim features"):
         make_method("knn", k=5).fit(fit).score_samples(narrow)
+    with pytest.raises(ValueError, match="index must be one of flat, ivf, got 'hnsw'"):
+        make_method("knn", k=5, index="hnsw").fit(fit)
+    with pytest.raises(ValueError, match="nprobe must be >= 1"):
+        make_method("knn", k=5, index="ivf", nprobe=0).fit(fit)
+    with pytest.raises(ValueError, match="call fit"):
+        make_method("knn").score_samples(test)
+    # 400 fit samples: ivf_lists gives 10 lists of about 40, so one list searched holds fewer than k = 300
+    big, test = toy_problem(n_fit=400)
+    short = make_method("knn", k=300, index="ivf", nprobe=1).fit(big)
+    with pytest.raises(ValueError, match=r"for \d+ queries the 1 IVF lists searched hold fewer than k=300 bank "
+                                         "samples; raise nprobe or lower k"):
+        short.score_samples(test)
+
+
+def test_knn_search_threads_stay_within_the_cpus_the_process_may_use(monkeypatch):
+    before = distance_scores.faiss.omp_get_max_threads()
+    monkeypatch.setattr(distance_scores, "usable_cpus", lambda: 1)
+    with search_threads():
+        assert distance_scores.faiss.omp_get_max_threads() == 1
+    assert distance_scores.faiss.omp_get_max_threads() == before
+    monkeypatch.setattr(distance_scores, "usable_cpus", lambda: before + 8)
+    with search_threads():  # never more than OpenMP's own setting (OMP_NUM_THREADS, a worker's share)
+        assert distance_scores.faiss.omp_get_max_threads() == before
+
+
+def test_knn_searches_on_a_gpu_when_faiss_sees_one(monkeypatch):
+    """faiss-gpu with a CUDA device: the index moves to the GPUs, unless k is beyond their
+    selection limit. (A fake GPU here: only the choice is tested; faiss-gpu's search is faiss's.)"""
+    moved = []
+    monkeypatch.setattr(distance_scores.faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(distance_scores.faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index) or index)
+    fit, _ = toy_problem(n_fit=GPU_MAX_K + 10)
+    make_method("knn", k=GPU_MAX_K).fit(fit)
+    assert len(moved) == 1
+    make_method("knn", k=GPU_MAX_K + 1).fit(fit)
+    assert len(moved) == 1
 
 
 # ------------------------------------------------------------------ ViM and Residual
@@ -255,8 +355,28 @@ def test_klm_drops_never_predicted_class_and_handles_zero_probabilities():
 
 # ------------------------------------------------------------------ shared properties
 
+def test_knn_batch_independence_holds_to_its_stated_tolerance(monkeypatch):
+    """At 256 dimensions float32 rounding does move KNN scores with the batching (up to about 1e-6
+    of the largest score where measured: faiss's BLAS and non-BLAS paths, rows at other places in
+    its blocks): within KNN_BATCH_RTOL of the whole split's, so ranks and metrics are unchanged."""
+    monkeypatch.setattr("tests.conftest.BATCH_RTOL", KNN_BATCH_RTOL)  # KNN's tolerance, not the 1e-12 of the rest
+    rng = np.random.default_rng(1)
+    fit = SimpleNamespace(features=np.maximum(rng.normal(1, 1, (3000, 256)), 0), name="toy/train")
+    query = np.maximum(rng.normal(1, 1.5, (700, 256)), 0)
+    method = make_method("knn", k=50).fit(fit)
+
+    def score(rows):
+        return method.score_samples(SimpleNamespace(features=rows, name="toy/test"))
+    whole = score(query)
+    assert_batch_invariant(whole, [score(query[i:i + 7]) for i in range(0, 700, 7)])  # below BLAS's 20 rows
+    assert_batch_invariant(whole, [score(query[:333]), score(query[333:])])
+    assert_batch_invariant(whole, score(query[::-1].copy())[::-1])
+
+
 @pytest.mark.parametrize("name", DISTANCE_METHODS)
-def test_scores_do_not_depend_on_batch_composition(name):
+def test_scores_do_not_depend_on_batch_composition(name, monkeypatch):
+    if name == "knn":  # float32 search: its stated tolerance (methods.distance_scores.KNN)
+        monkeypatch.setattr("tests.conftest.BATCH_RTOL", KNN_BATCH_RTOL)
     fit, test = toy_problem(seed=8, n_test=97)
     method = make_method(name, k=5) if name == "knn" else make_method(name)
     method.fit(fit)
@@ -289,7 +409,7 @@ def test_refit_replaces_state(name):
 def test_registry_entries():
     assert set(DISTANCE_METHODS) <= set(METHODS)
     assert METHODS["mahalanobis"].defaults() == {}
-    assert METHODS["knn"].defaults() == {"k": 50, "fit_fraction": 1.0, "seed": 0}
+    assert METHODS["knn"].defaults() == {"k": 50, "fit_fraction": 1.0, "seed": 0, "index": "flat", "nprobe": 16}
     assert METHODS["vim"].defaults() == {"dim": None} and METHODS["residual"].defaults() == {"dim": None}
     assert METHODS["klm"].defaults() == {}
     assert METHODS["knn"].grid == {"k": [1, 10, 20, 50, 100, 200, 500, 1000]}

@@ -117,8 +117,10 @@ def test_csv_round_trip(board, tmp_path):
     frame = pd.read_csv(path, index_col="method")
     assert list(frame.index) == ["energy", "msp"]
     assert all(pd.api.types.is_numeric_dtype(dtype) for dtype in frame.dtypes)
-    assert frame.columns[:2].tolist() == ["cifar100/fpr95", "cifar100/fpr95_std"]
-    assert frame.columns[-3:].tolist() == ["id_acc", "id_acc_std", "n_seeds"]
+    assert frame.columns[:4].tolist() == ["cifar100/fpr95", "cifar100/fpr95_lo", "cifar100/fpr95_hi",
+                                          "cifar100/fpr95_std"]
+    assert frame.columns[-5:].tolist() == ["id_acc", "id_acc_lo", "id_acc_hi", "id_acc_std", "n_seeds"]
+    assert frame.filter(regex="_(lo|hi)$").isna().all().all()  # no resampled results: no intervals
     assert frame.at["msp", "avg/fpr95"] == board.mean.at["msp", ("avg", "fpr95")]
     assert frame.at["energy", "near avg/auroc_std"] == board.std.at["energy", ("near avg", "auroc")]
     assert frame.at["energy", "id_acc"] == board.mean.at["energy", ("ID", "acc")]
@@ -145,8 +147,8 @@ def test_latex(board, tmp_path):
     # Columns: method, then FPR/AUROC for cifar100, tin, svhn, near avg, far avg, avg, then ID acc.
     energy, msp = latex_row(latex, "energy"), latex_row(latex, "msp")
     # cifar100 FPR: energy 55.00 (best, lowest) vs msp 67.50.
-    assert energy[1] == r"\textbf{\boldmath$55.00 \pm 7.07$}"
-    assert msp[1] == r"$67.50 \pm 3.54$"
+    assert energy[1] == r"\textbf{55.00 (sd 7.07)}"
+    assert msp[1] == r"67.50 (sd 3.54)"
     # cifar100 AUROC: energy 81.00 (best, highest) vs msp 76.00.
     assert energy[2].startswith(r"\textbf{") and "81.00" in energy[2]
     assert "textbf" not in msp[2] and "76.00" in msp[2]
@@ -174,8 +176,9 @@ def test_markdown(board, tmp_path):
     assert re.fullmatch(r"\|( :?-+:? \|)+", lines[lines.index(header) + 1])
     energy = next(line for line in lines if line.startswith("| energy")).split(" | ")
     msp = next(line for line in lines if line.startswith("| msp")).split(" | ")
-    assert energy[1] == "**55.00 ± 7.07**"
-    assert msp[1] == "67.50 ± 3.54"
+    assert energy[1] == "**55.00 (sd 7.07)**"
+    assert msp[1] == "67.50 (sd 3.54)"
+    assert lines[-1] == "Bold: the best value per column."
     assert "**" not in msp[2]
     assert len(energy) == len(msp) == header.count(" | ") + 1
 
@@ -193,7 +196,7 @@ def test_text(board):
     assert "avg FPR@95" in lines[1] and "near avg AUROC" in lines[1] and "ID Acc" in lines[1]
     msp = next(line for line in lines if line.startswith("msp"))
     expected_avg = 100 * np.mean([np.mean(FPR["msp", 0]), np.mean(FPR["msp", 1])])
-    assert f"{expected_avg:.2f}±" in msp
+    assert f"{expected_avg:.2f} (sd " in msp
 
 
 @pytest.mark.parametrize("column", ["auroc", "group", "id_acc"])

@@ -202,6 +202,21 @@ def test_gradnorm_by_autograd_equals_the_official_batch_size_one_loop_for_a_non_
             assert float(batched[i]) == pytest.approx(float(expected), rel=1e-5), (parameter, i)
 
 
+def test_gradnorm_through_the_head_alone_equals_the_official_backward_through_the_whole_network():
+    """gradnorm_outputs differentiates a head parameter through the head from its input: the same
+    gradient as the official loop's backward through every layer, one sample at a time."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x = torch.randn(6, 1, 4, 4)
+    with torch.no_grad():
+        head_inputs = model[:3](x)
+    through_head = per_sample_gradnorm(model[3], head_inputs, 2.0, "weight")
+    for i in range(len(x)):
+        model.zero_grad()
+        gradnorm_loss(model(x[i:i + 1])[0], 2.0).backward()
+        assert float(through_head[i]) == pytest.approx(float(model[3].weight.grad.abs().sum()), rel=1e-5)
+
+
 def test_mahalanobis_layer_confidence_matches_sklearn_and_its_noise_moves_toward_the_closest_class():
     torch.manual_seed(3)
     model = TinyNet().double().eval()

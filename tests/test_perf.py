@@ -5,14 +5,20 @@ computes the same table from the network as from the cache. No timings are asser
 import numpy as np
 import pytest
 
+from extract.datasets import ImageSet, load_dataset
 from extract.store import CachedSplit, FeatureStore
 from harness.perf import (
     IMAGENET_SHAPE,
     SCALE_KNN_SETTINGS,
+    gemm_floor_seconds,
+    interleaved_best,
+    measure_knn_benchmark,
+    measure_knn_scale,
     measure_network,
     measure_reinference,
     measure_scale,
     peak_resident_bytes,
+    perf_backbone_and_images,
     reset_peak_resident,
     scale_methods,
     scaled_shape,
@@ -20,6 +26,7 @@ from harness.perf import (
     touch_memory,
     write_synthetic_cache,
 )
+from harness.perf_pytorch_ood import METHODS, RESCORE_METHOD, compare, network_parts, pytorch_ood_detector
 from harness.resolution import RunOptions
 from methods import CACHE_ONLY_METHODS
 
@@ -92,3 +99,66 @@ def test_network_part_times_each_network_method_against_an_extraction_pass():
     for row in result["methods"]:
         assert row["seconds"] > 0
         assert row["over_extraction"] == pytest.approx(row["seconds"] / result["extraction_s"])
+
+
+def test_pytorch_ood_detectors_get_the_harness_settings():
+    backbone, _ = perf_backbone_and_images(10)
+    model, encoder, head = network_parts(backbone)
+    detectors = {name: pytorch_ood_detector(name, model, encoder, head) for name in METHODS}
+    assert detectors["react"].percentile == 0.9 and detectors["ash_s"].percentile == 0.9
+    assert detectors["knn"].k == 50 and detectors["vim"].d == 32 and detectors["dice"].p == 0.9  # 64-d features
+    assert detectors["energy"].t == 1.0 and type(detectors["mahalanobis"]).__name__ == "Mahalanobis"
+
+
+def test_pytorch_ood_comparison_scores_the_same_sets_on_both_sides_with_the_same_aurocs():
+    backbone, images = perf_backbone_and_images(150)  # a random cnn28 and 150 images: seconds
+
+    def rows(start, stop):
+        return ImageSet(images.name, images.split, images.images[start:stop], images.labels[start:stop],
+                        images.source)
+
+    sets = {"fit": rows(0, 100), "test": rows(100, 150), "gaussian": load_dataset("gaussian", n=50)}
+    result = compare(backbone, sets, best_of=interleaved_best, methods=("msp", RESCORE_METHOD), batch_size=40)
+    assert result["sets"] == {"fit": 100, "test": 50, "gaussian": 50}
+    assert [row["method"] for row in result["methods"]] == ["msp", RESCORE_METHOD]
+    for row in result["methods"]:
+        assert row["pytorch_ood_s"] > 0 and row["harness_s"] > 0
+        # pytorch-ood scores in float32, the harness in float64: at most a few of the 2,500 pairs swap
+        assert row["max_auroc_difference"] < 2e-3 and 0 <= row["auroc"]["gaussian"]["harness"] <= 1
+    assert result["harness_cold_s"] == pytest.approx(result["extraction_s"] + result["harness_scoring_s"])
+    assert result["rescore"]["speedup"] == pytest.approx(result["rescore"]["pytorch_ood_s"]
+                                                         / result["rescore"]["harness_s"])
+
+
+def test_knn_part_times_exact_and_approximate_search_against_the_gemm_floor(tmp_path):
+    result = measure_knn_scale(TINY, tmp_path, k=5)
+    assert result["k"] == 5 and not list(tmp_path.iterdir())
+    assert len(result["gemm_floors_s"]) == 2 and result["gemm_floor_s"] == min(result["gemm_floors_s"]) > 0
+    for index in ("flat", "ivf"):
+        row = result[index]
+        assert row["fit_s"] > 0 and row["score_s"] > 0
+        assert row["over_gemm_floor"] == pytest.approx(row["total_s"] / result["gemm_floor_s"])
+    # 120 fit rows make 3 IVF lists, all of them searched (nprobe 16): here the approximate search is exact
+    assert result["ivf_lists"] == 3 and result["nprobe"] == 16
+    assert result["ivf"]["auroc"] == result["flat"]["auroc"] and result["ivf_minus_flat_auroc_points"] == 0
+
+
+def test_gemm_floor_computes_every_product_in_tiles(monkeypatch):
+    shapes = []
+
+    class Rows(np.ndarray):
+        def __matmul__(self, other):
+            shapes.append((len(self), other.shape[1]))
+            return np.asarray(self) @ other
+    query = np.zeros((5000, 3), np.float32).view(Rows)
+    gemm_floor_seconds(np.zeros((1500, 3), np.float32), [query])
+    assert shapes == [(4096, 1024), (4096, 476), (904, 1024), (904, 476)]
+
+
+@pytest.mark.slow
+def test_knn_part_on_a_warm_benchmark(cache_copy, tmp_path, monkeypatch):
+    monkeypatch.setattr("methods.distance_scores.KNN.grid", {"k": [1, 5, 50]})  # digits' bank is under 1000
+    result = measure_knn_benchmark("digits", RunOptions(cache_dir=cache_copy, out_dir=tmp_path, progress=False))
+    [row] = result["backbones"]
+    assert row["backbone"] == "digits-net" and row["bank"] > 50 and row["queries"] > row["bank"]
+    assert all(row[key] > 0 for key in ("gemm_floor_s", "k50_s", "sweep_s")) and result["grid"] == [1, 5, 50]

@@ -1,11 +1,14 @@
-"""Feature-shaping scores (ReAct, DICE, DICE+ReAct, ASH-P/B/S/RAND): hand-worked values, purity,
-batch independence, and equivalence with the real network's forward pass through a hook."""
+"""Feature-shaping scores (ReAct, DICE, DICE+ReAct, ASH-P/B/S/RAND, SCALE, VRA): hand-worked values,
+purity, batch independence, equivalence with the real network's forward pass through a hook, and
+(SCALE, VRA) agreement with pytorch-ood 0.4.0."""
 import copy
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from pytorch_ood.detector import SCALE as TorchSCALE
+from pytorch_ood.detector import VRA as TorchVRA
 from scipy.special import logsumexp
 
 from extract.backbones import get_backbone_spec, registered_backbone
@@ -26,10 +29,13 @@ from methods.shaping_scores import (
     dice_react_logits,
     react_logits,
     react_threshold,
+    scale_shaping,
+    vra_rectify,
+    vra_thresholds,
 )
 from tests.conftest import assert_batch_invariant
 
-SHAPING = ["react", "dice", "dice_react", "ash_p", "ash_b", "ash_s", "ash_rand"]
+SHAPING = ["react", "dice", "dice_react", "ash_p", "ash_b", "ash_s", "ash_rand", "scale", "vra"]
 ASH = {"ash_p": "p", "ash_b": "b", "ash_s": "s", "ash_rand": "rand"}
 
 
@@ -61,6 +67,11 @@ def test_registered_with_defaults_and_grids():
     assert METHODS["dice"].grid == {"p": [10.0, 30.0, 50.0, 70.0, 90.0]}
     for name in ASH:
         assert METHODS[name].grid == {"p": [60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 99.0]}
+    assert METHODS["scale"].defaults() == {"p": 85.0}  # the official SCALE config
+    assert METHODS["scale"].grid == {"p": [50.0, 55.0, 60.0, 65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0, 97.0, 99.0]}
+    assert METHODS["vra"].defaults() == {"p_low": 60.0, "p_high": 95.0, "gamma": 0.6, "per_unit": True}
+    assert METHODS["vra"].grid == {"p_low": [50.0, 60.0, 65.0, 70.0], "p_high": [80.0, 85.0, 90.0, 95.0, 99.0],
+                                   "gamma": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]}
 
 
 def test_react_source_validated_and_unfitted_errors():
@@ -174,6 +185,102 @@ def test_react_hand_worked():
     np.testing.assert_allclose(method.score_samples(test), logsumexp(expected, axis=1))
     assert method.predict(test).tolist() == [2, 2]
     assert method.score_samples(test).dtype == np.float64
+
+
+def test_scale_hand_worked_vector():
+    # X as above, p = 70: k = 3, s1 = 6.2, s2 = 9; SCALE multiplies EVERY entry (none pruned) by exp(6.2 / 9).
+    np.testing.assert_allclose(scale_shaping(X, 70.0), X * np.exp(6.2 / 9.0), rtol=1e-15)
+    # the kept entries equal ASH-S's, the others are not zeroed
+    kept = ash_s(X, 70.0) != 0
+    np.testing.assert_allclose(scale_shaping(X, 70.0)[kept], ash_s(X, 70.0)[kept], rtol=1e-15)
+    # all-zero sample and p = 100 (s2 = 0): scale 1
+    np.testing.assert_array_equal(scale_shaping(np.zeros((2, 10)), 90.0), 0.0)
+    np.testing.assert_array_equal(scale_shaping(X, 100.0), X)
+    split = fake_split(X, np.eye(10)[:3], np.zeros(3))
+    np.testing.assert_allclose(make_method("scale", p=70.0).score_samples(split),
+                               logsumexp(X[:, :3] * np.exp(6.2 / 9.0), axis=1), rtol=1e-14)
+
+
+def test_vra_hand_worked():
+    # alpha = 1, beta = 3, gamma = 0.5: below 1 -> 0; 1..3 -> z + 0.5 (both ends included); above 3 -> 3.
+    z = np.array([[0.5, 1.0, 2.0, 3.0, 4.0]])
+    np.testing.assert_allclose(vra_rectify(z, 1.0, 3.0, 0.5), [[0.0, 1.5, 2.5, 3.5, 3.0]])
+    # per-unit thresholds: unit 0 over (0, 1, 2, 3, 4) -> 20th percentile 0.8, 90th 3.6; unit 1 is 10x that
+    fit = fake_split(np.array([[0.0, 0.0], [1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]]), np.eye(2), [0.0, 1.0])
+    alpha, beta = vra_thresholds(fit.features, 20.0, 90.0)
+    np.testing.assert_allclose(alpha, [0.8, 8.0])
+    np.testing.assert_allclose(beta, [3.6, 36.0])
+    # jointly (OpenOOD): the 10 entries 0, 0, 1, 2, 3, 4, 10, 20, 30, 40 -> 20th percentile at position 1.8: 0.8
+    alpha, beta = vra_thresholds(fit.features, 20.0, 90.0, per_unit=False)
+    np.testing.assert_allclose(alpha, [0.8])
+    np.testing.assert_allclose(beta, [31.0])  # position 8.1: 30 + 0.1 * 10
+    method = make_method("vra", p_low=20.0, p_high=90.0, gamma=0.5).fit(fit)
+    test = fake_split(np.array([[0.5, 20.0], [4.0, 5.0]]), np.eye(2), [0.0, 1.0])
+    # [0.5, 20] -> [0, 20.5]; [4, 5] -> [3.6, 0] (5 < 8: suppressed); logits add b = (0, 1)
+    expected = np.array([[0.0, 21.5], [3.6, 1.0]])
+    np.testing.assert_allclose(method._logits(test), expected)
+    np.testing.assert_allclose(method.score_samples(test), logsumexp(expected, axis=1))
+    assert method.predict(test).tolist() == [1, 0]
+
+
+def test_vra_errors():
+    split = random_split(0)
+    with pytest.raises(ValueError, match="p_low \\(90.0\\) must not exceed p_high \\(80.0\\)"):
+        make_method("vra", p_low=90.0, p_high=80.0).fit(split)
+    with pytest.raises(ValueError, match="percentile"):
+        make_method("vra", p_high=101.0).fit(split)
+    with pytest.raises(ValueError, match="fit"):
+        make_method("vra").score_samples(split)
+    fitted = make_method("vra").fit(split)
+    with pytest.raises(ValueError, match="fit on 12-dim features, asked to score 5-dim ones"):
+        fitted.score_samples(random_split(1, d=5))
+
+
+def linear_head(W, b):
+    """pytorch-ood's feature-map detectors take [N, D, 1, 1] maps and a head: the cached linear head."""
+    weight, bias = torch.tensor(W), torch.tensor(b)
+    return lambda maps: maps.flatten(1) @ weight.T + bias
+
+
+def test_scale_agrees_with_pytorch_ood():
+    """pytorch-ood's SCALE (float64 maps, energy of the head) is -ours to rounding. Its percentile is a
+    fraction: k = n - round(n * 0.7) can differ from the official n * 70 / 100 at exact halves
+    (n = 45: 45 * 0.7 = 31.499999999999996 rounds to 31, 45 * 70 / 100 = 31.5 to 32), so the check uses
+    n = 12, where every grid percentile rounds alike. When nothing is kept (k = 0: here p = 97 and 99)
+    pytorch-ood divides by s2 = 0 and scores NaN; ours uses the factor 1 (the plain energy)."""
+    split = random_split(20, n=300, d=12)
+    maps = torch.tensor(split.features)[:, :, None, None]
+    for p in METHODS["scale"].grid["p"]:
+        assert ash_keep_count(12, p) == 12 - int(np.round(12 * (p / 100)))
+        reference = -TorchSCALE(None, linear_head(*split.head), percentile=p / 100).predict_feature_maps(maps).numpy()
+        ours = make_method("scale", p=p).score_samples(split)
+        if ash_keep_count(12, p) == 0:
+            assert np.isnan(reference).all() and np.allclose(ours, logsumexp(split.logits, axis=1), rtol=1e-14)
+        else:
+            assert np.abs(ours - reference).max() <= 1e-12 * np.abs(reference).max(), p
+    assert (ash_keep_count(45, 70.0), 45 - int(np.round(45 * 0.7))) == (13, 14)
+
+
+def test_vra_agrees_with_pytorch_ood():
+    """pytorch-ood's VRA clips each unit to [alpha, beta] (np.quantile per unit, stored as float32) with
+    no gamma; VRA (the paper, the official code) sets entries below alpha to 0, not to alpha. With
+    gamma = 0: the same thresholds (to float32), and the same scores (to float32 thresholds) on every
+    sample with no entry below alpha; p_low = 0 puts none of the fit split's entries below it."""
+    split = random_split(21, n=300, d=12)
+    maps = torch.tensor(split.features)[:, :, None, None]
+    labels = torch.zeros(300, dtype=torch.long)
+    for p_low, p_high in ((0.0, 95.0), (5.0, 99.0), (10.0, 90.0)):
+        ours = make_method("vra", p_low=p_low, p_high=p_high, gamma=0.0).fit(split)
+        detector = TorchVRA(None, linear_head(*split.head), lower_percentile=p_low / 100,
+                            upper_percentile=p_high / 100).fit_feature_maps(maps, labels)
+        np.testing.assert_allclose(detector._lower_threshold.numpy().ravel(), ours.alpha_, rtol=1e-7)
+        np.testing.assert_allclose(detector._upper_threshold.numpy().ravel(), ours.beta_, rtol=1e-7)
+        reference = -detector.predict_feature_maps(maps).numpy()
+        clean = ~(split.features < ours.alpha_).any(axis=1)
+        assert clean.sum() >= 20 and (p_low > 0 or clean.all())
+        assert np.abs(ours.score_samples(split) - reference)[clean].max() <= 1e-5
+        if not clean.all():  # below alpha: 0 here, alpha there
+            assert np.abs(ours.score_samples(split) - reference)[~clean].max() > 1e-3
 
 
 # ---------------------------------------------------------------- purity and batch independence
@@ -317,6 +424,31 @@ def test_cache_equals_network_forward(network):
     hooked = hooked_logits(masked, network.images, pre, lambda v: torch.clamp(v, max=dr.c_))
     assert_equivalent(dr, test, hooked)
     np.testing.assert_allclose(dice_react_logits(test.features, W, b, dr.mask_, dr.c_), dr._logits(test))
+
+
+def test_scale_and_vra_equal_network_forward(network):
+    """SCALE and VRA written as the official code does them (SCALE: topk + scatter on a clone, the
+    exp(s1/s2) factor applied to the unpruned input; VRA: ``clip2``'s two torch.where) in a hook on fc."""
+    model, pre, test = network.backbone.model, network.backbone.preprocessing, network.test
+
+    def torch_scale(x, p):
+        n = x.shape[1]
+        values, indices = torch.topk(x, n - round(n * p / 100), dim=1)
+        pruned = torch.zeros_like(x).scatter(1, indices, values)
+        return x * torch.exp(x.sum(dim=1, keepdim=True) / pruned.sum(dim=1, keepdim=True))
+
+    for p in (65.0, 85.0):
+        scale = make_method("scale", p=p)
+        assert_equivalent(scale, test, hooked_logits(model, network.images, pre, lambda v, p=p: torch_scale(v, p)))
+    vra = make_method("vra").fit(network.fit)
+    alpha, beta = torch.from_numpy(vra.alpha_), torch.from_numpy(vra.beta_)
+
+    def clip2(v):
+        shifted = v + vra.gamma
+        shifted = torch.where(shifted < alpha + vra.gamma, torch.zeros_like(v), shifted)
+        return torch.where(shifted > beta + vra.gamma, beta.expand_as(v), shifted)
+
+    assert_equivalent(vra, test, hooked_logits(model, network.images, pre, clip2))
 
 
 @pytest.mark.parametrize("name", list(ASH))

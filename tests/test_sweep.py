@@ -10,8 +10,9 @@ import pytest
 from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
+import methods.distance_scores as distance_scores
 from harness.config import BENCHMARK_DIR, MethodRef, load_benchmark
-from harness.evaluation import Evaluation
+from harness.evaluation import Evaluation, sweep_groups
 from harness.pipeline import BenchmarkRun
 from harness.resolution import RunOptions
 from methods import METHODS, make_method, parameter_grid
@@ -71,6 +72,43 @@ def test_a_sweep_through_worker_processes_gives_the_in_process_table(cache_copy,
     assert list(tables["2"]["param_k"]) == [1, 5, 50] and tables["2"]["selected"].sum() == 1
 
 
+def test_a_knn_sweep_searches_once_per_bank_and_caches_each_k_under_its_own_key(cache_copy, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Settings that differ only in k share one search for the largest k; each k's scores are
+    cached under that k's own key and equal a fresh search for that k alone (never another k's,
+    another bank's or another index's); a second sweep searches nothing."""
+    searches = []
+    search = distance_scores.kth_similarities
+    monkeypatch.setattr(distance_scores, "kth_similarities",
+                        lambda index, query, ks: searches.append(list(ks)) or search(index, query, ks))
+    argv = ["sweep", "digits", "--method", "knn", "--grid", "k=1,5,50", "--grid", "fit_fraction=0.5,0.75",
+            "--cache-dir", cache_copy, "--out", tmp_path, "--quiet"]
+    code, _, err = oodbench(capsys, *argv)
+    assert code == 0, err
+    run = BenchmarkRun(load_benchmark("digits"), RunOptions(cache_dir=cache_copy, out_dir=tmp_path, progress=False))
+    evaluation = Evaluation(run.resolve(compute=False), run.store, tmp_path)
+    [backbone] = evaluation.resolution.backbones
+    entries = evaluation.open_entries(backbone)
+    assert searches == [[1, 5, 50]] * (2 * len(evaluation.score_labels()))  # per bank and entry, one search
+    searches.clear()
+    code, _, err = oodbench(capsys, *argv)
+    assert code == 0 and searches == []  # every k of every bank from the score cache
+    by_setting = {}
+    for fraction in (0.5, 0.75):
+        for k in (1, 5, 50):
+            cached = evaluation.scores(backbone, MethodRef("knn", {"k": k, "fit_fraction": fraction}), entries,
+                                       compute=False)
+            alone = make_method("knn", k=k, fit_fraction=fraction).fit(entries["digits-train"])
+            for label, scored in cached.items():
+                np.testing.assert_array_equal(scored.scores, alone.score_samples(entries[label]))
+            by_setting[fraction, k] = cached["digits-test"].scores
+    assert len({scores.tobytes() for scores in by_setting.values()}) == 6  # six settings, six score arrays
+    assert sweep_groups("knn", [{"k": 1}, {"k": 5, "index": "ivf"}, {"k": 9, "index": "ivf"}, {"k": 2}]) == \
+        [[{"k": 1}, {"k": 2}], [{"k": 5, "index": "ivf"}, {"k": 9, "index": "ivf"}]]
+    assert sweep_groups("knn", [{"k": 1}, {"k": 5, "seed": 1}]) == []  # another bank: nothing to share
+    assert sweep_groups("energy", [{"T": 1}, {"T": 2}]) == []  # no sweep_axis
+
+
 def test_fpr_criterion_is_minimised(cache_copy, tmp_path, capsys):
     code, _, err = oodbench(capsys, "sweep", "digits", "--method", "react", "--criterion", "fpr95",
                             "--cache-dir", cache_copy, "--out", tmp_path, "--quiet")
@@ -110,9 +148,12 @@ def test_every_swept_parameter_refits_and_changes_the_scores(warm, tmp_path):
             assert not np.allclose(*scores), f"{name}: {axis} = {values[0]} and {values[1]} score alike"
             checked.append(f"{name}.{axis}")
     assert checked == ["ash_b.p", "ash_layer.p", "ash_p.p", "ash_rand.p", "ash_s.p", "clipped_v.k", "dice.p",
-                       "dice_react.p", "dice_react.react_p", "energy.T", "gradnorm_autograd.T",
-                       "gradnorm_u_clipped_v.k", "knn.k", "odin.T", "odin.epsilon", "react.p", "react_layer.p", "rg.k",
-                       "rg.T", "rg_add.gamma"]
+                       "dice_react.p", "dice_react.react_p", "energy.T", "fdbd.normalizer", "gen.gamma", "gen.M",
+                       "gmm.covariance", "gradnorm_autograd.T", "gradnorm_u_clipped_v.k", "grood.k", "knn.k",
+                       "nci.alpha", "nnguide.k", "odin.T", "odin.epsilon", "openmax.tail_size", "openmax.alpha",
+                       "react.p", "react_layer.p", "relation.power", "rg.k", "rg.T", "rg_add.gamma", "scale.p",
+                       "vra.p_low", "vra.p_high", "vra.gamma", "weighted_energy.sample_from",
+                       "weighted_energy.per_class"]
 
 
 def test_parameter_grid_expands_the_registry_grid_with_overrides():
