@@ -203,9 +203,9 @@ def sweep_groups(method: str, points: list[dict]) -> list[list[dict]]:
     the method's ``sweep_axis`` (KNN's k: one search for the largest k serves every k). Cache-only
     methods only (a network method's scores are keyed by its derived entries)."""
     first = make_method(method, **points[0]) if points else None
-    axis = getattr(first, "sweep_axis", None)
-    if axis is None or "network" in first.reads:
+    if first is None or first.sweep_axis is None or "network" in first.reads:
         return []
+    axis = first.sweep_axis
     groups: dict[str, list[dict]] = {}
     for params in points:
         others = {k: v for k, v in make_method(method, **params).get_params().items() if k != axis}

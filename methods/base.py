@@ -97,6 +97,8 @@ class Method:
     reads: tuple[str, ...] = ("logits",)
     grid: dict[str, list] = {}
     fits_on: str = "fit"  # the split fit() receives: "fit" (the ID fit split) or "val" (the ID validation split)
+    # a parameter whose settings one computation scores together (``score_samples_sweep``), or None
+    sweep_axis: str | None = None
     # bump when the math or its rounding changes, so cached scores are recomputed
     # (2: own log-sum-exp and softmax, 1024-row products; 3: plain matrix products, without the
     # zero-padded fixed-shape 1,024-row blocks, so products round a little differently)
@@ -150,6 +152,11 @@ class Method:
 
     def score_samples(self, split) -> np.ndarray:
         raise NotImplementedError(f"{type(self).__qualname__} must implement score_samples(split)")
+
+    def score_samples_sweep(self, split, values: list) -> list[np.ndarray]:
+        """Scores for each value of ``sweep_axis`` from one computation, fitted with the setting that
+        covers them all (KNN: one search with the largest k serves every k)."""
+        raise NotImplementedError(f"{type(self).__qualname__} has no sweep_axis to score together")
 
     def score(self, split) -> np.ndarray:
         """Deprecated alias of ``score_samples`` (in scikit-learn, ``score`` returns one number)."""
