@@ -581,27 +581,22 @@ def main(argv: list[str] | None = None) -> int:
     result = {}
     if "extraction" in parts:
         result["extraction"] = measure_extraction(args.n, args.batch_size, args.device, args.repeats)
+    # the parts that read the benchmark's cache
+    options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
+                         data_root=args.data_root or default_data_root(), device=args.device, progress=False)
     if "network" in parts:
         result["network"] = measure_network(args.n, args.batch_size, args.device, args.repeats)
     if "scale" in parts:
         result["scale"] = measure_scale(scaled_shape(args.scale_fraction), args.workdir)
     if "reinference" in parts:
-        options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
-                             data_root=args.data_root or default_data_root(), device=args.device, progress=False)
         result["reinference"] = measure_reinference(args.benchmark, options)
     if "pytorch-ood" in parts:
         from harness.perf_pytorch_ood import measure_pytorch_ood
 
-        options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
-                             data_root=args.data_root or default_data_root(), device=args.device, progress=False)
         result["pytorch_ood"] = measure_pytorch_ood(options, args.pytorch_ood_repeats, interleaved_best)
     if "intervals" in parts:
-        options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
-                             data_root=args.data_root or default_data_root(), device=args.device, progress=False)
         result["intervals"] = measure_intervals(args.benchmark, options)
     if "knn" in parts:
-        options = RunOptions(cache_dir=args.cache_dir or default_cache_dir(), out_dir=args.out.parent,
-                             data_root=args.data_root or default_data_root(), device=args.device, progress=False)
         result["knn"] = {"benchmark": measure_knn_benchmark(args.benchmark, options),
                          "scale": measure_knn_scale(scaled_shape(args.scale_fraction), args.workdir)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
